@@ -1,0 +1,5 @@
+import sys
+
+from graphheads.cli import main
+
+sys.exit(main())

@@ -1,0 +1,365 @@
+r"""Scaled dot-product attention and multi-head attention (Vaswani et al. 2017).
+
+Shape legend used in comments below:
+
+    b  batch            t  query tokens        s  key/value tokens
+    h  heads            d  model width         e  head width (d // h)
+
+Mask conventions (the same as :class:`torch.nn.MultiheadAttention`):
+
+* ``key_padding_mask`` (b, s): ``True`` marks a padding key that no query may attend to.
+  A float mask is added to the attention scores.
+* ``attn_mask`` (t, s), (b * h, t, s) or (b, h, t, s): a boolean ``True`` forbids that
+  query/key pair; a float mask is added to the scores.
+* ``is_causal=True``: query ``i`` sees keys ``j <= i + (s - t)``, i.e. the causal mask is
+  aligned bottom-right, which is what decoding with a key/value cache needs.
+
+The low-level :func:`scaled_dot_product_attention` follows the convention of
+:func:`torch.nn.functional.scaled_dot_product_attention` instead (boolean ``True`` =
+*may* attend), because it is a drop-in for that function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from graphheads.moh import RoutingOutput
+
+__all__ = [
+    "AttentionOutput",
+    "KVCache",
+    "MultiHeadAttention",
+    "build_attention_bias",
+    "scaled_dot_product_attention",
+]
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    fused: bool = True,
+) -> Tensor:
+    r"""Attention(Q, K, V) = softmax(Q K^T / sqrt(e) + M) V.
+
+    Args:
+        query: (..., t, e).
+        key: (..., s, e).
+        value: (..., s, e_v).
+        attn_mask: broadcastable to (..., t, s); boolean ``True`` = may attend, or a float
+            bias added to the scores (PyTorch SDPA convention).
+        dropout_p: dropout probability on the attention weights.
+        is_causal: top-left aligned causal mask (needs ``attn_mask=None``), as in PyTorch.
+        scale: score scale; defaults to ``1 / sqrt(e)``.
+        fused: use :func:`torch.nn.functional.scaled_dot_product_attention` (same result,
+            faster). ``fused=False`` runs the plain math below, kept as the readable oracle.
+
+    Returns:
+        (..., t, e_v).
+    """
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention: pass either attn_mask or is_causal=True")
+    if fused:
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+        )
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale  # (..., t, s)
+    if is_causal:
+        t, s = scores.shape[-2:]
+        allowed = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    weights = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ value  # (..., t, e_v)
+
+
+def build_attention_bias(
+    *,
+    batch_size: int,
+    num_heads: int,
+    query_len: int,
+    key_len: int,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    owner: str = "MultiHeadAttention",
+) -> Tensor | None:
+    """Merge the user-facing masks into one additive bias of shape (b or 1, h or 1, t, s).
+
+    Returns ``None`` when no mask applies. Raises ValueError for a mask of the wrong shape.
+    """
+    b, h, t, s = batch_size, num_heads, query_len, key_len
+    bias: Tensor | None = None
+
+    def as_bias(mask: Tensor) -> Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+                mask, float("-inf")
+            )
+        return mask.to(dtype)
+
+    if attn_mask is not None:
+        shape = tuple(attn_mask.shape)
+        if shape == (t, s):
+            bias = as_bias(attn_mask).view(1, 1, t, s)
+        elif shape == (b * h, t, s):
+            bias = as_bias(attn_mask).view(b, h, t, s)
+        elif shape == (b, h, t, s):
+            bias = as_bias(attn_mask)
+        else:
+            raise ValueError(
+                f"{owner}: attn_mask has shape {shape}; expected ({t}, {s}), "
+                f"({b * h}, {t}, {s}) or ({b}, {h}, {t}, {s})"
+            )
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (b, s):
+            raise ValueError(
+                f"{owner}: key_padding_mask has shape {tuple(key_padding_mask.shape)}; "
+                f"expected (batch, key_len) = ({b}, {s})"
+            )
+        padding = as_bias(key_padding_mask).view(b, 1, 1, s)
+        bias = padding if bias is None else bias + padding
+    if is_causal:
+        offset = s - t  # keys already in the cache come before the first query
+        future = torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=offset + 1)
+        causal = as_bias(future).view(1, 1, t, s)
+        bias = causal if bias is None else bias + causal
+    return bias
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far by one attention module.
+
+    A forward pass never mutates a cache: it returns a new one (immutable style, no
+    hidden state on the module).
+    """
+
+    key: Tensor  # (b, h, s, e)
+    value: Tensor  # (b, h, s, e)
+
+    @property
+    def length(self) -> int:
+        return int(self.key.size(-2))
+
+    def append(self, key: Tensor, value: Tensor) -> KVCache:
+        return KVCache(torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2))
+
+
+@dataclass
+class AttentionOutput:
+    """What an attention module returns.
+
+    Attributes:
+        output: (b, t, d) attention output after the output projection.
+        routing: the head routing for routed attention (MoH / GoH), else ``None``.
+        cache: the updated key/value cache when ``use_cache=True``, else ``None``.
+    """
+
+    output: Tensor
+    routing: RoutingOutput | None = None
+    cache: KVCache | None = None
+
+
+class MultiHeadAttention(nn.Module):
+    r"""Multi-head attention from "Attention Is All You Need"
+    (https://arxiv.org/abs/1706.03762).
+
+    .. math::
+        \mathrm{MHA}(Q, K, V) = \mathrm{concat}(\mathrm{head}_1, \dots, \mathrm{head}_h) W^O,
+        \quad \mathrm{head}_i = \mathrm{softmax}\!\left(\frac{Q W_i^Q (K W_i^K)^\top}
+        {\sqrt{d/h}} + M\right) V W_i^V
+
+    Args:
+        d_model: model width ``d``.
+        num_heads: number of heads ``h``; must divide ``d_model``.
+        dropout: dropout on the attention weights (default ``0.0``).
+        bias: whether the four projections have a bias (default ``True``).
+        fused: use PyTorch's fused SDPA kernel (default ``True``); ``False`` runs the plain
+            math path. Both give the same result.
+
+    Shapes:
+        - query (b, t, d); key and value (b, s, d), default to ``query`` (self-attention).
+        - returns :class:`AttentionOutput` with ``output`` (b, t, d).
+
+    See the module docstring for the meaning of every mask.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if d_model <= 0 or num_heads <= 0:
+            raise ValueError(
+                f"{name}: d_model ({d_model}) and num_heads ({num_heads}) must be positive"
+            )
+        if d_model % num_heads != 0:
+            raise ValueError(
+                f"{name}: d_model ({d_model}) must be divisible by num_heads ({num_heads})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        self.fused = fused
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same initialisation as torch.nn.MultiheadAttention.
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        self.out_proj.reset_parameters()
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_heads={self.num_heads}, dropout={self.dropout}"
+
+    # -- pieces shared with the routed subclasses -------------------------------------
+    def split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, e)
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).reshape(b, t, self.d_model)  # (b, t, d)
+
+    def check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        name = type(self).__name__
+        for label, x in (("query", query), ("key", key), ("value", value)):
+            if x.dim() != 3 or x.size(-1) != self.d_model:
+                raise ValueError(
+                    f"{name}: {label} must have shape (batch, tokens, {self.d_model}), "
+                    f"got {tuple(x.shape)}"
+                )
+        if key.shape[:2] != value.shape[:2] or key.size(0) != query.size(0):
+            raise ValueError(
+                f"{name}: batch/length mismatch: query {tuple(query.shape)}, "
+                f"key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+
+    def project_query(self, query: Tensor) -> Tensor:
+        return self.split_heads(self.q_proj(query))  # (b, h, t, e)
+
+    def attend(
+        self,
+        q: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+        use_cache: bool,
+    ) -> tuple[Tensor, KVCache | None]:
+        """Attend with projected queries ``q`` (b, h, t, e); returns the per-head outputs
+        (b, h, t, e) before ``out_proj`` and the new cache (``None`` unless ``use_cache``)."""
+        k = self.split_heads(self.k_proj(key))  # (b, h, s_new, e)
+        v = self.split_heads(self.v_proj(value))  # (b, h, s_new, e)
+        cache = KVCache(k, v) if kv_cache is None else kv_cache.append(k, v)
+        k, v = cache.key, cache.value  # (b, h, s, e): cached tokens first
+        new_cache = cache if use_cache else None
+        b, _, t, _ = q.shape
+        s = k.size(-2)
+        dropout_p = self.dropout if self.training else 0.0
+        if is_causal and attn_mask is None and key_padding_mask is None and t == s:
+            heads = scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout_p, fused=self.fused
+            )
+        else:
+            bias = build_attention_bias(
+                batch_size=b,
+                num_heads=self.num_heads,
+                query_len=t,
+                key_len=s,
+                attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask,
+                is_causal=is_causal,
+                dtype=q.dtype,
+                device=q.device,
+                owner=type(self).__name__,
+            )
+            heads = scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=dropout_p, fused=self.fused
+            )
+        return heads, new_cache  # (b, h, t, e)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        kv_cache: KVCache | None = None,
+        use_cache: bool = False,
+        head_states: Tensor | None = None,
+    ) -> AttentionOutput:
+        """Attend from ``query`` to ``key``/``value`` (default: self-attention).
+
+        ``kv_cache`` holds keys and values of earlier tokens (self-attention decoding);
+        with ``use_cache=True`` the returned :class:`AttentionOutput` carries the cache
+        extended by this call's tokens. ``head_states`` is accepted for interface
+        compatibility with routed attention and must be ``None`` here.
+        """
+        if head_states is not None:
+            raise ValueError(f"{type(self).__name__}: head_states is only used by GoH attention")
+        key = query if key is None else key
+        value = key if value is None else value
+        self.check_inputs(query, key, value)
+        heads, cache = self.attend(
+            self.project_query(query),
+            key,
+            value,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            kv_cache=kv_cache,
+            use_cache=use_cache,
+        )
+        return AttentionOutput(self.out_proj(self.merge_heads(heads)), cache=cache)
