@@ -6,6 +6,9 @@ from graphheads.attention import (
     MultiHeadAttention,
     scaled_dot_product_attention,
 )
+from graphheads.gnn import HeadMessagePassing
+from graphheads.goh import GoHAttention, GraphRouter
+from graphheads.graph import HeadGraph
 from graphheads.moh import MoHAttention, MoHRouter, RoutedAttention, RoutingOutput
 from graphheads.transformer import (
     Decoder,
@@ -30,6 +33,10 @@ __all__ = [
     "Encoder",
     "EncoderLayer",
     "FeedForward",
+    "GoHAttention",
+    "GraphRouter",
+    "HeadGraph",
+    "HeadMessagePassing",
     "KVCache",
     "MoHAttention",
     "MoHRouter",

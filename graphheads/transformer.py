@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphheads.attention import AttentionOutput, KVCache, MultiHeadAttention
-
-if TYPE_CHECKING:
-    from graphheads.moh import RoutingOutput
+from graphheads.goh import build_goh_attention, collect_head_graphs, make_head_graph
+from graphheads.graph import HeadGraph
+from graphheads.moh import MoHAttention, RoutingOutput
 
 __all__ = [
     "Decoder",
@@ -117,18 +117,20 @@ class ModelConfig:
         return cls(**values)  # type: ignore[arg-type]
 
 
-def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
+def build_attention(
+    config: ModelConfig, *, graph: HeadGraph | None = None, carry: bool = False
+) -> nn.Module:
     """The attention module for one attention block of the stack.
 
     This is the seam between the model and its attention: "mha" gives
     :class:`~graphheads.attention.MultiHeadAttention`, "moh" gives
-    :class:`~graphheads.moh.MoHAttention` and "goh" :class:`~graphheads.goh.GoHAttention`.
+    :class:`~graphheads.moh.MoHAttention` and "goh" :class:`~graphheads.goh.GoHAttention`
+    (over ``graph`` when given, so that blocks can share one head graph; ``carry`` makes
+    its router read the previous layer's head states).
     """
     if config.attention == "mha":
         return MultiHeadAttention(config.d_model, config.num_heads, dropout=config.dropout)
     if config.attention == "moh":
-        from graphheads.moh import MoHAttention
-
         return MoHAttention(
             config.d_model,
             config.num_heads,
@@ -138,9 +140,12 @@ def build_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
             gate_convention=config.gate_convention,
             hard_gates=config.hard_gates,
         )
-    from graphheads.goh import build_goh_attention
+    return build_goh_attention(config, graph=graph, carry=carry)
 
-    return build_goh_attention(config, layer_idx)
+
+def _shared_graph(config: ModelConfig) -> HeadGraph | None:
+    """One head graph for every block when ``share_graph`` is set (GoH only)."""
+    return make_head_graph(config) if config.attention == "goh" and config.share_graph else None
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -543,19 +548,42 @@ def _make_stack_norm(config: ModelConfig) -> nn.Module | None:
     return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else None
 
 
-def _encoder_layers(config: ModelConfig, count: int, first_idx: int = 0) -> list[EncoderLayer]:
+def _feed_forward(config: ModelConfig) -> FeedForward:
+    return FeedForward(
+        config.d_model, config.d_ff, dropout=config.dropout, activation=config.activation
+    )
+
+
+def _encoder_layers(config: ModelConfig, graph: HeadGraph | None) -> list[EncoderLayer]:
     return [
         EncoderLayer(
-            self_attn=build_attention(config, first_idx + i),
-            feed_forward=FeedForward(
-                config.d_model, config.d_ff, dropout=config.dropout, activation=config.activation
+            self_attn=build_attention(
+                config, graph=graph, carry=config.carry_head_states and i > 0
             ),
+            feed_forward=_feed_forward(config),
             d_model=config.d_model,
             dropout=config.dropout,
             norm_first=config.norm_first,
             layer_norm_eps=config.layer_norm_eps,
         )
-        for i in range(count)
+        for i in range(config.num_layers)
+    ]
+
+
+def _decoder_layers(config: ModelConfig, graph: HeadGraph | None) -> list[DecoderLayer]:
+    return [
+        DecoderLayer(
+            self_attn=build_attention(
+                config, graph=graph, carry=config.carry_head_states and i > 0
+            ),
+            cross_attn=build_attention(config, graph=graph),
+            feed_forward=_feed_forward(config),
+            d_model=config.d_model,
+            dropout=config.dropout,
+            norm_first=config.norm_first,
+            layer_norm_eps=config.layer_norm_eps,
+        )
+        for i in range(config.num_decoder_layers or config.num_layers)
     ]
 
 
@@ -574,7 +602,7 @@ class DecoderOnlyLM(nn.Module):
         self.config = config
         self.embed = _Embedding(config)
         self.decoder = Encoder(
-            _encoder_layers(config, config.num_layers),
+            _encoder_layers(config, _shared_graph(config)),
             norm=_make_stack_norm(config),
             carry_head_states=config.carry_head_states,
         )
@@ -610,10 +638,8 @@ class DecoderOnlyLM(nn.Module):
             self.lm_head(stack.hidden), routing, aux, stack.cache if use_cache else None
         )
 
-    def head_graphs(self) -> list:  # type: ignore[type-arg]
+    def head_graphs(self) -> list[HeadGraph]:
         """The current head graph of every layer (GoH attention only)."""
-        from graphheads.goh import collect_head_graphs
-
         return collect_head_graphs(self)
 
     @torch.no_grad()
@@ -668,33 +694,16 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = _Embedding(config)
+        graph = _shared_graph(config)
         self.encoder = Encoder(
-            _encoder_layers(config, config.num_layers),
+            _encoder_layers(config, graph),
             norm=_make_stack_norm(config),
             carry_head_states=config.carry_head_states,
         )
-        num_dec = config.num_decoder_layers or config.num_layers
-        layers = []
-        for i in range(num_dec):
-            idx = config.num_layers + 2 * i  # one attention index per attention block
-            layers.append(
-                DecoderLayer(
-                    self_attn=build_attention(config, idx),
-                    cross_attn=build_attention(config, idx + 1),
-                    feed_forward=FeedForward(
-                        config.d_model,
-                        config.d_ff,
-                        dropout=config.dropout,
-                        activation=config.activation,
-                    ),
-                    d_model=config.d_model,
-                    dropout=config.dropout,
-                    norm_first=config.norm_first,
-                    layer_norm_eps=config.layer_norm_eps,
-                )
-            )
         self.decoder = Decoder(
-            layers, norm=_make_stack_norm(config), carry_head_states=config.carry_head_states
+            _decoder_layers(config, graph),
+            norm=_make_stack_norm(config),
+            carry_head_states=config.carry_head_states,
         )
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -735,10 +744,8 @@ class Transformer(nn.Module):
         routing, aux = _collect_routing(stacks, dec.hidden)
         return ModelOutput(self.lm_head(dec.hidden), routing, aux, dec.cache if use_cache else None)
 
-    def head_graphs(self) -> list:  # type: ignore[type-arg]
+    def head_graphs(self) -> list[HeadGraph]:
         """The current head graph of every attention block (GoH attention only)."""
-        from graphheads.goh import collect_head_graphs
-
         return collect_head_graphs(self)
 
     @torch.no_grad()

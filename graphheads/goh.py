@@ -1,0 +1,248 @@
+r"""The Graph-of-Heads router: message passing over the head graph before MoH top-k.
+
+Per token with router input x (the attention's query input)::
+
+    Z0 = reshape(x W_in, [H, F]) + E  (+ carry(Z_prev))   # node features, E head embeddings
+    Z  = Z + act(conv_l(Z, edge_index, edge_weight))      # l = 1..L, over the head graph
+    s  = Z u                                              # one score per head
+    routed logits = s[h_s:], shared logits = s[:h_s], two-stage logits = x W_h
+    -> the MoH gate of graphheads.moh
+
+With ``num_layers=0`` this is a linear MoH router (scores ``x W_in u + E u``).
+``Z_prev`` are the previous layer's final head states (``carry_head_states``): an edge
+from head i at layer l to head i at layer l + 1, so routing signals also travel through
+depth.
+
+Shape legend: b batch, t tokens, h heads, f node features, d model width.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from graphheads.gnn import ConvFactory, HeadMessagePassing
+from graphheads.graph import HeadGraph
+from graphheads.moh import (
+    GateConvention,
+    RoutedAttention,
+    RoutingOutput,
+    check_routing_config,
+    moh_gates,
+)
+
+if TYPE_CHECKING:
+    from graphheads.transformer import ModelConfig
+
+__all__ = ["GoHAttention", "GraphRouter", "build_goh_attention", "collect_head_graphs"]
+
+
+class GraphRouter(nn.Module):
+    r"""Routes tokens to heads with scores refined by message passing over a head graph.
+
+    Args:
+        d_model: width of the router input x.
+        num_heads: heads H (the graph's nodes).
+        num_shared: always-on heads (the first ``num_shared``).
+        top_k: routed heads per token.
+        graph: the :class:`~graphheads.graph.HeadGraph` (default: complete graph with
+            learnable edge weights). Its ``num_heads`` must equal ``num_heads``.
+        feature_dim: node feature width F (default 16).
+        num_layers: message-passing layers L (default 2; 0 = linear MoH router).
+        conv: PyG layer name or factory (see :class:`~graphheads.gnn.HeadMessagePassing`).
+        fused: use the fused dense GCN path where it applies.
+        carry_head_states: accept the previous layer's head states in ``forward``.
+        gate_convention, hard_gates: as :class:`~graphheads.moh.MoHRouter`.
+
+    Submodules: ``in_proj`` (W_in, d -> H F), ``head_embedding`` (E, H x F),
+    ``message_passing``, ``score`` (u, F -> 1), ``type_gate`` (W_h, d -> 2, only with
+    shared and routed heads), ``carry_proj`` (F -> F, with ``carry_head_states``), ``graph``.
+
+    Shapes: x (b, t, d), head_states (b, t, h, F) -> :class:`RoutingOutput` whose
+    ``head_states`` are the final node states Z (b, t, h, F).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_shared: int,
+        top_k: int,
+        graph: HeadGraph | None = None,
+        *,
+        feature_dim: int = 16,
+        num_layers: int = 2,
+        conv: str | ConvFactory = "gcn",
+        fused: bool = True,
+        carry_head_states: bool = False,
+        gate_convention: GateConvention = "reference",
+        hard_gates: bool = False,
+    ) -> None:
+        super().__init__()
+        check_routing_config(type(self).__name__, num_heads, num_shared, top_k)
+        graph = graph if graph is not None else HeadGraph.complete(num_heads, learnable="edge")
+        if graph.num_heads != num_heads:
+            raise ValueError(
+                f"GraphRouter: graph has {graph.num_heads} heads, attention has "
+                f"num_heads={num_heads}"
+            )
+        if graph.num_shared is not None and graph.num_shared != num_shared:
+            raise ValueError(
+                f"GraphRouter: graph marks {graph.num_shared} shared heads, router has "
+                f"num_shared={num_shared}"
+            )
+        if feature_dim < 1:
+            raise ValueError(f"GraphRouter: feature_dim must be >= 1, got {feature_dim}")
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.num_shared = num_shared
+        self.top_k = top_k
+        self.feature_dim = feature_dim
+        self.gate_convention: GateConvention = gate_convention
+        self.hard_gates = hard_gates
+        self.graph = graph
+        self.in_proj = nn.Linear(d_model, num_heads * feature_dim, bias=False)
+        self.head_embedding = nn.Parameter(torch.empty(num_heads, feature_dim))
+        self.message_passing = HeadMessagePassing(feature_dim, num_layers, conv=conv, fused=fused)
+        self.score = nn.Linear(feature_dim, 1, bias=False)
+        has_both = num_shared > 0 and num_heads - num_shared > 0
+        self.type_gate = nn.Linear(d_model, 2, bias=False) if has_both else None
+        self.carry_proj = (
+            nn.Linear(feature_dim, feature_dim, bias=False) if carry_head_states else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.in_proj.reset_parameters()
+        nn.init.normal_(self.head_embedding, std=0.02)
+        self.score.reset_parameters()
+        if self.type_gate is not None:
+            self.type_gate.reset_parameters()
+        if self.carry_proj is not None:
+            nn.init.zeros_(self.carry_proj.weight)  # starts as a router without carry
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_shared={self.num_shared}, top_k={self.top_k}, "
+            f"feature_dim={self.feature_dim}, num_layers={len(self.message_passing.layers)}"
+        )
+
+    def head_scores(self, x: Tensor, head_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Scores (b, t, h) and final node states (b, t, h, F) for router input x."""
+        if x.size(-1) != self.d_model:
+            raise ValueError(f"GraphRouter: input width {x.size(-1)} != d_model ({self.d_model})")
+        z = self.in_proj(x).unflatten(-1, (self.num_heads, self.feature_dim))  # (b, t, h, F)
+        z = z + self.head_embedding
+        if head_states is not None:
+            if self.carry_proj is None:
+                raise ValueError(
+                    "GraphRouter: got head_states but was built with carry_head_states=False"
+                )
+            if head_states.shape != z.shape:
+                raise ValueError(
+                    f"GraphRouter: head_states has shape {tuple(head_states.shape)}, "
+                    f"expected {tuple(z.shape)}"
+                )
+            z = z + self.carry_proj(head_states)
+        z = self.message_passing(z, self.graph.edge_index, self.graph.edge_weight)
+        return self.score(z).squeeze(-1), z  # (b, t, h), (b, t, h, F)
+
+    def forward(
+        self, x: Tensor, *, queries: Tensor | None = None, head_states: Tensor | None = None
+    ) -> RoutingOutput:
+        scores, z = self.head_scores(x, head_states)
+        h_s = self.num_shared
+        routing = moh_gates(
+            scores[..., h_s:],
+            scores[..., :h_s] if h_s > 1 else None,
+            None if self.type_gate is None else self.type_gate(x),
+            num_shared=h_s,
+            top_k=self.top_k,
+            gate_convention=self.gate_convention,
+            hard_gates=self.hard_gates,
+        )
+        routing.head_states = z
+        return routing
+
+
+class GoHAttention(RoutedAttention):
+    """Graph-of-Heads attention: :class:`~graphheads.attention.MultiHeadAttention`
+    projections plus a :class:`GraphRouter` (``self.router``); gates scale each head's
+    output before ``out_proj``. Returns :class:`~graphheads.attention.AttentionOutput`.
+
+    Keyword arguments other than ``dropout``, ``bias`` and ``fused`` go to
+    :class:`GraphRouter`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_shared: int,
+        top_k: int,
+        graph: HeadGraph | None = None,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        fused: bool = True,
+        feature_dim: int = 16,
+        num_layers: int = 2,
+        conv: str | ConvFactory = "gcn",
+        fused_message_passing: bool = True,
+        carry_head_states: bool = False,
+        gate_convention: GateConvention = "reference",
+        hard_gates: bool = False,
+    ) -> None:
+        router = GraphRouter(
+            d_model,
+            num_heads,
+            num_shared,
+            top_k,
+            graph,
+            feature_dim=feature_dim,
+            num_layers=num_layers,
+            conv=conv,
+            fused=fused_message_passing,
+            carry_head_states=carry_head_states,
+            gate_convention=gate_convention,
+            hard_gates=hard_gates,
+        )
+        super().__init__(d_model, num_heads, router=router, dropout=dropout, bias=bias, fused=fused)
+
+
+def make_head_graph(config: ModelConfig) -> HeadGraph:
+    """The head graph a :class:`~graphheads.transformer.ModelConfig` names."""
+    return HeadGraph.preset(
+        config.graph,
+        config.num_heads,
+        learnable=config.graph_learnable,
+        num_shared=config.num_shared,
+    )
+
+
+def build_goh_attention(
+    config: ModelConfig, *, graph: HeadGraph | None = None, carry: bool = False
+) -> GoHAttention:
+    """GoH attention for one block of a model. ``graph`` shares one graph across blocks;
+    ``carry`` makes the router take the previous layer's head states."""
+    return GoHAttention(
+        config.d_model,
+        config.num_heads,
+        config.num_shared,
+        config.routed_top_k,
+        graph if graph is not None else make_head_graph(config),
+        dropout=config.dropout,
+        feature_dim=config.graph_feature_dim,
+        num_layers=config.graph_layers,
+        carry_head_states=carry,
+        gate_convention=config.gate_convention,
+        hard_gates=config.hard_gates,
+    )
+
+
+def collect_head_graphs(model: nn.Module) -> list[HeadGraph]:
+    """The head graph of every graph-router in ``model``, in module order (the same
+    object repeats when layers share one graph)."""
+    return [m.graph for m in model.modules() if isinstance(m, GraphRouter)]
