@@ -147,7 +147,7 @@ def moh_gates(
         gates = routed_gates
     if hard_gates:
         hard = (gates > 0).to(gates.dtype)
-        gates = hard + gates - gates.detach()  # 0/1 forward, soft gradient backward
+        gates = hard + (gates - gates.detach())  # exactly 0/1 forward, soft gradient backward
     return RoutingOutput(
         gates=gates,
         router_probs=probs,

@@ -1,0 +1,141 @@
+import pytest
+import torch
+from torch_geometric.nn import GCNConv, GraphConv, LGConv
+
+from graphheads import HeadGraph, HeadMessagePassing
+from graphheads.gnn import gcn_norm_dense
+
+H, F_ = 5, 8
+
+
+def weighted_directed_graph() -> HeadGraph:
+    # directed edges, unequal weights, a self-loop on head 1, head 4 isolated
+    return HeadGraph.from_edges(
+        H, [(0, 1), (1, 2), (2, 0), (3, 0), (1, 1), (0, 2)], [0.5, 2.0, 1.0, 3.0, 0.7, 1.2]
+    )
+
+
+def hand_gcn(x, graph: HeadGraph, weight, bias):
+    """D^-1/2 (A + I) D^-1/2 X W + b, messages flowing source -> target, written by hand."""
+    a = graph.adjacency().T.clone()  # a[target, source]
+    for i in range(H):
+        if a[i, i] == 0:  # heads without a self-loop get weight 1 (PyG add_remaining_self_loops)
+            a[i, i] = 1.0
+    d = a.sum(1).rsqrt()
+    prop = d[:, None] * a * d[None, :]
+    return torch.einsum("ij,...jf->...if", prop, x @ weight.T) + bias
+
+
+def test_gcn_norm_dense_matches_hand_formula():
+    g = weighted_directed_graph()
+    x = torch.eye(H)
+    conv_free = hand_gcn(x, g, torch.eye(H), torch.zeros(H))
+    torch.testing.assert_close(gcn_norm_dense(g.edge_index, g.edge_weight, H), conv_free)
+
+
+@pytest.mark.parametrize("graph", ["weighted_directed", "empty", "complete"])
+def test_pyg_fused_and_hand_written_gcn_agree(graph):
+    g = {
+        "weighted_directed": weighted_directed_graph,
+        "empty": lambda: HeadGraph.empty(H),
+        "complete": lambda: HeadGraph.complete(H),
+    }[graph]()
+    mp = HeadMessagePassing(F_, 1, activation=lambda t: t)
+    conv = mp.layers[0]
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(2, 3, H, F_)
+    outs, grads = [], []
+    for path in ("pyg", "fused", "hand"):
+        xi = x.clone().requires_grad_(True)
+        mp.fused = path == "fused"
+        if path == "hand":
+            out = xi + hand_gcn(xi, g, conv.lin.weight, conv.bias)
+        else:
+            out = mp(xi, g.edge_index, g.edge_weight)
+        out.backward(torch.ones_like(out) * torch.arange(H)[:, None].float())
+        outs.append(out.detach())
+        grads.append((xi.grad, conv.lin.weight.grad.clone()))
+        conv.lin.weight.grad = None
+        conv.bias.grad = None
+    for out, (gx, gw) in zip(outs[1:], grads[1:], strict=True):
+        torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx, grads[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, grads[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_path_passes_gradients_to_learnable_edges_like_pyg():
+    grads = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        g = HeadGraph.ring(H, learnable="edge")
+        mp = HeadMessagePassing(F_, 2, fused=fused)
+        mp(torch.randn(4, H, F_), g.edge_index, g.edge_weight).square().sum().backward()
+        grads.append(g.raw_weight.grad)
+    assert grads[0].abs().min() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    assert HeadMessagePassing(F_, 2).can_fuse
+    assert not HeadMessagePassing(F_, 2, conv="lightgcn").can_fuse
+
+
+def test_lightgcn_layer_matches_formula():
+    g = weighted_directed_graph()
+    mp = HeadMessagePassing(F_, 1, conv="lightgcn", activation=lambda t: t)
+    assert isinstance(mp.layers[0], LGConv)
+    x = torch.randn(3, H, F_)
+    a = g.adjacency().T  # no added self-loops in LightGCN
+    deg = a.sum(1)
+    d = deg.pow(-0.5).masked_fill(deg == 0, 0)
+    expected = x + torch.einsum("ij,...jf->...if", d[:, None] * a * d[None, :], x)
+    torch.testing.assert_close(mp(x, g.edge_index, g.edge_weight), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aggr", ["add", "max"])
+def test_graphconv_layer_matches_formula(aggr):
+    g = weighted_directed_graph()
+    mp = HeadMessagePassing(
+        F_, 1, conv=lambda f: GraphConv(f, f, aggr=aggr, node_dim=-2), activation=lambda t: t
+    )
+    conv = mp.layers[0]
+    x = torch.randn(3, H, F_)
+    src, dst = g.edge_index
+    w = g.edge_weight
+    agg = torch.zeros_like(x) if aggr == "add" else torch.full_like(x, float("-inf"))
+    for e in range(g.num_edges):
+        msg = w[e] * x[..., src[e], :]
+        if aggr == "add":
+            agg[..., dst[e], :] += msg
+        else:
+            agg[..., dst[e], :] = torch.maximum(agg[..., dst[e], :], msg)
+    agg = agg.masked_fill(torch.isinf(agg), 0.0)  # heads with no incoming edge aggregate to 0
+    expected = x + conv.lin_rel(agg) + conv.lin_root(x)
+    torch.testing.assert_close(mp(x, g.edge_index, w), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.scatter
+def test_max_aggregation_uses_torch_scatter_when_installed():
+    torch_scatter = pytest.importorskip("torch_scatter")
+    import torch_geometric.typing
+
+    assert torch_geometric.typing.WITH_TORCH_SCATTER
+    g = weighted_directed_graph()
+    x = torch.randn(H, F_)
+    src, dst = g.edge_index
+    out, _ = torch_scatter.scatter_max(x[src], dst, dim=0, dim_size=H)
+    conv = GraphConv(F_, F_, aggr="max", node_dim=-2)
+    with torch.no_grad():
+        conv.lin_rel.weight.copy_(torch.eye(F_))
+        conv.lin_rel.bias.zero_()
+        conv.lin_root.weight.zero_()
+    torch.testing.assert_close(conv(x, g.edge_index), out)
+
+
+def test_bad_layers_raise():
+    with pytest.raises(
+        ValueError, match=r"must propagate over the head axis \(node_dim=-2\), got node_dim=-3"
+    ):
+        HeadMessagePassing(F_, 1, conv=lambda f: GCNConv(f, f, node_dim=-3))
+    with pytest.raises(ValueError, match=r"cached=True"):
+        HeadMessagePassing(F_, 1, conv=lambda f: GCNConv(f, f, node_dim=-2, cached=True))
+    with pytest.raises(ValueError, match=r"unknown conv 'gat'"):
+        HeadMessagePassing(F_, 1, conv="gat")

@@ -1,0 +1,194 @@
+import pytest
+import torch
+from test_moh import train_copy
+
+from graphheads import (
+    DecoderOnlyLM,
+    GoHAttention,
+    GraphRouter,
+    HeadGraph,
+    ModelConfig,
+    MoHRouter,
+    Transformer,
+)
+
+D, H, FEAT = 24, 6, 8
+
+
+def test_zero_layers_reduces_to_linear_moh_router():
+    moh = MoHRouter(D, H, 2, 2)
+    goh = GraphRouter(D, H, 2, 2, HeadGraph.complete(H), feature_dim=FEAT, num_layers=0)
+    with torch.no_grad():
+        # s_i = (x W_in)_i . u + E_i . u with u = e_0 and E = 0: s = x [W_s; W_r]^T
+        goh.score.weight.zero_()
+        goh.score.weight[0, 0] = 1.0
+        goh.head_embedding.zero_()
+        w_in = torch.zeros(H, FEAT, D)
+        w_in[:2, 0] = moh.shared_gate.weight
+        w_in[2:, 0] = moh.routed_gate.weight
+        goh.in_proj.weight.copy_(w_in.reshape(H * FEAT, D))
+        goh.type_gate.weight.copy_(moh.type_gate.weight)
+    x = torch.randn(2, 7, D)
+    a, b = moh(x), goh(x)
+    torch.testing.assert_close(b.gates, a.gates)
+    torch.testing.assert_close(b.load_balance_loss, a.load_balance_loss)
+    assert torch.equal(b.routed_mask, a.routed_mask)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_permuting_head_labels_permutes_routing(fused):
+    num_shared = 0  # a permutation must map routed heads to routed heads
+    graph = HeadGraph.from_edges(
+        H, [(0, 1), (1, 2), (2, 3), (4, 0), (5, 2)], [1.0, 2.0, 0.5, 1.5, 3.0]
+    )
+    router = GraphRouter(D, H, num_shared, 3, graph, feature_dim=FEAT, fused=fused)
+    perm = torch.tensor([3, 0, 5, 1, 2, 4])  # new head i is old head perm[i]
+    inverse = torch.argsort(perm)
+    new_graph = HeadGraph(H, inverse[graph.edge_index], graph.edge_weight)
+    permuted = GraphRouter(D, H, num_shared, 3, new_graph, feature_dim=FEAT, fused=fused)
+    permuted.load_state_dict(
+        {k: v for k, v in router.state_dict().items() if not k.startswith("graph.")}, strict=False
+    )
+    with torch.no_grad():
+        w = router.in_proj.weight.reshape(H, FEAT, D)[perm]
+        permuted.in_proj.weight.copy_(w.reshape(H * FEAT, D))
+        permuted.head_embedding.copy_(router.head_embedding[perm])
+    x = torch.randn(2, 5, D)
+    a, b = router(x), permuted(x)
+    torch.testing.assert_close(b.gates, a.gates[..., perm], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b.head_states, a.head_states[..., perm, :], atol=1e-6, rtol=1e-5)
+
+
+def score_jacobian(router: GraphRouter) -> torch.Tensor:
+    """d score_i / d z0_j summed over features: (h, h)."""
+    z0 = torch.randn(1, H, FEAT)
+    jac = torch.autograd.functional.jacobian(
+        lambda z: router.score(
+            router.message_passing(z, router.graph.edge_index, router.graph.edge_weight)
+        ).squeeze(-1),
+        z0,
+    )  # (1, h, 1, h, F)
+    return jac[0, :, 0].abs().sum(-1)
+
+
+def test_empty_graph_isolates_heads_connected_graph_mixes_them():
+    empty = GraphRouter(D, H, 1, 2, HeadGraph.empty(H), feature_dim=FEAT)
+    jac = score_jacobian(empty)
+    assert torch.count_nonzero(jac - torch.diag(torch.diag(jac))) == 0
+    ring = GraphRouter(D, H, 1, 2, HeadGraph.ring(H), feature_dim=FEAT, num_layers=1)
+    jac = score_jacobian(ring)
+    assert jac[0, 1] > 0 and jac[0, H - 1] > 0  # neighbours speak to head 0
+    assert jac[0, 3] == 0  # one hop does not reach the opposite head
+
+
+@pytest.mark.parametrize("learnable", ["edge", "dense"])
+def test_gradients_reach_edge_weights_and_head_embeddings(learnable):
+    attn = GoHAttention(D, H, 2, 2, HeadGraph.ring(H, learnable=learnable), feature_dim=FEAT)
+    out = attn(torch.randn(2, 5, D))
+    (out.output.square().sum() + out.routing.load_balance_loss).backward()
+    r = attn.router
+    assert r.graph.raw_weight.grad is not None and r.graph.raw_weight.grad.abs().sum() > 0
+    assert r.head_embedding.grad is not None and r.head_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("conv", ["gcn", "lightgcn", "graphconv"])
+def test_routing_with_each_pyg_layer(conv):
+    router = GraphRouter(D, H, 1, 2, HeadGraph.complete(H), feature_dim=FEAT, conv=conv)
+    out = router(torch.randn(2, 4, D))
+    assert out.gates.shape == (2, 4, H)
+    assert out.active_heads.sum(-1).eq(3).all()
+    assert out.head_states.shape == (2, 4, H, FEAT)
+
+
+def test_goh_models_route_every_layer_and_expose_graphs():
+    cfg = dict(
+        vocab_size=20, d_model=D, num_heads=H, num_layers=3, attention="goh", num_shared=1, top_k=2
+    )
+    lm = DecoderOnlyLM(ModelConfig(**cfg, graph="ring"))
+    out = lm(torch.randint(0, 20, (2, 6)))
+    assert len(out.routing) == 3 and all(r.head_states is not None for r in out.routing)
+    graphs = lm.head_graphs()
+    assert len(graphs) == 3 and len({id(g) for g in graphs}) == 3
+    shared = DecoderOnlyLM(ModelConfig(**cfg, share_graph=True))
+    assert len({id(g) for g in shared.head_graphs()}) == 1
+    seq2seq = Transformer(ModelConfig(**cfg, num_decoder_layers=2))
+    out = seq2seq(torch.randint(0, 20, (2, 5)), torch.randint(0, 20, (2, 4)))
+    assert len(out.routing) == 3 + 2 * 2  # encoder self, decoder self + cross
+    assert len(seq2seq.head_graphs()) == 7
+
+
+def test_head_states_travel_through_depth():
+    cfg = ModelConfig(
+        vocab_size=20,
+        d_model=D,
+        num_heads=H,
+        num_layers=2,
+        attention="goh",
+        num_shared=1,
+        top_k=2,
+        carry_head_states=True,
+    )
+    lm = DecoderOnlyLM(cfg)
+    first, second = (layer.self_attn.router for layer in lm.decoder.layers)
+    assert first.carry_proj is None and second.carry_proj is not None
+    tokens = torch.randint(0, 20, (2, 6))
+    before = lm(tokens).routing[1].gates
+    with torch.no_grad():
+        second.carry_proj.weight.normal_()
+    after = lm(tokens)
+    assert not torch.allclose(before, after.routing[1].gates)  # layer 1 reads layer 0's states
+    after.aux_loss.backward()
+    assert second.carry_proj.weight.grad.abs().sum() > 0
+
+
+def test_goh_lm_cache_matches_full_forward():
+    lm = DecoderOnlyLM(
+        ModelConfig(
+            vocab_size=20,
+            d_model=D,
+            num_heads=H,
+            num_layers=2,
+            attention="goh",
+            num_shared=1,
+            top_k=2,
+            carry_head_states=True,
+        )
+    ).eval()
+    tokens = torch.randint(0, 20, (2, 8))
+    full = lm(tokens).logits
+    first = lm(tokens[:, :5], use_cache=True)
+    rest = lm(tokens[:, 5:], cache=first.cache, use_cache=True)
+    torch.testing.assert_close(
+        torch.cat([first.logits, rest.logits], 1), full, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_goh_lm_learns_copy_task():
+    loss, acc = train_copy("goh", num_shared=1, top_k=2)
+    assert loss < 0.3 and acc > 0.9, (loss, acc)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (
+            lambda: GraphRouter(D, H, 1, 2, HeadGraph.ring(4)),
+            r"graph has 4 heads, attention has num_heads=6",
+        ),
+        (
+            lambda: GraphRouter(D, H, 1, 2, HeadGraph.ring(H, num_shared=2)),
+            r"graph marks 2 shared heads, router has num_shared=1",
+        ),
+        (lambda: GraphRouter(D, H, 1, 6), r"top_k \(6\) must be in \[1, routed heads \(5\)"),
+        (lambda: GraphRouter(D, H, 1, 2, feature_dim=0), r"feature_dim must be >= 1, got 0"),
+    ],
+)
+def test_bad_router_config_raises(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_head_states_without_carry_raise():
+    router = GraphRouter(D, H, 1, 2)
+    with pytest.raises(ValueError, match="carry_head_states=False"):
+        router(torch.randn(1, 2, D), head_states=torch.randn(1, 2, H, 16))
