@@ -1,5 +1,16 @@
-"""Built-in, generated sequence tasks (no downloads)."""
+"""Built-in data: generated sequence tasks and byte-level text (no downloads)."""
 
-from graphheads.data.tasks import IGNORE_INDEX, TaskBatch, copy_task
+from graphheads.data.tasks import IGNORE_INDEX, PAD, SEP, TASKS, TaskBatch, TaskSuite, copy_task
+from graphheads.data.text import ByteTextDataset, bits_per_byte
 
-__all__ = ["IGNORE_INDEX", "TaskBatch", "copy_task"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PAD",
+    "SEP",
+    "TASKS",
+    "ByteTextDataset",
+    "TaskBatch",
+    "TaskSuite",
+    "bits_per_byte",
+    "copy_task",
+]

@@ -1,37 +1,56 @@
 """Seeded synthetic sequence tasks for decoder-only language models.
 
-Each task returns a :class:`TaskBatch`: ``inputs`` (b, t) token ids and ``targets`` (b, t),
-the next token at every position, with :data:`IGNORE_INDEX` where no prediction is scored
-(the prompt part), so ``F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-ignore_index=IGNORE_INDEX)`` scores only the answer.
+Every task writes sequences ``[TASK, prompt..., SEP, answer...]`` over one shared
+vocabulary (:class:`TaskSuite`): ``0`` is padding, ``1`` the separator, then one token
+per task, then ``num_symbols`` data symbols. A :class:`TaskBatch` holds ``inputs``
+(b, t) and ``targets`` (b, t), the next token at every position with
+:data:`IGNORE_INDEX` wherever nothing is scored (prompt and padding), so
+``F.cross_entropy(..., ignore_index=IGNORE_INDEX)`` scores only the answers.
+
+Tasks (ids are their positions in :data:`TASKS`):
+
+* ``copy``: repeat the ``length`` symbols;
+* ``reverse``: repeat them in reverse order;
+* ``sort``: repeat them in ascending order;
+* ``mqar``: multi-query associative recall (Arora et al. 2023): ``length`` key-value
+  pairs, then the keys again in a shuffled order, each to be followed by its value;
+* ``modadd``: ``a b SEP (a + b) mod modulus``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "TaskBatch", "copy_task"]
+__all__ = ["IGNORE_INDEX", "PAD", "SEP", "TASKS", "TaskBatch", "TaskSuite", "copy_task"]
 
 IGNORE_INDEX = -100
+PAD, SEP = 0, 1
+TASKS = ("copy", "reverse", "sort", "mqar", "modadd")
 
 
 @dataclass
 class TaskBatch:
     inputs: Tensor  # (b, t) token ids
     targets: Tensor  # (b, t) next-token targets, IGNORE_INDEX where unscored
+    task_ids: Tensor | None = None  # (b,) index into the suite's tasks, when known
+
+
+def _finish(seq: Tensor, answer_start: int) -> TaskBatch:
+    """inputs/targets from full sequences whose answer starts at ``answer_start``."""
+    inputs, targets = seq[:, :-1], seq[:, 1:].clone()
+    targets[:, : answer_start - 1] = IGNORE_INDEX
+    return TaskBatch(inputs, targets)
 
 
 def copy_task(
     batch_size: int, length: int, vocab_size: int, *, generator: torch.Generator | None = None
 ) -> TaskBatch:
-    """``x_1 .. x_n SEP x_1 .. x_n``: the model must repeat the ``n`` symbols after SEP.
-
-    Token ``0`` is the separator; symbols are drawn from ``1 .. vocab_size - 1``. The
-    sequence has ``2 n + 1`` tokens; inputs drop the last, targets score the copy.
-    """
+    """``x_1 .. x_n SEP x_1 .. x_n`` with token ``0`` as the separator and symbols from
+    ``1 .. vocab_size - 1`` (a stand-alone copy task, without a task token)."""
     if length < 1 or vocab_size < 3 or batch_size < 1:
         raise ValueError(
             f"copy_task: need batch_size >= 1, length >= 1 and vocab_size >= 3, got "
@@ -39,7 +58,129 @@ def copy_task(
         )
     symbols = torch.randint(1, vocab_size, (batch_size, length), generator=generator)
     sep = torch.zeros(batch_size, 1, dtype=torch.long)
-    seq = torch.cat([symbols, sep, symbols], dim=1)  # (b, 2n + 1)
-    inputs, targets = seq[:, :-1], seq[:, 1:].clone()
-    targets[:, :length] = IGNORE_INDEX  # only the copy after SEP is scored
-    return TaskBatch(inputs, targets)
+    return _finish(torch.cat([symbols, sep, symbols], dim=1), length + 1)
+
+
+class TaskSuite:
+    """A mixture of built-in tasks over one vocabulary.
+
+    Args:
+        tasks: names from :data:`TASKS` (default: all).
+        length: symbols per prompt (key-value pairs for mqar).
+        num_symbols: data symbols in the vocabulary (mqar keys use the first half, values
+            the second half).
+        modulus: the modulus of ``modadd`` (at most ``num_symbols``).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str] = TASKS,
+        *,
+        length: int = 6,
+        num_symbols: int = 16,
+        modulus: int = 11,
+    ) -> None:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(
+                f"TaskSuite: unknown task(s) {unknown or list(tasks)}; known: {list(TASKS)}"
+            )
+        if length < 1:
+            raise ValueError(f"TaskSuite: length must be >= 1, got {length}")
+        if num_symbols < 4:
+            raise ValueError(f"TaskSuite: num_symbols must be >= 4, got {num_symbols}")
+        if "mqar" in tasks and length > num_symbols // 2:
+            raise ValueError(
+                f"TaskSuite: mqar needs length ({length}) <= num_symbols // 2 "
+                f"({num_symbols // 2}) distinct keys"
+            )
+        if not 2 <= modulus <= num_symbols:
+            raise ValueError(
+                f"TaskSuite: modulus ({modulus}) must be in [2, num_symbols={num_symbols}]"
+            )
+        self.tasks = tuple(tasks)
+        self.length = length
+        self.num_symbols = num_symbols
+        self.modulus = modulus
+        self.first_symbol = 2 + len(TASKS)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first_symbol + self.num_symbols
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest input a batch can hold (mqar's ``1 + 2n + 1 + 2n - 1`` tokens)."""
+        return max(self.sequence_length(t) for t in self.tasks) - 1
+
+    def sequence_length(self, task: str) -> int:
+        n = self.length
+        return {
+            "copy": 2 * n + 2,
+            "reverse": 2 * n + 2,
+            "sort": 2 * n + 2,
+            "mqar": 4 * n + 2,
+            "modadd": 5,
+        }[task]
+
+    def chance_accuracy(self, task: str) -> float:
+        """Token accuracy of guessing uniformly among the answer's possible symbols."""
+        if task == "mqar":
+            return 1.0 / (self.num_symbols - self.num_symbols // 2)
+        if task == "modadd":
+            return 1.0 / self.modulus
+        return 1.0 / self.num_symbols
+
+    def _generate(self, task: str, batch_size: int, gen: torch.Generator) -> TaskBatch:
+        n, s0 = self.length, self.first_symbol
+        b = batch_size
+        head = torch.full((b, 1), 2 + TASKS.index(task), dtype=torch.long)
+        sep = torch.full((b, 1), SEP, dtype=torch.long)
+        if task in ("copy", "reverse", "sort"):
+            x = torch.randint(0, self.num_symbols, (b, n), generator=gen)
+            y = {"copy": x, "reverse": x.flip(1), "sort": x.sort(dim=1).values}[task]
+            seq = torch.cat([head, x + s0, sep, y + s0], dim=1)
+            return _finish(seq, n + 2)
+        if task == "mqar":
+            half = self.num_symbols // 2
+            keys = torch.rand(b, half, generator=gen).argsort(dim=1)[:, :n]  # distinct keys
+            values = torch.randint(half, self.num_symbols, (b, n), generator=gen)
+            order = torch.rand(b, n, generator=gen).argsort(dim=1)
+            q_keys, q_values = keys.gather(1, order), values.gather(1, order)
+            pairs = torch.stack([keys, values], dim=2).flatten(1)  # k1 v1 k2 v2 ...
+            queries = torch.stack([q_keys, q_values], dim=2).flatten(1)
+            seq = torch.cat([head, pairs + s0, sep, queries + s0], dim=1)
+            batch = _finish(seq, 2 * n + 2)
+            batch.targets[:, 2 * n + 1 :: 2] = IGNORE_INDEX  # score the values, not the keys
+            return batch
+        a = torch.randint(0, self.modulus, (b, 2), generator=gen)
+        c = a.sum(dim=1, keepdim=True) % self.modulus
+        return _finish(torch.cat([head, a + s0, sep, c + s0], dim=1), 4)
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator, *, task: str | None = None
+    ) -> TaskBatch:
+        """A batch with each row's task drawn uniformly (or all rows of ``task``),
+        right-padded to :attr:`max_seq_len`."""
+        if task is not None and task not in self.tasks:
+            raise ValueError(f"TaskSuite: unknown task {task!r}; this suite has {list(self.tasks)}")
+        if task is None:
+            ids = torch.randint(0, len(self.tasks), (batch_size,), generator=generator)
+        else:
+            ids = torch.full((batch_size,), self.tasks.index(task), dtype=torch.long)
+        t = self.max_seq_len
+        inputs = torch.full((batch_size, t), PAD, dtype=torch.long)
+        targets = torch.full((batch_size, t), IGNORE_INDEX, dtype=torch.long)
+        for i, name in enumerate(self.tasks):
+            rows = (ids == i).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            part = self._generate(name, rows.numel(), generator)
+            width = part.inputs.size(1)
+            inputs[rows, :width] = part.inputs
+            targets[rows, :width] = part.targets
+        return TaskBatch(inputs, targets, ids)
+
+    def prompt_length(self, task: str) -> int:
+        """Tokens before the first answer token (task token, prompt, SEP)."""
+        return {"mqar": 2 * self.length + 3, "modadd": 4}.get(task, self.length + 2)

@@ -1,0 +1,130 @@
+"""A report folder for a training run: figures as PNG and a Markdown summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+
+from graphheads import viz
+from graphheads.data import PAD, SEP, TASKS, TaskSuite
+from graphheads.train.trainer import METRICS_NAME, load_run
+
+__all__ = ["make_report", "read_metrics"]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (a torn last line is skipped)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics at {path}")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _token_names(suite: TaskSuite, ids: list[int]) -> list[str]:
+    names = []
+    for i in ids:
+        if i == PAD:
+            names.append("pad")
+        elif i == SEP:
+            names.append("SEP")
+        elif i < suite.first_symbol:
+            names.append(f"<{TASKS[i - 2]}>")
+        else:
+            names.append(str(i - suite.first_symbol))
+    return names
+
+
+def _save(fig: plt.Figure, path: Path) -> str:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def make_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report``: loss.png, accuracy.png, head_usage.png,
+    head_graph_layer{i}.png, routing_layer{i}.png and summary.md. Returns the folder."""
+    run_dir = Path(run_dir)
+    model, _, data, step = load_run(run_dir)
+    records = read_metrics(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    figures: list[str] = [_save(viz.plot_loss_curve(records), out / "loss.png")]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    last = evals[-1] if evals else {}
+    config = model.config
+    lines = [
+        f"# Run report: {run_dir.name}",
+        "",
+        f"Step {step}; model: {config.attention} attention, {config.num_layers} layers, "
+        f"{config.num_heads} heads ({config.num_shared} shared, top-{config.routed_top_k} routed), "
+        f"d_model {config.d_model}, graph {config.graph!r} ({config.graph_learnable} weights).",
+        "",
+    ]
+    if "accuracy" in last:
+        figures.append(
+            _save(
+                viz.plot_task_accuracy(last["accuracy"], last.get("chance")), out / "accuracy.png"
+            )
+        )
+        lines += ["| task | token accuracy | exact match | chance |", "| --- | --- | --- | --- |"]
+        for task, acc in last["accuracy"].items():
+            exact, chance = last["exact_match"][task], last["chance"][task]
+            lines.append(f"| {task} | {acc:.3f} | {exact:.3f} | {chance:.3f} |")
+        lines.append("")
+    elif "bits_per_byte" in last:
+        lines += [f"Validation bits per byte: {last['bits_per_byte']:.3f}", ""]
+    usage = last.get("head_usage")
+    if usage:
+        figures.append(
+            _save(viz.plot_head_usage(usage, num_shared=config.num_shared), out / "head_usage.png")
+        )
+        lines += ["Head usage per task (fraction of scored tokens using each head, per layer):", ""]
+        active = config.num_shared + config.routed_top_k
+        for task, per_layer in usage.items():
+            top = [torch.tensor(row).topk(active).indices.tolist() for row in per_layer]
+            lines.append(f"- {task}: most used heads per layer {top}")
+        lines.append("")
+    graphs = model.head_graphs()
+    for i, graph in enumerate(graphs):
+        layer_use = None
+        if usage:
+            layer_use = torch.tensor([per_layer[i] for per_layer in usage.values()]).mean(0)
+        fig = viz.draw_head_graph(
+            graph, usage=layer_use, num_shared=config.num_shared, title=f"layer {i} head graph"
+        )
+        figures.append(_save(fig, out / f"head_graph_layer{i}.png"))
+    if isinstance(data, TaskSuite) and config.attention != "mha":
+        gen = torch.Generator().manual_seed(0)
+        examples = {task: data.sample(1, gen, task=task).inputs for task in data.tasks}
+        with torch.no_grad():
+            routings = {task: model(x).routing for task, x in examples.items()}
+        for layer in range(config.num_layers):
+            fig, axes = plt.subplots(
+                1, len(examples), figsize=(3.6 * len(examples), 6.5), layout="constrained"
+            )
+            axes_list = [axes] if len(examples) == 1 else list(axes)
+            for ax, (task, x) in zip(axes_list, examples.items(), strict=True):
+                length = data.sequence_length(task) - 1
+                gates = routings[task][layer].gates[0, :length]
+                viz.plot_routing(
+                    gates,
+                    tokens=_token_names(data, x[0, :length].tolist()),
+                    num_shared=config.num_shared,
+                    ax=ax,
+                    title=task,
+                )
+            fig.suptitle(f"layer {layer} routing (tokens x heads)")
+            figures.append(_save(fig, out / f"routing_layer{layer}.png"))
+    lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,177 @@
+"""Run configuration: model, data and optimisation, from files and ``key=value`` flags."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from graphheads.data import TASKS
+from graphheads.transformer import ModelConfig
+
+__all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping of a training run."""
+
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 32  # global batch (split across DDP ranks)
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 100  # linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1  # final learning rate = lr * min_lr_ratio
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    aux_loss_weight: float = 0.01  # beta: weight of the mean load-balance loss
+    eval_every: int = 250  # steps between evaluations (and at the end)
+    eval_batches: int = 4  # evaluation batches (of eval_batch_size rows)
+    eval_batch_size: int = 128
+    checkpoint_every: int = 250  # steps between checkpoints (and at the end)
+    log_every: int = 20  # steps between train-metric lines
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "eval_every",
+            "eval_batches",
+            "eval_batch_size",
+            "checkpoint_every",
+            "log_every",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(
+                f"TrainConfig: need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got "
+                f"{self.warmup_steps} and {self.min_lr_ratio}"
+            )
+        if self.grad_clip < 0 or self.aux_loss_weight < 0:
+            raise ValueError(
+                f"TrainConfig: grad_clip ({self.grad_clip}) and aux_loss_weight "
+                f"({self.aux_loss_weight}) must be >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on: the built-in task suite, or byte-level text when ``text`` is set."""
+
+    tasks: tuple[str, ...] = TASKS  # built-in tasks (graphheads.data.TASKS)
+    length: int = 6  # symbols per prompt
+    num_symbols: int = 16
+    modulus: int = 11
+    text: str | None = None  # a UTF-8 file or folder: byte-level LM instead of tasks
+    seq_len: int = 128  # window length for text
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"DataConfig: unknown task(s) {unknown}; known: {list(TASKS)}")
+
+
+def default_model_config(vocab_size: int, max_seq_len: int) -> ModelConfig:
+    """The main job's model: a small Graph-of-Heads LM (8 heads, 2 shared, top-3)."""
+    return ModelConfig(
+        vocab_size=vocab_size,
+        d_model=64,
+        num_heads=8,
+        num_layers=2,
+        d_ff=128,
+        max_seq_len=max_seq_len,
+        norm_first=True,
+        attention="goh",
+        num_shared=2,
+        top_k=3,
+        graph="complete",
+        graph_learnable="edge",
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs: ``model`` (partial ModelConfig fields; vocab_size and
+    max_seq_len come from the data), ``data`` and ``train``."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = sorted(set(self.model) - known)
+        if unknown:
+            raise ValueError(f"RunConfig: unknown model key(s) {[f'model.{k}' for k in unknown]}")
+
+    def model_config(self, vocab_size: int, max_seq_len: int) -> ModelConfig:
+        """The model for data with this vocabulary and longest sequence."""
+        given = self.model.get("vocab_size", vocab_size)
+        if given != vocab_size:
+            raise ValueError(f"RunConfig: model.vocab_size ({given}) != the data's ({vocab_size})")
+        overrides = {k: v for k, v in self.model.items() if k != "vocab_size"}
+        return replace(default_model_config(vocab_size, max_seq_len), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self.data)
+        data["tasks"] = list(self.data.tasks)
+        return {"model": dict(self.model), "data": data, "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """From nested dicts; unknown sections or keys raise ValueError naming them."""
+        unknown = sorted(set(values) - {"model", "data", "train"})
+        if unknown:
+            raise ValueError(f"RunConfig: unknown section(s) {unknown}; use model, data, train")
+        parts: dict[str, Any] = {"model": dict(values.get("model") or {})}
+        for name, klass in (("data", DataConfig), ("train", TrainConfig)):
+            section = dict(values.get(name) or {})
+            allowed = {f.name for f in fields(klass)}
+            bad = sorted(set(section) - allowed)
+            if bad:
+                raise ValueError(f"RunConfig: unknown {name} key(s) {[f'{name}.{k}' for k in bad]}")
+            parts[name] = klass(**section)
+        return cls(**parts)
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    ) -> RunConfig:
+        """From a JSON or YAML file (optional) and ``section.key=value`` overrides, whose
+        values are parsed as JSON when they can be (``3``, ``true``, ``["copy"]``)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.exists():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            text = path.read_text()
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+            if not isinstance(values, dict):
+                raise ValueError(
+                    f"config file {path} must hold a mapping, got {type(values).__name__}"
+                )
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            section, dot, name = key.partition(".")
+            if not sep or not dot or not name:
+                raise ValueError(f"override {item!r} must look like section.key=value")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            values.setdefault(section, {})
+            if not isinstance(values[section], dict):
+                raise ValueError(f"config section {section!r} must be a mapping")
+            values[section][name] = value
+        return cls.from_dict(values)

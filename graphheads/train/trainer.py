@@ -1,0 +1,384 @@
+"""The trainer: AdamW, warm-up + cosine, clipping, the load-balance loss, evaluation,
+JSONL metrics, atomic checkpoints, exact resume, and DistributedDataParallel.
+
+Repeatability: the batch of step ``s`` is drawn from a generator seeded by
+``(seed, s)``, so a resumed run sees the same batches as an uninterrupted one; the
+global torch RNG (dropout) is saved in every checkpoint. Under ``torchrun`` every rank
+draws the same global batch and trains on its own slice; the language-model loss is
+normalised by the *global* count of scored tokens, so the averaged gradients equal the
+single-process ones. The load-balance loss is computed on each rank's tokens (as
+MoE trainers do), so with ``aux_loss_weight > 0`` DDP and single-process runs differ by
+that term only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from graphheads.data import IGNORE_INDEX, ByteTextDataset, TaskBatch, TaskSuite, bits_per_byte
+from graphheads.train.config import DataConfig, RunConfig
+from graphheads.transformer import DecoderOnlyLM, ModelConfig
+
+__all__ = [
+    "CheckpointError",
+    "TrainResult",
+    "Trainer",
+    "build_data",
+    "evaluate",
+    "load_checkpoint",
+    "load_run",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "graphheads-checkpoint-v1"
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+Data = TaskSuite | ByteTextDataset
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated or not a graphheads checkpoint."""
+
+
+def build_data(config: DataConfig) -> Data:
+    if config.text is not None:
+        return ByteTextDataset(config.text, seq_len=config.seq_len)
+    return TaskSuite(
+        config.tasks, length=config.length, num_symbols=config.num_symbols, modulus=config.modulus
+    )
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically: a temporary file in the same folder, fsync, rename.
+    A reader sees the old checkpoint or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a graphheads checkpoint")
+    return state
+
+
+def load_run(path: str | Path) -> tuple[DecoderOnlyLM, RunConfig, Data, int]:
+    """Model (eval mode), run config, data and step from a run folder or checkpoint."""
+    state = load_checkpoint(path)
+    run_config = RunConfig.from_dict(state["run_config"])
+    model = DecoderOnlyLM(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), run_config, build_data(run_config.data), int(state["step"])
+
+
+def _lm_loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: DecoderOnlyLM, data: Data, *, batches: int, batch_size: int, seed: int
+) -> dict[str, Any]:
+    """Loss and accuracy on fixed held-out batches; for task suites also per-task token
+    accuracy, exact-match rate, chance level and head usage (the fraction of scored
+    tokens that use each head, per layer)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(10**9 + seed)
+    result: dict[str, Any] = {}
+    if isinstance(data, ByteTextDataset):
+        total, count = 0.0, 0
+        for _ in range(batches):
+            batch = data.sample(batch_size, gen, split="val")
+            total += _lm_loss_sum(model(batch.inputs).logits, batch.targets).item()
+            count += batch.targets.numel()
+        result = {"loss": total / count, "bits_per_byte": bits_per_byte(total / count)}
+    else:
+        accuracy, exact, usage, losses = {}, {}, {}, []
+        for task in data.tasks:
+            correct = scored_total = seq_right = seqs = 0
+            loss_sum = 0.0
+            use: Tensor | None = None
+            for _ in range(batches):
+                batch = data.sample(batch_size, gen, task=task)
+                out = model(batch.inputs)
+                scored = batch.targets != IGNORE_INDEX
+                hit = (out.logits.argmax(-1) == batch.targets) & scored
+                correct += int(hit.sum())
+                scored_total += int(scored.sum())
+                seq_right += int((hit.sum(1) == scored.sum(1)).sum())
+                seqs += batch.inputs.size(0)
+                loss_sum += _lm_loss_sum(out.logits, batch.targets).item()
+                if out.routing:
+                    layer_use = torch.stack(
+                        [r.active_heads[scored].float().sum(0) for r in out.routing]
+                    )
+                    use = layer_use if use is None else use + layer_use
+            accuracy[task] = correct / scored_total
+            exact[task] = seq_right / seqs
+            losses.append(loss_sum / scored_total)
+            if use is not None:
+                usage[task] = (use / scored_total).tolist()
+        result = {
+            "loss": sum(losses) / len(losses),
+            "accuracy": accuracy,
+            "exact_match": exact,
+            "chance": {t: data.chance_accuracy(t) for t in data.tasks},
+        }
+        if usage:
+            result["head_usage"] = usage
+    model.train(was_training)
+    return result
+
+
+@dataclass
+class TrainResult:
+    step: int  # the last step trained
+    final_eval: dict[str, Any]
+    seconds: float
+
+
+class Trainer:
+    """Train a :class:`~graphheads.transformer.DecoderOnlyLM` as a :class:`RunConfig` says.
+
+    Args:
+        config: the run configuration.
+        out_dir: the run folder (checkpoint, metrics, config); ``None`` keeps nothing.
+        progress: show a tqdm progress bar (rank 0 only).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins the process group (gloo on
+    CPU, NCCL on CUDA) and wraps the model in DistributedDataParallel.
+    """
+
+    def __init__(
+        self, config: RunConfig, out_dir: str | Path | None = None, *, progress: bool = True
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.data = build_data(config.data)
+        self.model_config = config.model_config(self.data.vocab_size, self.data.max_seq_len)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        train = config.train
+        if train.batch_size % self.world_size:
+            raise ValueError(
+                f"Trainer: batch_size ({train.batch_size}) must be divisible by the number of "
+                f"processes ({self.world_size})"
+            )
+        torch.manual_seed(train.seed)
+        self.model = DecoderOnlyLM(self.model_config)
+        self.wrapped: nn.Module = self.model
+        if self.world_size > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=train.lr,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.step = 0
+
+    # -- schedule ---------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
+        t = self.config.train
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * cosine
+
+    # -- files --------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _path(self, name: str) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / name
+
+    def log(self, record: dict[str, Any]) -> None:
+        path = self._path(METRICS_NAME)
+        if path is None or not self.is_main:
+            return
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "run_config": self.config.to_dict(),
+            "model_config": asdict(self.model_config),
+        }
+
+    def save(self) -> None:
+        path = self._path(CHECKPOINT_NAME)
+        if path is not None and self.is_main:
+            save_checkpoint(path, self.state())
+
+    def try_resume(self) -> bool:
+        """Continue from the run folder's checkpoint, if there is one. Metric lines
+        written after that checkpoint are dropped: the resumed run writes them again."""
+        path = self._path(CHECKPOINT_NAME)
+        if path is None or not path.exists():
+            return False
+        state = load_checkpoint(path)
+        if state["run_config"] != self.config.to_dict():
+            raise CheckpointError(
+                f"{path} was written by a run with another configuration; use a new run "
+                "folder or the same configuration"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        metrics = self._path(METRICS_NAME)
+        if self.is_main and metrics is not None and metrics.exists():
+            kept = [
+                line for line in metrics.read_text().splitlines() if _line_step(line) <= self.step
+            ]
+            tmp = metrics.with_name(f".{metrics.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, metrics)
+        return True
+
+    # -- training ---------------------------------------------------------------------
+    def train_step(self, batch: TaskBatch) -> dict[str, float]:
+        """One optimiser step on the global ``batch`` (this rank trains on its slice)."""
+        t = self.config.train
+        n_scored = (batch.targets != IGNORE_INDEX).sum().clamp_min(1)
+        per_rank = batch.inputs.size(0) // self.world_size
+        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        out = self.wrapped(batch.inputs[rows])
+        ce_sum = _lm_loss_sum(out.logits, batch.targets[rows])
+        lm_loss = ce_sum * self.world_size / n_scored  # DDP averages: the global mean
+        aux = out.aux_loss / len(out.routing) if out.routing else ce_sum.new_zeros(())
+        loss = lm_loss + t.aux_loss_weight * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (
+            nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            if t.grad_clip > 0
+            else torch.zeros(())
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        logged = ce_sum.detach().clone()
+        if self.world_size > 1:
+            dist.all_reduce(logged)
+        return {
+            "loss": (logged / n_scored).item(),
+            "aux_loss": float(aux.detach()),
+            "grad_norm": float(grad_norm),
+        }
+
+    def fit(self, *, resume: bool = True) -> TrainResult:
+        """Train to ``config.train.steps``, evaluating, logging and checkpointing."""
+        t = self.config.train
+        if self.out_dir is not None and self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(
+                json.dumps(
+                    {"run": self.config.to_dict(), "model": asdict(self.model_config)}, indent=2
+                )
+            )
+        if resume:
+            self.try_resume()
+        self.model.train()
+        start = time.perf_counter()
+        final: dict[str, Any] = {}
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=not (self.progress and self.is_main),
+            desc="train",
+        )
+        while self.step < t.steps:
+            batch = self.data.sample(t.batch_size, _step_generator(t.seed, self.step))
+            metrics = self.train_step(batch)
+            self.step += 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                lr = self.scheduler.get_last_lr()[0]
+                self.log({"kind": "train", "step": self.step, "lr": lr, **metrics})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if self.step % t.eval_every == 0 or self.step == t.steps:
+                if self.is_main:
+                    final = evaluate(
+                        self.model,
+                        self.data,
+                        batches=t.eval_batches,
+                        batch_size=t.eval_batch_size,
+                        seed=t.seed,
+                    )
+                    self.log({"kind": "eval", "step": self.step, **final})
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save()
+        bar.close()
+        if not final and self.is_main:  # resumed at the end: report the final state
+            final = evaluate(
+                self.model,
+                self.data,
+                batches=t.eval_batches,
+                batch_size=t.eval_batch_size,
+                seed=t.seed,
+            )
+        return TrainResult(self.step, final, time.perf_counter() - start)
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line: drop it
