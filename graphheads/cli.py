@@ -44,6 +44,8 @@ def _train(args: argparse.Namespace) -> int:
             from graphheads.report import make_report
 
             print(f"report: {make_report(args.out)}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -123,7 +123,7 @@ def plot_routing(
         raise ValueError(f"plot_routing: gates must be (tokens, heads), got {tuple(gates.shape)}")
     t, h = gates.shape
     fig, ax = _axes(ax, (1.2 + 0.45 * h, 1.2 + 0.28 * t))
-    image = ax.imshow(gates, aspect="auto", cmap="viridis", interpolation="nearest")
+    image = ax.imshow(gates.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(h), [f"{'s' if i < num_shared else 'r'}{i}" for i in range(h)], fontsize=8)
     ax.set_yticks(
         range(t), list(tokens) if tokens is not None else [str(i) for i in range(t)], fontsize=7
@@ -149,7 +149,7 @@ def plot_head_usage(
     layers, heads = torch.as_tensor(usage[tasks[0]]).shape
     fig, ax = _axes(ax, (1.5 + 0.35 * layers * heads, 1.2 + 0.4 * len(tasks)))
     image = ax.imshow(
-        matrix, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest"
+        matrix.numpy(), aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest"
     )
     ax.set_yticks(range(len(tasks)), tasks)
     ax.set_xticks(

@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from graphheads.data import IGNORE_INDEX, PAD, SEP, TASKS, ByteTextDataset, TaskSuite, bits_per_byte
+
+
+def answers(suite: TaskSuite, task: str, n: int = 64):
+    batch = suite.sample(n, torch.Generator().manual_seed(0), task=task)
+    seq = torch.cat([batch.inputs[:, :1], batch.targets.clamp_min(0)], dim=1)  # rebuild tokens
+    scored = torch.cat([torch.zeros(n, 1, dtype=torch.bool), batch.targets != IGNORE_INDEX], dim=1)
+    return batch, seq, scored
+
+
+@pytest.mark.parametrize("task", ["copy", "reverse", "sort"])
+def test_sequence_tasks_answer_correctly(task):
+    suite = TaskSuite(length=5)
+    batch, _, scored = answers(suite, task)
+    prompt = batch.inputs[:, 1:6] - suite.first_symbol
+    answer = batch.targets[scored[:, 1:]].view(-1, 5) - suite.first_symbol
+    expected = {"copy": prompt, "reverse": prompt.flip(1), "sort": prompt.sort(1).values}[task]
+    assert torch.equal(answer, expected)
+    assert (batch.inputs[:, 6] == SEP).all() and (batch.inputs[:, 0] == 2 + TASKS.index(task)).all()
+
+
+def test_mqar_answers_are_the_values_of_the_queried_keys():
+    suite = TaskSuite(length=4, num_symbols=16)
+    batch, _, _ = answers(suite, "mqar")
+    for row_in, row_t in zip(batch.inputs, batch.targets, strict=True):
+        pairs = row_in[1:9].view(4, 2).tolist()
+        table = dict(pairs)
+        assert len(table) == 4  # distinct keys
+        for pos in range(10, row_in.numel(), 2):  # queried keys sit at even offsets after SEP
+            if pos < row_in.numel() and row_t[pos] != IGNORE_INDEX:
+                assert row_t[pos].item() == table[row_in[pos].item()]
+        assert (row_t != IGNORE_INDEX).sum() == 4  # one scored value per query
+
+
+def test_modadd_is_modular_addition():
+    suite = TaskSuite(modulus=7)
+    batch, _, _ = answers(suite, "modadd")
+    a, b = batch.inputs[:, 1] - suite.first_symbol, batch.inputs[:, 2] - suite.first_symbol
+    assert torch.equal(batch.targets[:, 3] - suite.first_symbol, (a + b) % 7)
+    assert (batch.targets[:, :3] == IGNORE_INDEX).all() and (
+        batch.targets[:, 4:] == IGNORE_INDEX
+    ).all()
+
+
+def test_mixture_is_seeded_padded_and_labelled():
+    suite = TaskSuite()
+    a = suite.sample(50, torch.Generator().manual_seed(3))
+    b = suite.sample(50, torch.Generator().manual_seed(3))
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.task_ids, b.task_ids)
+    assert a.inputs.shape == (50, suite.max_seq_len)
+    assert set(a.task_ids.tolist()) == set(range(len(TASKS)))
+    short = a.task_ids == TASKS.index("modadd")
+    assert (a.inputs[short, 4:] == PAD).all()
+    assert (a.inputs[:, 0] == a.task_ids + 2).all()
+
+
+def test_unknown_task_and_bad_settings_raise():
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['copyy'\]"):
+        TaskSuite(["copyy"])
+    with pytest.raises(ValueError, match=r"mqar needs length \(9\) <= num_symbols // 2 \(8\)"):
+        TaskSuite(length=9)
+    with pytest.raises(ValueError, match=r"unknown task 'sort'"):
+        TaskSuite(["copy"]).sample(2, torch.Generator(), task="sort")
+
+
+def test_byte_text_dataset(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo wörld " * 40)
+    (tmp_path / "b.md").write_text("graph of heads " * 40)
+    data = ByteTextDataset(tmp_path, seq_len=16)
+    assert data.vocab_size == 256
+    total = len("héllo wörld ".encode()) * 40 + 1 + len("graph of heads ") * 40
+    assert len(data.train) + len(data.val) == total
+    batch = data.sample(4, torch.Generator().manual_seed(0), split="val")
+    assert batch.inputs.shape == (4, 16) and torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    assert bits_per_byte(math.log(2)) == pytest.approx(1.0)
+    (tmp_path / "bad.bin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=r"bad.bin is not UTF-8 text"):
+        ByteTextDataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ByteTextDataset(tmp_path / "missing")

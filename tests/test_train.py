@@ -1,0 +1,259 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphheads.cli import main
+from graphheads.train import CheckpointError, RunConfig, Trainer, load_checkpoint, save_checkpoint
+from graphheads.train import trainer as trainer_module
+
+SMALL = [
+    "model.d_model=32",
+    "model.num_heads=4",
+    "model.num_shared=1",
+    "model.top_k=2",
+    "model.d_ff=64",
+    "train.batch_size=16",
+    "train.eval_batches=1",
+    "train.eval_batch_size=32",
+    "train.log_every=10",
+]
+
+
+def train_lines(run: Path) -> list[dict]:
+    return [
+        r
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "train"
+    ]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "graphheads", *args]
+
+
+def test_run_config_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  attention: moh\ntrain:\n  steps: 7\ndata:\n  tasks: [copy, sort]\n")
+    config = RunConfig.load(path, ["train.lr=0.001", "data.length=4"])
+    assert config.train.steps == 7 and config.train.lr == 0.001
+    assert config.data.tasks == ("copy", "sort") and config.data.length == 4
+    model = config.model_config(vocab_size=23, max_seq_len=20)
+    assert model.attention == "moh" and model.num_heads == 8  # the default model otherwise
+    with pytest.raises(ValueError, match=r"unknown train key\(s\) \['train.stepz'\]"):
+        RunConfig.load(None, ["train.stepz=3"])
+    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['model.heads'\]"):
+        RunConfig.load(None, ["model.heads=3"])
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optim'\]"):
+        RunConfig.from_dict({"optim": {}})
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def broken_save(obj, fh):
+        fh.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer_module.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    state = load_checkpoint(path)  # the previous checkpoint is whole
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_bad_checkpoints_raise(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(tmp_path)
+    torch.save({"step": 3}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a graphheads checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--set", 'data.tasks=["copyy"]'], "unknown task(s) ['copyy']"),
+        (["train", "--set", "train.stepz=3"], "unknown train key(s) ['train.stepz']"),
+        (["train", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
+        (["eval", "--run", "nowhere"], "no checkpoint at nowhere"),
+    ],
+)
+def test_cli_errors_exit_nonzero_with_a_clear_message(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "run")] if argv[0] == "train" else argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_corrupt_checkpoint(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--run", str(tmp_path)])
+    assert exit_info.value.code == 2 and "corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    args = [*SMALL, "train.steps=400", "train.checkpoint_every=40", "train.eval_every=200"]
+    overrides = [x for a in args for x in ("--set", a)]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cli("train", "--out", str(killed), "--quiet", "--no-report", *overrides)
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "checkpoint.pt").exists() and load_checkpoint(killed)["step"] >= 80:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # it was killed mid-run, not finished
+    step = load_checkpoint(killed)["step"]  # never half-written: it loads
+    assert 80 <= step < 400
+    logged = [r["step"] for r in train_lines(killed)]
+    assert (
+        logged and min(logged) == 10 and max(logged) >= step
+    )  # nothing before the checkpoint lost
+    subprocess.run(
+        cli("train", "--out", str(killed), "--quiet", "--no-report", *overrides), check=True
+    )
+    whole = tmp_path / "whole"
+    subprocess.run(
+        cli("train", "--out", str(whole), "--quiet", "--no-report", *overrides), check=True
+    )
+    resumed, reference = train_lines(killed), train_lines(whole)
+    assert (
+        [r["step"] for r in resumed] == [r["step"] for r in reference] == list(range(10, 401, 10))
+    )
+    for a, b in zip(resumed, reference, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(tmp_path):
+    args = [
+        *SMALL,
+        "train.steps=30",
+        "train.log_every=5",
+        "train.eval_every=30",
+        "train.aux_loss_weight=0",
+    ]
+    overrides = [x for a in args for x in ("--set", a)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    subprocess.run(
+        cli("train", "--out", str(single), "--quiet", "--no-report", *overrides),
+        check=True,
+        env=env,
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "graphheads",
+            "train",
+            "--out",
+            str(ddp),
+            "--quiet",
+            "--no-report",
+            *overrides,
+        ],
+        check=True,
+        env=env,
+    )
+    a, b = train_lines(single), train_lines(ddp)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), x["step"]
+    wa = load_checkpoint(single)["model"]
+    wb = load_checkpoint(ddp)["model"]
+    for name in wa:
+        if name.endswith("k_proj.bias"):
+            # softmax ignores a key bias: its true gradient is 0, and Adam turns the
+            # rounding noise left in it into lr-sized steps that differ between runs
+            continue
+        torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+
+
+def test_text_training_lowers_bits_per_byte(tmp_path):
+    (tmp_path / "corpus.txt").write_text("the heads of a graph attend together. " * 200)
+    config = RunConfig.load(
+        None,
+        [
+            *SMALL,
+            f"data.text={json.dumps(str(tmp_path / 'corpus.txt'))}",
+            "data.seq_len=32",
+            "train.steps=120",
+        ],
+    )
+    trainer = Trainer(config, None, progress=False)
+    from graphheads.train import evaluate
+
+    before = evaluate(trainer.model, trainer.data, batches=1, batch_size=32, seed=0)[
+        "bits_per_byte"
+    ]
+    after = trainer.fit().final_eval["bits_per_byte"]
+    assert before > 5.0 and after < 2.0, (before, after)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The README's main job: `graphheads train` with every default."""
+    out = tmp_path_factory.mktemp("runs") / "default"
+    start = time.perf_counter()
+    assert main(["train", "--out", str(out), "--quiet"]) == 0
+    return out, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_default_main_job_learns_and_reports(default_run):
+    run, _seconds = default_run
+    assert load_checkpoint(run)["step"] == 2000
+    last_eval = [
+        r
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "eval"
+    ][-1]
+    for task, acc in last_eval["accuracy"].items():
+        assert acc > 3 * last_eval["chance"][task], (task, acc)
+    report = run / "report"
+    pngs = {p.name for p in report.glob("*.png")}
+    assert {
+        "loss.png",
+        "accuracy.png",
+        "head_usage.png",
+        "head_graph_layer0.png",
+        "routing_layer1.png",
+    } <= pngs
+    for png in report.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (report / "summary.md").read_text()
+    assert "| copy |" in summary and "![loss.png](loss.png)" in summary
+
+
+@pytest.mark.slow
+def test_generate_and_eval_commands_use_the_trained_model(default_run, capsys):
+    run, _ = default_run
+    assert main(["generate", "--run", str(run), "--task", "reverse", "--num", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    right = sum(
+        line.split("generated ")[1].split(" (expected ")[0] == line.split("(expected ")[1][:-1]
+        for line in lines
+    )
+    assert right >= 3  # reverse is learnt to ~100% token accuracy
+    assert main(["eval", "--run", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 2000 and result["accuracy"]["copy"] > 0.9
