@@ -7,7 +7,11 @@ backend is left as you set it.
 
 from __future__ import annotations
 
+import html
+import json
+import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -19,6 +23,7 @@ from matplotlib.lines import Line2D
 from torch import Tensor
 
 from graphheads.graph import HeadGraph
+from graphheads.moh import RoutingOutput
 
 __all__ = [
     "draw_head_graph",
@@ -206,3 +211,139 @@ def plot_task_accuracy(
     ax.legend(loc="lower right")
     ax.set_title("evaluation accuracy per task")
     return fig
+
+
+def coactivation_graph(
+    routing: RoutingOutput | Tensor, *, token_mask: Tensor | None = None, min_weight: float = 0.0
+) -> nx.Graph:
+    """How often heads fire together: an undirected graph whose edge ``(i, j)`` has
+    ``weight`` = the fraction of tokens that use both heads i and j, and whose nodes carry
+    ``usage`` (fraction of tokens using the head) and ``shared``.
+
+    Args:
+        routing: a :class:`~graphheads.moh.RoutingOutput`, or a (..., h) boolean mask of
+            active heads.
+        token_mask: (...) boolean, which tokens count (e.g. no padding); default all.
+        min_weight: leave out edges below this weight.
+    """
+    shared = routing.num_shared if isinstance(routing, RoutingOutput) else 0
+    active = routing.active_heads if isinstance(routing, RoutingOutput) else routing.bool()
+    active = active.detach().reshape(-1, active.size(-1)).float()  # (tokens, h)
+    if token_mask is not None:
+        active = active[token_mask.detach().reshape(-1).bool()]
+    if active.size(0) == 0:
+        raise ValueError("coactivation_graph: no tokens to count")
+    together = active.T @ active / active.size(0)  # (h, h)
+    g = nx.Graph()
+    for i in range(together.size(0)):
+        g.add_node(i, usage=float(together[i, i]), shared=i < shared)
+    for i in range(together.size(0)):
+        for j in range(i + 1, together.size(0)):
+            w = float(together[i, j])
+            if w > 0 and w >= min_weight:
+                g.add_edge(i, j, weight=w)
+    return g
+
+
+def draw_coactivation(
+    graph: nx.Graph, *, ax: Axes | None = None, title: str | None = None
+) -> Figure:
+    """Draw a :func:`coactivation_graph`: node size = usage, edge width = how often the
+    two heads fire together."""
+    fig, ax = _axes(ax, (5.0, 5.0))
+    pos = nx.circular_layout(graph)
+    sizes = [200 + 1600 * graph.nodes[n]["usage"] for n in graph.nodes]
+    colors = [SHARED_COLOR if graph.nodes[n].get("shared") else ROUTED_COLOR for n in graph.nodes]
+    widths = [0.3 + 6.0 * d["weight"] for _, _, d in graph.edges(data=True)]
+    nx.draw_networkx_edges(graph, pos, ax=ax, width=widths, alpha=0.5, edge_color="#555555")
+    nx.draw_networkx_nodes(
+        graph, pos, ax=ax, node_size=sizes, node_color=colors, edgecolors="black"
+    )
+    nx.draw_networkx_labels(graph, pos, ax=ax, font_size=9)
+    ax.set_title(title or "head co-activation (width = fraction of tokens)")
+    ax.set_axis_off()
+    ax.margins(0.15)
+    return fig
+
+
+def _as_networkx(graph: HeadGraph | nx.Graph) -> nx.Graph:
+    return graph.to_networkx() if isinstance(graph, HeadGraph) else graph
+
+
+def export_graph(graph: HeadGraph | nx.Graph, path: str | Path) -> Path:
+    """Write a head graph (current weights) or any networkx graph as GraphML
+    (``.graphml``) or node-link JSON (``.json``)."""
+    path = Path(path)
+    g = _as_networkx(graph)
+    if path.suffix == ".graphml":
+        nx.write_graphml(g, path)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(nx.node_link_data(g, edges="edges"), indent=2))
+    else:
+        raise ValueError(f"export_graph: use a .graphml or .json path, got {path.name!r}")
+    return path
+
+
+def head_graph_html(
+    graph: HeadGraph | nx.Graph,
+    path: str | Path,
+    *,
+    usage: Sequence[float] | None = None,
+    title: str = "head graph",
+) -> Path:
+    """A self-contained HTML page (inline SVG and CSS, no scripts, no CDN): heads on a
+    circle; hovering a head or an edge shows its usage or weight and highlights it."""
+    g = _as_networkx(graph)
+    nodes = list(g.nodes)
+    n = len(nodes)
+    size, radius = 520, 200
+    xy = {
+        node: (
+            size / 2 + radius * math.cos(2 * math.pi * i / n - math.pi / 2),
+            size / 2 + radius * math.sin(2 * math.pi * i / n - math.pi / 2),
+        )
+        for i, node in enumerate(nodes)
+    }
+    weights = [float(d.get("weight", 1.0)) for _, _, d in g.edges(data=True)]
+    top = max(weights, default=1.0) or 1.0
+    parts = []
+    for u, v, d in g.edges(data=True):
+        w = float(d.get("weight", 1.0))
+        (x1, y1), (x2, y2) = xy[u], xy[v]
+        tip = html.escape(f"{u} -> {v}: weight {w:.4f}")
+        parts.append(
+            f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
+            f'stroke-width="{0.5 + 6 * w / top:.2f}"><title>{tip}</title></line>'
+        )
+    for i, node in enumerate(nodes):
+        attrs = g.nodes[node]
+        use = float(usage[i]) if usage is not None else float(attrs.get("usage", 1.0))
+        shared = bool(attrs.get("shared", False))
+        x, y = xy[node]
+        tip = html.escape(f"head {node} ({'shared' if shared else 'routed'}), usage {use:.3f}")
+        color = SHARED_COLOR if shared else ROUTED_COLOR
+        parts.append(
+            f'<g class="node"><circle cx="{x:.1f}" cy="{y:.1f}" r="{10 + 22 * use:.1f}" '
+            f'fill="{color}"><title>{tip}</title></circle>'
+            f'<text x="{x:.1f}" y="{y + 4:.1f}">{html.escape(str(node))}</text></g>'
+        )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+.edge {{ stroke: #555; stroke-opacity: 0.45; }}
+.edge:hover {{ stroke: #c00; stroke-opacity: 1; }}
+.node circle {{ stroke: #000; stroke-width: 1; }}
+.node:hover circle {{ stroke-width: 3; }}
+.node text {{ text-anchor: middle; font-size: 12px; pointer-events: none; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>Orange: shared heads; green: routed heads. Node size: usage; line width: weight.
+Hover for values.</p>
+<svg width="{size}" height="{size}" viewBox="0 0 {size} {size}">
+{chr(10).join(parts)}
+</svg></body></html>
+"""
+    path = Path(path)
+    path.write_text(page)
+    return path

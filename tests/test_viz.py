@@ -1,0 +1,86 @@
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import networkx as nx
+import pytest
+import torch
+
+from graphheads import GraphRouter, HeadGraph, viz
+
+
+def test_coactivation_counts_tokens_where_both_heads_fire():
+    active = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    g = viz.coactivation_graph(active)
+    assert g.nodes[0]["usage"] == pytest.approx(0.75)
+    assert g[0][1]["weight"] == pytest.approx(0.5) and g[0][2]["weight"] == pytest.approx(0.25)
+    assert not g.has_edge(1, 2)  # never together
+    masked = viz.coactivation_graph(active, token_mask=torch.tensor([True, True, False, False]))
+    assert masked[0][1]["weight"] == pytest.approx(0.5) and masked.nodes[2][
+        "usage"
+    ] == pytest.approx(0.5)
+
+
+def test_coactivation_from_routing_marks_shared_heads():
+    routing = GraphRouter(16, 6, 2, 2)(torch.randn(2, 5, 16))
+    g = viz.coactivation_graph(routing)
+    assert [g.nodes[i]["shared"] for i in range(6)] == [True, True, False, False, False, False]
+    assert g[0][1]["weight"] == pytest.approx(1.0)  # shared heads always fire together
+    assert sum(g.nodes[i]["usage"] for i in range(6)) == pytest.approx(2 + 2)  # shared + top-k
+
+
+@pytest.mark.parametrize("suffix", [".graphml", ".json"])
+def test_export_round_trips_weights(tmp_path, suffix):
+    graph = HeadGraph.from_edges(4, [(0, 1), (2, 3)], [0.25, 2.0], learnable="edge", num_shared=1)
+    path = viz.export_graph(graph, tmp_path / f"g{suffix}")
+    if suffix == ".graphml":
+        back = nx.read_graphml(path, node_type=int)
+    else:
+        back = nx.node_link_graph(json.loads(path.read_text()), edges="edges")
+    assert back[0][1]["weight"] == pytest.approx(0.25) and back[2][3]["weight"] == pytest.approx(
+        2.0
+    )
+    assert back.nodes[0]["shared"] and not back.nodes[3]["shared"]
+    with pytest.raises(ValueError, match=r"use a .graphml or .json path, got 'g.png'"):
+        viz.export_graph(graph, tmp_path / "g.png")
+
+
+def test_html_is_offline_and_labels_every_head_and_edge(tmp_path):
+    graph = HeadGraph.ring(5, num_shared=1)
+    page = viz.head_graph_html(
+        graph, tmp_path / "g.html", usage=[1, 0.5, 0.5, 0.2, 0.1]
+    ).read_text()
+    assert "<script" not in page and "http" not in page
+    assert page.count("<circle") == 5 and page.count("<line") == graph.num_edges
+    assert "head 0 (shared), usage 1.000" in page and "head 4 (routed), usage 0.100" in page
+
+
+def test_figures_carry_labels_and_legends(tmp_path):
+    graph = HeadGraph.complete(6, num_shared=2)
+    fig = viz.draw_head_graph(graph, usage=[1, 1, 0.5, 0.5, 0.1, 0.1], title="layer 0")
+    ax = fig.axes[0]
+    assert ax.get_title() == "layer 0"
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["shared", "routed"]
+    fig.savefig(tmp_path / "graph.png")
+    routing = torch.rand(7, 6)
+    fig = viz.plot_routing(routing, tokens=list("abcdefg"), num_shared=2)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["s0", "s1", "r2", "r3", "r4", "r5"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list("abcdefg")
+    with pytest.raises(ValueError, match=r"gates must be \(tokens, heads\)"):
+        viz.plot_routing(torch.rand(2, 7, 6))
+    usage = {"copy": [[1.0, 0.5], [1.0, 0.2]], "sort": [[1.0, 0.1], [0.3, 0.9]]}
+    ax = viz.plot_head_usage(usage, num_shared=1).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["copy", "sort"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["L0s0", "L0r1", "L1s0", "L1r1"]
+    ax = viz.plot_task_accuracy({"copy": 0.9, "sort": 0.4}, {"copy": 0.1, "sort": 0.1}).axes[0]
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["accuracy", "chance"]
+    records = [{"kind": "train", "step": s, "loss": 1 / s} for s in (1, 2, 3)] + [
+        {"kind": "eval", "step": 3, "loss": 0.5}
+    ]
+    ax = viz.plot_loss_curve(records).axes[0]
+    assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 1]
+    drawn = viz.draw_coactivation(viz.coactivation_graph(torch.rand(10, 4) > 0.5)).axes[0]
+    assert drawn.get_title().startswith("head co-activation")
