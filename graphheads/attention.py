@@ -254,6 +254,33 @@ class MultiHeadAttention(nn.Module):
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
+    @torch.no_grad()
+    def copy_from_torch(self, module: nn.MultiheadAttention) -> None:
+        """Take the weights of a :class:`torch.nn.MultiheadAttention` with the same width,
+        heads and bias setting (packed ``in_proj_weight`` split into q, k, v)."""
+        name = type(self).__name__
+        if module.embed_dim != self.d_model or module.num_heads != self.num_heads:
+            raise ValueError(
+                f"{name}.copy_from_torch: module has embed_dim={module.embed_dim}, "
+                f"num_heads={module.num_heads}; this has d_model={self.d_model}, "
+                f"num_heads={self.num_heads}"
+            )
+        if module.in_proj_weight is None:
+            raise ValueError(f"{name}.copy_from_torch: modules with kdim/vdim are not supported")
+        if (module.in_proj_bias is None) != (self.q_proj.bias is None):
+            raise ValueError(f"{name}.copy_from_torch: bias settings differ")
+        weights = module.in_proj_weight.chunk(3)
+        biases = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None,) * 3
+        for proj, w, b in zip(
+            (self.q_proj, self.k_proj, self.v_proj), weights, biases, strict=True
+        ):
+            proj.weight.copy_(w)
+            if b is not None and proj.bias is not None:
+                proj.bias.copy_(b)
+        self.out_proj.weight.copy_(module.out_proj.weight)
+        if self.out_proj.bias is not None and module.out_proj.bias is not None:
+            self.out_proj.bias.copy_(module.out_proj.bias)
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, dropout={self.dropout}"
 

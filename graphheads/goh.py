@@ -123,6 +123,16 @@ class GraphRouter(nn.Module):
         if self.carry_proj is not None:
             nn.init.zeros_(self.carry_proj.weight)  # starts as a router without carry
 
+    @torch.no_grad()
+    def reset_to_uniform(self) -> None:
+        """Zero the score vector ``u`` and the two-stage weights: every token then routes
+        uniformly, and with ``top_k`` equal to all routed heads every gate is exactly 1,
+        so the attention equals dense multi-head attention. Training moves on from there
+        (the score vector still receives gradients)."""
+        self.score.weight.zero_()
+        if self.type_gate is not None:
+            self.type_gate.weight.zero_()
+
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, num_shared={self.num_shared}, top_k={self.top_k}, "

@@ -246,6 +246,14 @@ class MoHRouter(nn.Module):
             if gate is not None:
                 gate.reset_parameters()
 
+    @torch.no_grad()
+    def reset_to_uniform(self) -> None:
+        """Zero every gate weight: uniform routing, and with ``top_k`` equal to all routed
+        heads every gate is exactly 1 (dense multi-head attention)."""
+        for gate in (self.routed_gate, self.shared_gate, self.type_gate):
+            if gate is not None:
+                gate.weight.zero_()
+
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, num_shared={self.num_shared}, top_k={self.top_k}, "

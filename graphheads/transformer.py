@@ -9,7 +9,9 @@ Layers receive their attention and feed-forward submodules (they never read a co
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -143,9 +145,24 @@ def build_attention(
     return build_goh_attention(config, graph=graph, carry=carry)
 
 
-def _shared_graph(config: ModelConfig) -> HeadGraph | None:
-    """One head graph for every block when ``share_graph`` is set (GoH only)."""
-    return make_head_graph(config) if config.attention == "goh" and config.share_graph else None
+def _graph_factory(config: ModelConfig, graph: HeadGraph | None) -> Callable[[], HeadGraph | None]:
+    """Where each GoH block's head graph comes from: ``graph`` (a template: copied per
+    block, or the one object for all blocks with ``share_graph``), else the preset
+    ``config.graph``; ``None`` lets a block build its own preset graph."""
+    if config.attention != "goh":
+        if graph is not None:
+            raise ValueError(f"graph is only used with attention='goh', not {config.attention!r}")
+        return lambda: None
+    if graph is not None and graph.num_heads != config.num_heads:
+        raise ValueError(
+            f"graph has {graph.num_heads} heads, config has num_heads={config.num_heads}"
+        )
+    if config.share_graph:
+        shared = graph if graph is not None else make_head_graph(config)
+        return lambda: shared
+    if graph is not None:
+        return lambda: copy.deepcopy(graph)
+    return lambda: None
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -554,11 +571,13 @@ def _feed_forward(config: ModelConfig) -> FeedForward:
     )
 
 
-def _encoder_layers(config: ModelConfig, graph: HeadGraph | None) -> list[EncoderLayer]:
+def _encoder_layers(
+    config: ModelConfig, graph: Callable[[], HeadGraph | None]
+) -> list[EncoderLayer]:
     return [
         EncoderLayer(
             self_attn=build_attention(
-                config, graph=graph, carry=config.carry_head_states and i > 0
+                config, graph=graph(), carry=config.carry_head_states and i > 0
             ),
             feed_forward=_feed_forward(config),
             d_model=config.d_model,
@@ -570,13 +589,15 @@ def _encoder_layers(config: ModelConfig, graph: HeadGraph | None) -> list[Encode
     ]
 
 
-def _decoder_layers(config: ModelConfig, graph: HeadGraph | None) -> list[DecoderLayer]:
+def _decoder_layers(
+    config: ModelConfig, graph: Callable[[], HeadGraph | None]
+) -> list[DecoderLayer]:
     return [
         DecoderLayer(
             self_attn=build_attention(
-                config, graph=graph, carry=config.carry_head_states and i > 0
+                config, graph=graph(), carry=config.carry_head_states and i > 0
             ),
-            cross_attn=build_attention(config, graph=graph),
+            cross_attn=build_attention(config, graph=graph()),
             feed_forward=_feed_forward(config),
             d_model=config.d_model,
             dropout=config.dropout,
@@ -595,14 +616,20 @@ class DecoderOnlyLM(nn.Module):
         model = DecoderOnlyLM(ModelConfig(vocab_size=100, attention="goh", num_shared=1))
         out = model(tokens)                      # ModelOutput
         loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + 0.01 * out.aux_loss
+
+    Args:
+        config: the model configuration.
+        graph: a custom :class:`~graphheads.graph.HeadGraph` for every GoH block instead
+            of the preset ``config.graph``: each block gets its own copy, or all blocks
+            this one object when ``config.share_graph`` is set.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, graph: HeadGraph | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed = _Embedding(config)
         self.decoder = Encoder(
-            _encoder_layers(config, _shared_graph(config)),
+            _encoder_layers(config, _graph_factory(config, graph)),
             norm=_make_stack_norm(config),
             carry_head_states=config.carry_head_states,
         )
@@ -687,21 +714,22 @@ class Transformer(nn.Module):
     """The encoder-decoder Transformer with shared source/target embeddings.
 
     ``forward(src, tgt)`` returns :class:`ModelOutput` with logits (b, t, v) for the
-    target positions (teacher forcing, causal decoder self-attention).
+    target positions (teacher forcing, causal decoder self-attention). ``graph`` is as in
+    :class:`DecoderOnlyLM`.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, graph: HeadGraph | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed = _Embedding(config)
-        graph = _shared_graph(config)
+        graph_factory = _graph_factory(config, graph)
         self.encoder = Encoder(
-            _encoder_layers(config, graph),
+            _encoder_layers(config, graph_factory),
             norm=_make_stack_norm(config),
             carry_head_states=config.carry_head_states,
         )
         self.decoder = Decoder(
-            _decoder_layers(config, graph),
+            _decoder_layers(config, graph_factory),
             norm=_make_stack_norm(config),
             carry_head_states=config.carry_head_states,
         )

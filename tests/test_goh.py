@@ -192,3 +192,47 @@ def test_head_states_without_carry_raise():
     router = GraphRouter(D, H, 1, 2)
     with pytest.raises(ValueError, match="carry_head_states=False"):
         router(torch.randn(1, 2, D), head_states=torch.randn(1, 2, H, 16))
+
+
+def test_models_take_a_custom_graph_template():
+    template = HeadGraph.from_edges(H, [(0, 1), (2, 3)], [0.5, 2.0], learnable="edge", num_shared=1)
+    cfg = dict(
+        vocab_size=20, d_model=D, num_heads=H, num_layers=2, attention="goh", num_shared=1, top_k=2
+    )
+    lm = DecoderOnlyLM(ModelConfig(**cfg), graph=template)
+    a, b = lm.head_graphs()
+    assert a is not template and a is not b  # one copy per block
+    torch.testing.assert_close(a.adjacency(), template.adjacency())
+    shared = DecoderOnlyLM(ModelConfig(**cfg, share_graph=True), graph=template)
+    assert all(g is template for g in shared.head_graphs())
+    with pytest.raises(ValueError, match=r"graph has 4 heads, config has num_heads=6"):
+        DecoderOnlyLM(ModelConfig(**cfg), graph=HeadGraph.ring(4))
+    with pytest.raises(ValueError, match=r"graph is only used with attention='goh', not 'mha'"):
+        DecoderOnlyLM(ModelConfig(**{**cfg, "attention": "mha"}), graph=template)
+
+
+@pytest.mark.parametrize("num_shared", [0, 2])
+def test_reset_to_uniform_with_all_heads_is_dense_attention(num_shared):
+    from torch import nn
+
+    ref = nn.MultiheadAttention(D, H, batch_first=True)
+    goh = GoHAttention(D, H, num_shared, H - num_shared, HeadGraph.ring(H), feature_dim=FEAT)
+    goh.copy_from_torch(ref)
+    goh.router.reset_to_uniform()
+    x = torch.randn(2, 5, D)
+    out = goh(x)
+    torch.testing.assert_close(out.routing.gates, torch.ones(2, 5, H))
+    torch.testing.assert_close(
+        out.output, ref(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-5
+    )
+    out.output.sum().backward()
+    assert goh.router.score.weight.grad.abs().sum() > 0  # routing can learn from here
+
+
+def test_copy_from_torch_checks_sizes():
+    from torch import nn
+
+    with pytest.raises(
+        ValueError, match=r"module has embed_dim=32, num_heads=4; this has d_model=24"
+    ):
+        GoHAttention(D, H, 1, 2).copy_from_torch(nn.MultiheadAttention(32, 4))

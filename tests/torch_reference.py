@@ -9,15 +9,8 @@ from graphheads import Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward
 from graphheads.attention import MultiHeadAttention
 
 
-@torch.no_grad()
 def load_torch_mha(mine: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
-    q, k, v = ref.in_proj_weight.chunk(3)
-    qb, kb, vb = ref.in_proj_bias.chunk(3)
-    for proj, w, b in ((mine.q_proj, q, qb), (mine.k_proj, k, kb), (mine.v_proj, v, vb)):
-        proj.weight.copy_(w)
-        proj.bias.copy_(b)
-    mine.out_proj.weight.copy_(ref.out_proj.weight)
-    mine.out_proj.bias.copy_(ref.out_proj.bias)
+    mine.copy_from_torch(ref)
 
 
 def _ffn(d: int, d_ff: int) -> FeedForward:
