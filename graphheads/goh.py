@@ -54,7 +54,8 @@ class GraphRouter(nn.Module):
         conv: PyG layer name or factory (see :class:`~graphheads.gnn.HeadMessagePassing`).
         fused: use the fused dense GCN path where it applies.
         carry_head_states: accept the previous layer's head states in ``forward``.
-        gate_convention, hard_gates: as :class:`~graphheads.moh.MoHRouter`.
+        gate_convention: "reference" or "paper" (see :class:`~graphheads.moh.MoHRouter`).
+        hard_gates: 0/1 gates with a straight-through estimator.
 
     Submodules: ``in_proj`` (W_in, d -> H F), ``head_embedding`` (E, H x F),
     ``message_passing``, ``score`` (u, F -> 1), ``type_gate`` (W_h, d -> 2, only with

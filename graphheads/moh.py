@@ -360,10 +360,16 @@ class MoHAttention(RoutedAttention):
     ``routing`` is the block's :class:`RoutingOutput`.
 
     Args:
-        d_model, num_heads: as :class:`MultiHeadAttention`.
-        num_shared, top_k, gate_convention, hard_gates, parameter_free: as
-            :class:`MoHRouter`.
-        dropout, bias, fused: as :class:`MultiHeadAttention`.
+        d_model: model width.
+        num_heads: heads H.
+        num_shared: always-on heads (the first ``num_shared``).
+        top_k: routed heads per token.
+        dropout: dropout on the attention weights.
+        bias: whether the projections have a bias.
+        fused: use PyTorch's fused attention kernel.
+        gate_convention: "reference" or "paper" (see :class:`MoHRouter`).
+        hard_gates: 0/1 gates with a straight-through estimator.
+        parameter_free: the MoH-LLaMA3 router (see :class:`MoHRouter`).
     """
 
     def __init__(

@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 
@@ -11,3 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# figures are drawn off-screen in tests
+os.environ.setdefault("MPLBACKEND", "Agg")
