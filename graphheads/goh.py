@@ -4,7 +4,7 @@ Per token with router input x (the attention's query input)::
 
     Z0 = reshape(x W_in, [H, F]) + E  (+ carry(Z_prev))   # node features, E head embeddings
     Z  = Z + act(conv_l(Z, edge_index, edge_weight))      # l = 1..L, over the head graph
-    s  = Z u                                              # one score per head
+    s  = Z u + b                                          # one score per head (b: prior)
     routed logits = s[h_s:], shared logits = s[:h_s], two-stage logits = x W_h
     -> the MoH gate of graphheads.moh
 
@@ -58,7 +58,8 @@ class GraphRouter(nn.Module):
         hard_gates: 0/1 gates with a straight-through estimator.
 
     Submodules: ``in_proj`` (W_in, d -> H F), ``head_embedding`` (E, H x F),
-    ``message_passing``, ``score`` (u, F -> 1), ``type_gate`` (W_h, d -> 2, only with
+    ``message_passing``, ``score`` (u, F -> 1), ``score_bias`` (a prior per head, added
+    to the scores; zero at init), ``type_gate`` (W_h, d -> 2, only with
     shared and routed heads), ``carry_proj`` (F -> F, with ``carry_head_states``), ``graph``.
 
     Shapes: x (b, t, d), head_states (b, t, h, F) -> :class:`RoutingOutput` whose
@@ -108,6 +109,7 @@ class GraphRouter(nn.Module):
         self.head_embedding = nn.Parameter(torch.empty(num_heads, feature_dim))
         self.message_passing = HeadMessagePassing(feature_dim, num_layers, conv=conv, fused=fused)
         self.score = nn.Linear(feature_dim, 1, bias=False)
+        self.score_bias = nn.Parameter(torch.zeros(num_heads))
         has_both = num_shared > 0 and num_heads - num_shared > 0
         self.type_gate = nn.Linear(d_model, 2, bias=False) if has_both else None
         self.carry_proj = (
@@ -119,6 +121,7 @@ class GraphRouter(nn.Module):
         self.in_proj.reset_parameters()
         nn.init.normal_(self.head_embedding, std=0.02)
         self.score.reset_parameters()
+        nn.init.zeros_(self.score_bias)
         if self.type_gate is not None:
             self.type_gate.reset_parameters()
         if self.carry_proj is not None:
@@ -131,6 +134,7 @@ class GraphRouter(nn.Module):
         so the attention equals dense multi-head attention. Training moves on from there
         (the score vector still receives gradients)."""
         self.score.weight.zero_()
+        self.score_bias.zero_()
         if self.type_gate is not None:
             self.type_gate.weight.zero_()
 
@@ -158,7 +162,7 @@ class GraphRouter(nn.Module):
                 )
             z = z + self.carry_proj(head_states)
         z = self.message_passing(z, self.graph.edge_index, self.graph.edge_weight)
-        return self.score(z).squeeze(-1), z  # (b, t, h), (b, t, h, F)
+        return self.score(z).squeeze(-1) + self.score_bias, z  # (b, t, h), (b, t, h, F)
 
     def forward(
         self, x: Tensor, *, queries: Tensor | None = None, head_states: Tensor | None = None

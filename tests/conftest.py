@@ -16,3 +16,5 @@ def _seed_and_threads():
 
 # figures are drawn off-screen in tests
 os.environ.setdefault("MPLBACKEND", "Agg")
+# models load from local files only; never ask a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

