@@ -310,49 +310,46 @@ class MultiHeadAttention(nn.Module):
     def project_query(self, query: Tensor) -> Tensor:
         return self.split_heads(self.q_proj(query))  # (b, h, t, e)
 
+    def project_kv(self, key: Tensor, value: Tensor, kv_cache: KVCache | None) -> KVCache:
+        """Keys and values (b, h, s, e) of ``kv_cache``'s tokens followed by these."""
+        k = self.split_heads(self.k_proj(key))  # (b, h, s_new, e)
+        v = self.split_heads(self.v_proj(value))  # (b, h, s_new, e)
+        return KVCache(k, v) if kv_cache is None else kv_cache.append(k, v)
+
     def attend(
         self,
         q: Tensor,
-        key: Tensor,
-        value: Tensor,
+        kv: KVCache,
         *,
         attn_mask: Tensor | None,
         key_padding_mask: Tensor | None,
         is_causal: bool,
-        kv_cache: KVCache | None,
-        use_cache: bool,
-    ) -> tuple[Tensor, KVCache | None]:
-        """Attend with projected queries ``q`` (b, h, t, e); returns the per-head outputs
-        (b, h, t, e) before ``out_proj`` and the new cache (``None`` unless ``use_cache``)."""
-        k = self.split_heads(self.k_proj(key))  # (b, h, s_new, e)
-        v = self.split_heads(self.v_proj(value))  # (b, h, s_new, e)
-        cache = KVCache(k, v) if kv_cache is None else kv_cache.append(k, v)
-        k, v = cache.key, cache.value  # (b, h, s, e): cached tokens first
-        new_cache = cache if use_cache else None
+    ) -> Tensor:
+        """Per-head outputs (b, h, t, e) before ``out_proj`` for projected queries ``q``
+        (b, h, t, e) over the keys and values in ``kv``."""
+        k, v = kv.key, kv.value  # (b, h, s, e)
         b, _, t, _ = q.shape
         s = k.size(-2)
         dropout_p = self.dropout if self.training else 0.0
         if is_causal and attn_mask is None and key_padding_mask is None and t == s:
-            heads = scaled_dot_product_attention(
+            return scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=dropout_p, fused=self.fused
             )
-        else:
-            bias = build_attention_bias(
-                batch_size=b,
-                num_heads=self.num_heads,
-                query_len=t,
-                key_len=s,
-                attn_mask=attn_mask,
-                key_padding_mask=key_padding_mask,
-                is_causal=is_causal,
-                dtype=q.dtype,
-                device=q.device,
-                owner=type(self).__name__,
-            )
-            heads = scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=dropout_p, fused=self.fused
-            )
-        return heads, new_cache  # (b, h, t, e)
+        bias = build_attention_bias(
+            batch_size=b,
+            num_heads=self.num_heads,
+            query_len=t,
+            key_len=s,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            dtype=q.dtype,
+            device=q.device,
+            owner=type(self).__name__,
+        )
+        return scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout_p, fused=self.fused
+        )
 
     def forward(
         self,
@@ -379,14 +376,13 @@ class MultiHeadAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         self.check_inputs(query, key, value)
-        heads, cache = self.attend(
+        kv = self.project_kv(key, value, kv_cache)
+        heads = self.attend(
             self.project_query(query),
-            key,
-            value,
+            kv,
             attn_mask=attn_mask,
             key_padding_mask=key_padding_mask,
             is_causal=is_causal,
-            kv_cache=kv_cache,
-            use_cache=use_cache,
         )
+        cache = kv if use_cache else None
         return AttentionOutput(self.out_proj(self.merge_heads(heads)), cache=cache)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
 from graphheads.moh import (
+    Execution,
     GateConvention,
     RoutedAttention,
     RoutingOutput,
@@ -187,8 +188,9 @@ class GoHAttention(RoutedAttention):
     projections plus a :class:`GraphRouter` (``self.router``); gates scale each head's
     output before ``out_proj``. Returns :class:`~graphheads.attention.AttentionOutput`.
 
-    Keyword arguments other than ``dropout``, ``bias`` and ``fused`` go to
-    :class:`GraphRouter`.
+    Keyword arguments other than ``dropout``, ``bias``, ``fused`` and ``execution`` (see
+    :class:`~graphheads.moh.RoutedAttention`) go to :class:`GraphRouter`;
+    ``fused_message_passing`` is the router's ``fused``.
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class GoHAttention(RoutedAttention):
         carry_head_states: bool = False,
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
+        execution: Execution = "dense",
     ) -> None:
         router = GraphRouter(
             d_model,
@@ -224,7 +227,15 @@ class GoHAttention(RoutedAttention):
             gate_convention=gate_convention,
             hard_gates=hard_gates,
         )
-        super().__init__(d_model, num_heads, router=router, dropout=dropout, bias=bias, fused=fused)
+        super().__init__(
+            d_model,
+            num_heads,
+            router=router,
+            dropout=dropout,
+            bias=bias,
+            fused=fused,
+            execution=execution,
+        )
 
 
 def make_head_graph(config: ModelConfig) -> HeadGraph:
@@ -254,6 +265,7 @@ def build_goh_attention(
         carry_head_states=carry,
         gate_convention=config.gate_convention,
         hard_gates=config.hard_gates,
+        execution=config.execution,
     )
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from graphheads.attention import AttentionOutput, KVCache, MultiHeadAttention
+from graphheads.sparse import sparse_routed_attention
 
 __all__ = [
     "GateConvention",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 GateConvention = Literal["reference", "paper"]
+Execution = Literal["dense", "sparse"]
 
 
 @dataclass
@@ -300,6 +302,10 @@ class RoutedAttention(MultiHeadAttention):
     Projections keep the :class:`MultiHeadAttention` names (``q_proj``, ``k_proj``,
     ``v_proj``, ``out_proj``). Routing of token t reads only token t (the query input),
     so causal models stay causal and decoding with a cache routes as a full pass does.
+
+    ``execution="dense"`` (default) computes every head and multiplies by the gates
+    (static shapes: ``torch.compile``, DDP, FSDP); ``"sparse"`` computes only the active
+    (token, head) pairs (:mod:`graphheads.sparse`), with equal results.
     """
 
     def __init__(
@@ -311,8 +317,14 @@ class RoutedAttention(MultiHeadAttention):
         dropout: float = 0.0,
         bias: bool = True,
         fused: bool = True,
+        execution: Execution = "dense",
     ) -> None:
         super().__init__(d_model, num_heads, dropout=dropout, bias=bias, fused=fused)
+        if execution not in ("dense", "sparse"):
+            raise ValueError(
+                f"{type(self).__name__}: execution must be 'dense' or 'sparse', got {execution!r}"
+            )
+        self.execution: Execution = execution
         if getattr(router, "num_heads", None) != num_heads:
             raise ValueError(
                 f"{type(self).__name__}: router has {getattr(router, 'num_heads', None)} heads, "
@@ -336,19 +348,29 @@ class RoutedAttention(MultiHeadAttention):
         key = query if key is None else key
         value = key if value is None else value
         self.check_inputs(query, key, value)
-        q = self.project_query(query)  # (b, h, t, e)
+        sparse = self.execution == "sparse"
+        needs_queries = bool(getattr(self.router, "parameter_free", False))
+        q = self.project_query(query) if not sparse or needs_queries else None  # (b, h, t, e)
         routing: RoutingOutput = self.router(
-            query, queries=q.transpose(1, 2), head_states=head_states
+            query, queries=None if q is None else q.transpose(1, 2), head_states=head_states
         )
-        heads, cache = self.attend(
-            q,
-            key,
-            value,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            kv_cache=kv_cache,
-            use_cache=use_cache,
+        kv = self.project_kv(key, value, kv_cache)
+        cache = kv if use_cache else None
+        if sparse:
+            output = sparse_routed_attention(
+                self,
+                query,
+                kv,
+                routing,
+                attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask,
+                is_causal=is_causal,
+                q=q,
+            )
+            return AttentionOutput(output, routing, cache)
+        assert q is not None
+        heads = self.attend(
+            q, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
         )
         gated = heads * routing.gates.transpose(1, 2).unsqueeze(-1)  # (b, h, t, e)
         return AttentionOutput(self.out_proj(self.merge_heads(gated)), routing, cache)
@@ -370,6 +392,7 @@ class MoHAttention(RoutedAttention):
         gate_convention: "reference" or "paper" (see :class:`MoHRouter`).
         hard_gates: 0/1 gates with a straight-through estimator.
         parameter_free: the MoH-LLaMA3 router (see :class:`MoHRouter`).
+        execution: "dense" (default) or "sparse" (see :class:`RoutedAttention`).
     """
 
     def __init__(
@@ -385,6 +408,7 @@ class MoHAttention(RoutedAttention):
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
         parameter_free: bool = False,
+        execution: Execution = "dense",
     ) -> None:
         router = MoHRouter(
             d_model,
@@ -395,4 +419,12 @@ class MoHAttention(RoutedAttention):
             hard_gates=hard_gates,
             parameter_free=parameter_free,
         )
-        super().__init__(d_model, num_heads, router=router, dropout=dropout, bias=bias, fused=fused)
+        super().__init__(
+            d_model,
+            num_heads,
+            router=router,
+            dropout=dropout,
+            bias=bias,
+            fused=fused,
+            execution=execution,
+        )

@@ -67,6 +67,7 @@ class ModelConfig:
     top_k: int = 0  # routed heads each token uses; 0 = half of the routed heads
     gate_convention: Literal["reference", "paper"] = "reference"  # see graphheads.moh
     hard_gates: bool = False  # 0/1 gates with a straight-through estimator
+    execution: Literal["dense", "sparse"] = "dense"  # sparse: compute active heads only
     # --- Graph-of-Heads (attention="goh") ---
     graph: str = "complete"  # head-graph preset: complete, ring, star, grid, empty
     graph_learnable: Literal["fixed", "edge", "dense"] = "edge"  # edge-weight parametrisation
@@ -95,6 +96,10 @@ class ModelConfig:
         if self.activation not in ("relu", "gelu"):
             raise ValueError(
                 f"ModelConfig: activation must be 'relu' or 'gelu', got {self.activation!r}"
+            )
+        if self.execution not in ("dense", "sparse"):
+            raise ValueError(
+                f"ModelConfig: execution must be 'dense' or 'sparse', got {self.execution!r}"
             )
         if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
             raise ValueError(
@@ -141,6 +146,7 @@ def build_attention(
             dropout=config.dropout,
             gate_convention=config.gate_convention,
             hard_gates=config.hard_gates,
+            execution=config.execution,
         )
     return build_goh_attention(config, graph=graph, carry=carry)
 
