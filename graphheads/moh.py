@@ -325,6 +325,7 @@ class RoutedAttention(MultiHeadAttention):
                 f"{type(self).__name__}: execution must be 'dense' or 'sparse', got {execution!r}"
             )
         self.execution: Execution = execution
+        self.sparse_chunk_rows = 64  # rows per routed head per chunk on the sparse path
         if getattr(router, "num_heads", None) != num_heads:
             raise ValueError(
                 f"{type(self).__name__}: router has {getattr(router, 'num_heads', None)} heads, "
@@ -366,6 +367,7 @@ class RoutedAttention(MultiHeadAttention):
                 key_padding_mask=key_padding_mask,
                 is_causal=is_causal,
                 q=q,
+                chunk_rows=self.sparse_chunk_rows,
             )
             return AttentionOutput(output, routing, cache)
         assert q is not None

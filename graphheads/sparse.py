@@ -5,12 +5,13 @@ output projection; keys and values are still computed for every head. Shared hea
 on for every token, so they run as ordinary dense attention. For the routed heads the
 active tokens of each (sequence, head) are gathered, in position order, into a padded
 block of ``m`` rows (``m`` = the largest count of active tokens of any routed head in the
-batch), so one batched attention call covers every routed head:
+batch), and only (sequence, head) pairs with at least one active token take part, so
+batched attention calls cover every routed head, a chunk of rows at a time:
 
-    x_g  (b, r, m, d)  = the active tokens' inputs
-    q    (b, r, m, e)  = x_g W_q[head]^T + b_q[head]          # only active queries
-    o    (b, r, m, e)  = attention of those rows over all keys of their head
-    y   += scatter_add over tokens of  (g * o) W_o[:, head]^T  # only active slices
+    x_g  (p, m, d)  = the active tokens' inputs, for the p (sequence, head) pairs with work
+    q    (p, m, e)  = x_g W_q[head]^T + b_q[head]             # only active queries
+    o    (p, m, e)  = attention of those rows over the keys of their head
+    y   += index_add over tokens of  (g * o) W_o[:, head]^T     # only active slices
 
 The result equals the dense masked path (outputs and gradients) up to rounding. The path
 reads the active counts (one host sync), so it is meant for inference and long sequences;
@@ -22,10 +23,12 @@ rows per routed head, e head width, d model width.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from graphheads.attention import KVCache, build_attention_bias, scaled_dot_product_attention
 
@@ -45,11 +48,15 @@ def sparse_routed_attention(
     key_padding_mask: Tensor | None,
     is_causal: bool,
     q: Tensor | None = None,
+    chunk_rows: int = 64,
 ) -> Tensor:
     """Routed attention output (b, t, d), computing only the active (token, head) pairs.
 
     ``q`` (b, h, t, e) are all queries when the caller already has them (the
     parameter-free router needs them); otherwise only the active ones are projected.
+    Routed rows go in chunks of ``chunk_rows`` per head: a causal chunk reads only the
+    keys up to its last position, and under autograd each chunk is recomputed in the
+    backward pass instead of keeping its (rows x keys) mask.
     """
     b, t, d = query.shape
     h, e = attn.num_heads, attn.head_dim
@@ -100,41 +107,102 @@ def sparse_routed_attention(
         out = out + o_s.transpose(1, 2).reshape(b, t, h_s * e) @ w_o[:, : h_s * e].T
     if r > 0:
         active = routing.routed_mask > 0  # (b, t, r)
-        counts = active.sum(dim=1)  # (b, r)
-        m = int(counts.max())  # rows per routed head (one host sync)
-        if m > 0:
-            # active tokens first, in position order (a stable sort of "inactive")
+        counts = active.sum(dim=1).reshape(b * r)  # active tokens per (sequence, routed head)
+        pairs = counts.nonzero().squeeze(1)  # (p,) the (sequence, head) pairs with work
+        m = int(counts.max())  # rows per pair (host syncs: this path is for inference)
+        n_pairs = pairs.numel()
+        if n_pairs:
+            # per pair, its active tokens first, in position order (stable sort of "inactive")
             order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices[:, :m]
-            idx = order.transpose(1, 2)  # (b, r, m) token index per gathered row
-            valid = torch.arange(m, device=query.device) < counts.unsqueeze(-1)  # (b, r, m)
-            flat = idx.reshape(b, r * m)
-            if q is not None:
-                q_r = q[:, h_s:].gather(2, idx.unsqueeze(-1).expand(b, r, m, e))  # (b, r, m, e)
-            else:
-                x_g = query.gather(1, flat.unsqueeze(-1).expand(b, r * m, d)).view(b, r, m, d)
-                q_r = torch.einsum("brmd,red->brme", x_g, w_q[h_s * e :].view(r, e, d))
-                if b_q is not None:
-                    q_r = q_r + b_q[h_s * e :].view(1, r, 1, e)
-            if simple_causal:  # key j is visible from the token at position p if j <= p + s - t
-                positions = idx + (s - t)  # (b, r, m)
-                mask = torch.arange(s, device=query.device) <= positions.unsqueeze(-1)
-            elif bias is not None:
-                full = bias.expand(b, h, t, s)[:, h_s:]  # (b, r, t, s)
-                mask = full.gather(2, idx.unsqueeze(-1).expand(b, r, m, s))  # (b, r, m, s)
-            else:
-                mask = None
-            o_r = scaled_dot_product_attention(
-                q_r, k[:, h_s:], v[:, h_s:], attn_mask=mask, dropout_p=dropout_p, fused=attn.fused
-            )  # (b, r, m, e)
-            g_r = gates[..., h_s:].transpose(1, 2).gather(2, idx)  # (b, r, m)
-            o_r = torch.where(valid.unsqueeze(-1), o_r * g_r.unsqueeze(-1), 0.0)
-            y_r = torch.einsum("brme,dre->brmd", o_r, w_o[:, h_s * e :].view(d, r, e))
-            out = out.scatter_add(
-                1, flat.unsqueeze(-1).expand(b, r * m, d), y_r.reshape(b, r * m, d)
+            idx = order.transpose(1, 2).reshape(b * r, m)[pairs]  # (p, m) token positions
+            valid = torch.arange(m, device=query.device) < counts[pairs].unsqueeze(-1)  # (p, m)
+            g = gates[..., h_s:].transpose(1, 2).reshape(b * r, t)[pairs].gather(1, idx)  # (p, m)
+            seq, head = pairs // r, pairs % r  # (p,)
+            k_r = k[:, h_s:].reshape(b * r, s, e)  # (b r, s, e), a view
+            v_r = v[:, h_s:].reshape(b * r, s, e)
+            if n_pairs < b * r:  # only the pairs with work (e.g. decoding one token)
+                k_r, v_r = k_r[pairs], v_r[pairs]  # (p, s, e)
+            chunk = functools.partial(
+                _routed_chunk,
+                query=query,
+                seq=seq,
+                w_q=w_q[h_s * e :].view(r, e, d)[head],  # (p, e, d)
+                b_q=None if b_q is None else b_q[h_s * e :].view(r, 1, e)[head],  # (p, 1, e)
+                w_o=w_o[:, h_s * e :].view(d, r, e).permute(1, 2, 0)[head],  # (p, e, d)
+                q_all=None if q is None else q[:, h_s:].reshape(b * r, t, e)[pairs],
+                bias=None
+                if bias is None
+                else bias.expand(b, h, t, s)[:, h_s:].reshape(b * r, t, s)[pairs],
+                causal_offset=s - t if simple_causal else None,
+                dropout_p=dropout_p,
+                fused=attn.fused,
             )
+            flat_out = out.view(b * t, d)
+            for start in range(0, m, chunk_rows):
+                rows = slice(start, min(m, start + chunk_rows))
+                idx_c = idx[:, rows]  # (p, c)
+                # causal: this chunk's rows see keys up to its last position, no further
+                limit = int(idx_c.max()) + s - t + 1 if simple_causal else s
+                args = (idx_c, valid[:, rows], g[:, rows], k_r[:, :limit], v_r[:, :limit])
+                if torch.is_grad_enabled():  # recompute in backward: no (rows x keys) mask is kept
+                    y = checkpoint(chunk, *args, use_reentrant=False)
+                else:
+                    y = chunk(*args)
+                # in place: autograd needs only the indices
+                flat_out.index_add_(0, (seq.unsqueeze(1) * t + idx_c).reshape(-1), y.reshape(-1, d))
     if attn.out_proj.bias is not None:
         out = out + attn.out_proj.bias
     return out
+
+
+def _routed_chunk(
+    idx: Tensor,
+    valid: Tensor,
+    gates: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    query: Tensor,
+    seq: Tensor,
+    w_q: Tensor,
+    b_q: Tensor | None,
+    w_o: Tensor,
+    q_all: Tensor | None,
+    bias: Tensor | None,
+    causal_offset: int | None,
+    dropout_p: float,
+    fused: bool,
+) -> Tensor:
+    """Output-projection contributions (p, c, d) of c gathered rows for each of p
+    (sequence, routed head) pairs: token positions ``idx`` (p, c), their gates (p, c),
+    the pairs' keys and values (p, s', e), their sequences ``seq`` (p,) and weight slices
+    ``w_q``, ``w_o`` (p, e, d)."""
+    e = k.size(-1)
+    if q_all is not None:
+        q = q_all.gather(1, idx.unsqueeze(-1).expand(*idx.shape, e))  # (p, c, e)
+    else:
+        x = query[seq.unsqueeze(1), idx]  # (p, c, d): only the active tokens
+        q = torch.bmm(x, w_q.transpose(1, 2))  # (p, c, e)
+        if b_q is not None:
+            q = q + b_q
+    mask: Tensor | None = None
+    if causal_offset is not None:  # key j is visible from the token at position i if j <= i + s - t
+        allowed = torch.arange(k.size(-2), device=k.device) <= (idx + causal_offset).unsqueeze(-1)
+        mask = torch.where(allowed, 0.0, float("-inf")).to(
+            q.dtype
+        )  # float: used by the kernel as is
+    elif bias is not None:
+        mask = bias.gather(1, idx.unsqueeze(-1).expand(*idx.shape, bias.size(-1)))  # (p, c, s)
+    o = scaled_dot_product_attention(  # 4-D, so PyTorch picks its fused CPU kernel
+        q.unsqueeze(1),
+        k.unsqueeze(1),
+        v.unsqueeze(1),
+        attn_mask=None if mask is None else mask.unsqueeze(1),
+        dropout_p=dropout_p,
+        fused=fused,
+    ).squeeze(1)  # (p, c, e)
+    o = torch.where(valid.unsqueeze(-1), o * gates.unsqueeze(-1), 0.0)  # padding rows: nothing
+    return torch.bmm(o, w_o)  # (p, c, d)
 
 
 def _causal_allowed(t: int, s: int, device: torch.device) -> Tensor:

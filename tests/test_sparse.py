@@ -73,6 +73,17 @@ def test_key_padding_float_and_per_head_masks(kind):
     assert_same(both_paths(attn, x, attn_mask=per_head))
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 3])
+def test_chunked_rows_with_causal_key_limits(chunk_rows):
+    attn = make("goh", 1, 3)
+    attn.sparse_chunk_rows = chunk_rows  # many chunks, each reading only its visible keys
+    x = torch.randn(2, 17, D)
+    assert_same(both_paths(attn, x, is_causal=True))
+    pad = torch.zeros(2, 17, dtype=torch.bool)
+    pad[0, 15:] = True
+    assert_same(both_paths(attn, x, is_causal=True, key_padding_mask=pad))
+
+
 def test_cross_attention():
     attn = make("goh", 1, 2)
     q, memory = torch.randn(2, 5, D), torch.randn(2, 13, D)

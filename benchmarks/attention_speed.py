@@ -1,0 +1,174 @@
+"""Attention-block speed and peak memory, measured side by side in one run.
+
+Compares, for one attention block (d_model 256, 8 heads of width 32, 1 shared head,
+causal self-attention, batch 2):
+
+    mha         dense multi-head attention (PyTorch's fused SDPA kernel)
+    moh         Mixture-of-Head attention, dense masked path
+    goh-pyg     Graph-of-Heads, dense masked path, PyG GCNConv message passing
+    goh-fused   Graph-of-Heads, dense masked path, fused dense GCN message passing
+    goh-sparse  Graph-of-Heads (fused message passing), sparse path: active heads only
+
+over sequence lengths and active-head ratios (100/75/50/25% = 1 shared + 7/5/3/1 of the
+7 routed heads). Times are medians of interleaved repeats (every configuration runs once
+per round, so machine noise hits all alike) and are printed as ratios to mha. Peak
+tensor memory of one step: on CUDA the allocator's peak, on CPU the peak of the running
+sum of allocations and frees recorded by the PyTorch profiler.
+
+    python benchmarks/attention_speed.py                # CPU, the grid below
+    python benchmarks/attention_speed.py --device cuda  # GPU timings and memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from graphheads import GoHAttention, HeadGraph, MoHAttention, MultiHeadAttention
+
+D_MODEL, HEADS, SHARED, BATCH = 256, 8, 1, 2
+KINDS = ("mha", "moh", "goh-pyg", "goh-fused", "goh-sparse")
+
+
+def build(kind: str, active: int, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    top_k = active - SHARED
+    if kind == "mha":
+        module: torch.nn.Module = MultiHeadAttention(D_MODEL, HEADS)
+    elif kind == "moh":
+        module = MoHAttention(D_MODEL, HEADS, SHARED, top_k)
+    else:
+        module = GoHAttention(
+            D_MODEL,
+            HEADS,
+            SHARED,
+            top_k,
+            HeadGraph.complete(HEADS, learnable="edge"),
+            fused_message_passing=kind != "goh-pyg",
+            execution="sparse" if kind == "goh-sparse" else "dense",
+        )
+    return module.to(device)
+
+
+def step(module: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
+    if mode == "train":
+        out = module(x, is_causal=True)
+        loss = out.output.square().mean()
+        if out.routing is not None:
+            loss = loss + 0.01 * out.routing.load_balance_loss
+        loss.backward()
+    else:
+        with torch.no_grad():
+            module(x, is_causal=True)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_grid(lengths: list[int], actives: list[int], mode: str, repeats: int, device: str) -> dict:
+    results = {}
+    for t in lengths:
+        x = torch.randn(BATCH, t, D_MODEL, device=device, requires_grad=mode == "train")
+        for active in actives:
+            modules = {k: build(k, active, device) for k in KINDS}
+            for k in KINDS:  # warm-up
+                step(modules[k], x, mode)
+            samples: dict[str, list[float]] = {k: [] for k in KINDS}
+            for _ in range(repeats):
+                for k in KINDS:
+                    sync(device)
+                    start = time.perf_counter()
+                    step(modules[k], x, mode)
+                    sync(device)
+                    samples[k].append(time.perf_counter() - start)
+            results[(t, active)] = {k: statistics.median(v) for k, v in samples.items()}
+    return results
+
+
+def peak_memory(module: torch.nn.Module, x: torch.Tensor, mode: str, device: str) -> float:
+    """Peak MiB of tensor memory allocated during one step (after a warm-up step): on
+    CUDA the allocator's peak; on CPU the peak of the running sum of the allocations and
+    frees the PyTorch profiler records."""
+    step(module, x, mode)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(module, x, mode)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(module, x, mode)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048])
+    parser.add_argument(
+        "--actives", type=int, nargs="+", default=[8, 6, 4, 2], help="active heads of 8"
+    )
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--memory-lengths", type=int, nargs="*", default=[512, 2048])
+    parser.add_argument("--json", help="also write the raw numbers here")
+    args = parser.parse_args()
+    torch.set_grad_enabled(True)
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    raw: dict = {"time": {}, "memory": {}}
+    for mode in ("train", "infer"):
+        grid = time_grid(args.lengths, args.actives, mode, args.repeats, args.device)
+        title = "forward + backward" if mode == "train" else "inference (forward, no grad)"
+        print(f"\n### {title}: time relative to mha (lower is faster)\n")
+        print("| T | active heads | mha ms | " + " | ".join(KINDS[1:]) + " |")
+        print("| --- | --- | --- | " + " | ".join("---" for _ in KINDS[1:]) + " |")
+        for (t, active), times in grid.items():
+            ratios = " | ".join(f"{times[k] / times['mha']:.2f}" for k in KINDS[1:])
+            print(f"| {t} | {active}/8 | {times['mha'] * 1e3:.1f} | {ratios} |")
+            raw["time"][f"{mode}/{t}/{active}"] = times
+        goh_over_moh = [
+            grid[(t, a)]["goh-fused"] / grid[(t, a)]["moh"] for (t, a) in grid if t == 512
+        ]
+        if goh_over_moh:
+            ratios = ", ".join(f"{r:.2f}" for r in goh_over_moh)
+            print(f"\nGoH (fused) / MoH block time at T=512 (per active-head ratio): {ratios}")
+    if args.memory_lengths:
+        print("\n### peak tensor memory of one step, MiB\n")
+        print("| mode | T | active heads | " + " | ".join(KINDS) + " |")
+        print("| --- | --- | --- | " + " | ".join("---" for _ in KINDS) + " |")
+        for mode in ("train", "infer"):
+            for t in args.memory_lengths:
+                x = torch.randn(
+                    BATCH, t, D_MODEL, device=args.device, requires_grad=mode == "train"
+                )
+                for active in (8, 4):
+                    cells = {
+                        k: peak_memory(build(k, active, args.device), x, mode, args.device)
+                        for k in KINDS
+                    }
+                    raw["memory"][f"{mode}/{t}/{active}"] = cells
+                    print(
+                        f"| {mode} | {t} | {active}/8 | "
+                        + " | ".join(f"{cells[k]:.0f}" for k in KINDS)
+                        + " |"
+                    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(raw, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
