@@ -34,7 +34,7 @@ D_MODEL, HEADS, SHARED, BATCH = 256, 8, 1, 2
 KINDS = ("mha", "moh", "goh-pyg", "goh-fused", "goh-sparse")
 
 
-def build(kind: str, active: int, device: str) -> torch.nn.Module:
+def build(kind: str, active: int, device: str, feature_dim: int = 16) -> torch.nn.Module:
     torch.manual_seed(0)
     top_k = active - SHARED
     if kind == "mha":
@@ -48,6 +48,7 @@ def build(kind: str, active: int, device: str) -> torch.nn.Module:
             SHARED,
             top_k,
             HeadGraph.complete(HEADS, learnable="edge"),
+            feature_dim=feature_dim,
             fused_message_passing=kind != "goh-pyg",
             execution="sparse" if kind == "goh-sparse" else "dense",
         )
@@ -71,12 +72,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_grid(lengths: list[int], actives: list[int], mode: str, repeats: int, device: str) -> dict:
+def time_grid(
+    lengths: list[int], actives: list[int], mode: str, repeats: int, device: str, feature_dim: int
+) -> dict:
     results = {}
     for t in lengths:
         x = torch.randn(BATCH, t, D_MODEL, device=device, requires_grad=mode == "train")
         for active in actives:
-            modules = {k: build(k, active, device) for k in KINDS}
+            modules = {k: build(k, active, device, feature_dim) for k in KINDS}
             for k in KINDS:  # warm-up
                 step(modules[k], x, mode)
             samples: dict[str, list[float]] = {k: [] for k in KINDS}
@@ -124,13 +127,19 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-lengths", type=int, nargs="*", default=[512, 2048])
+    parser.add_argument("--feature-dim", type=int, default=16, help="GoH router node features F")
     parser.add_argument("--json", help="also write the raw numbers here")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"GoH feature_dim {args.feature_dim}"
+    )
     raw: dict = {"time": {}, "memory": {}}
     for mode in ("train", "infer"):
-        grid = time_grid(args.lengths, args.actives, mode, args.repeats, args.device)
+        grid = time_grid(
+            args.lengths, args.actives, mode, args.repeats, args.device, args.feature_dim
+        )
         title = "forward + backward" if mode == "train" else "inference (forward, no grad)"
         print(f"\n### {title}: time relative to mha (lower is faster)\n")
         print("| T | active heads | mha ms | " + " | ".join(KINDS[1:]) + " |")

