@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from graphheads.data import TaskSuite
+from graphheads.data import SEP, TaskSuite
 from graphheads.train import CheckpointError, RunConfig, Trainer, evaluate, load_run
+from graphheads.transformer import Transformer
 
 EXAMPLES = """examples:
   graphheads train --out runs/default
@@ -70,7 +71,13 @@ def _generate(args: argparse.Namespace) -> int:
     batch = data.sample(args.num, torch.Generator().manual_seed(args.seed), task=task)
     prompt_len = data.prompt_length(task)
     answer_len = 1 if task in ("mqar", "modadd") else data.length
-    out = model.generate(batch.inputs[:, :prompt_len], answer_len)
+    prompt_tokens = batch.inputs[:, :prompt_len]
+    if isinstance(model, Transformer):  # source up to SEP; the decoder starts at SEP
+        sep = int((prompt_tokens[0] == SEP).nonzero()[0])
+        start = prompt_tokens[:, sep:]
+        new = model.generate(prompt_tokens[:, : sep + 1], start, answer_len)[:, start.size(1) :]
+    else:
+        new = model.generate(prompt_tokens, answer_len)[:, prompt_len:]
     first = data.first_symbol
     for i in range(args.num):
         prompt = [t - first for t in batch.inputs[i, 1 : prompt_len - 1].tolist()]
@@ -78,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
             t - first
             for t in batch.targets[i, prompt_len - 1 : prompt_len - 1 + answer_len].tolist()
         ]
-        got = [t - first for t in out[i, prompt_len:].tolist()]
+        got = [t - first for t in new[i].tolist()]
         print(f"{task}: prompt {prompt} -> generated {got} (expected {expected})")
     return 0
 

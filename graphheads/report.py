@@ -12,6 +12,7 @@ import torch
 from graphheads import viz
 from graphheads.data import PAD, SEP, TASKS, TaskSuite
 from graphheads.train.trainer import METRICS_NAME, load_run
+from graphheads.transformer import DecoderOnlyLM
 
 __all__ = ["make_report", "read_metrics"]
 
@@ -97,13 +98,17 @@ def make_report(run_dir: str | Path) -> Path:
     graphs = model.head_graphs()
     for i, graph in enumerate(graphs):
         layer_use = None
-        if usage:
+        if usage and len(next(iter(usage.values()))) == len(graphs):
             layer_use = torch.tensor([per_layer[i] for per_layer in usage.values()]).mean(0)
         fig = viz.draw_head_graph(
             graph, usage=layer_use, num_shared=config.num_shared, title=f"layer {i} head graph"
         )
         figures.append(_save(fig, out / f"head_graph_layer{i}.png"))
-    if isinstance(data, TaskSuite) and config.attention != "mha":
+    if (
+        isinstance(data, TaskSuite)
+        and isinstance(model, DecoderOnlyLM)
+        and config.attention != "mha"
+    ):
         gen = torch.Generator().manual_seed(0)
         examples = {task: data.sample(1, gen, task=task).inputs for task in data.tasks}
         with torch.no_grad():

@@ -257,3 +257,70 @@ def test_generate_and_eval_commands_use_the_trained_model(default_run, capsys):
     assert main(["eval", "--run", str(run)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 2000 and result["accuracy"]["copy"] > 0.9
+
+
+def test_split_at_separator_gives_source_and_shifted_decoder_rows():
+    from graphheads.data import IGNORE_INDEX, PAD, SEP, TaskSuite
+    from graphheads.train.trainer import split_at_separator
+
+    suite = TaskSuite(["copy", "modadd"], length=3)
+    batch = suite.sample(16, torch.Generator().manual_seed(0))
+    src, src_pad, tgt_in, tgt_out = split_at_separator(batch)
+    for row in range(16):
+        sep = int((batch.inputs[row] == SEP).nonzero()[0])
+        assert src[row, : sep + 1].tolist() == batch.inputs[row, : sep + 1].tolist()
+        assert src_pad[row].tolist() == [i > sep for i in range(src.size(1))]
+        assert (src[row][src_pad[row]] == PAD).all()
+        assert tgt_in[row, 0] == SEP
+        n = batch.inputs.size(1) - sep
+        assert tgt_in[row, :n].tolist() == batch.inputs[row, sep:].tolist()
+        assert tgt_out[row, :n].tolist() == batch.targets[row, sep:].tolist()
+        assert (tgt_out[row, n:] == IGNORE_INDEX).all()
+    # every scored target survives the split
+    assert (tgt_out != IGNORE_INDEX).sum() == (batch.targets != IGNORE_INDEX).sum()
+
+
+@pytest.mark.slow
+def test_encoder_decoder_model_trains_evaluates_and_generates(tmp_path, capsys):
+    run = tmp_path / "seq2seq"
+    args = [
+        *SMALL,
+        "train.model_type=seq2seq",
+        "train.steps=300",
+        "train.eval_every=300",
+        'data.tasks=["copy","reverse"]',
+    ]
+    assert (
+        main(["train", "--out", str(run), "--quiet", *[x for a in args for x in ("--set", a)]]) == 0
+    )
+    capsys.readouterr()
+    last_eval = [
+        r
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "eval"
+    ][-1]
+    for task in ("copy", "reverse"):
+        assert last_eval["accuracy"][task] > 5 * last_eval["chance"][task], last_eval["accuracy"]
+    assert len(last_eval["head_usage"]["copy"]) == 2 * 2  # decoder self + cross per layer
+    assert (run / "report" / "head_graph_layer0.png").exists()
+    assert main(["generate", "--run", str(run), "--task", "copy", "--num", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    pairs = [
+        (
+            json.loads(line.split("generated ")[1].split(" (expected ")[0]),
+            json.loads(line.split("(expected ")[1][:-1]),
+        )
+        for line in lines
+    ]
+    assert all(len(got) == len(want) == 6 for got, want in pairs)
+    right = sum(g == w for got, want in pairs for g, w in zip(got, want, strict=True))
+    assert right >= 5, pairs  # of 24 tokens; chance is 24 / 16 = 1.5
+    text = tmp_path / "text.txt"
+    text.write_text("some text to model, " * 500)
+    with pytest.raises(ValueError, match="model_type 'seq2seq' needs the built-in task suite"):
+        Trainer(
+            RunConfig.load(
+                None, ["train.model_type=seq2seq", f"data.text={json.dumps(str(text))}"]
+            ),
+            None,
+        )

@@ -31,8 +31,13 @@ class TrainConfig:
     checkpoint_every: int = 250  # steps between checkpoints (and at the end)
     log_every: int = 20  # steps between train-metric lines
     seed: int = 0
+    model_type: str = "lm"  # "lm": DecoderOnlyLM; "seq2seq": encoder-decoder Transformer
 
     def __post_init__(self) -> None:
+        if self.model_type not in ("lm", "seq2seq"):
+            raise ValueError(
+                f"TrainConfig: model_type must be 'lm' or 'seq2seq', got {self.model_type!r}"
+            )
         for name in (
             "steps",
             "batch_size",

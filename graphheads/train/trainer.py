@@ -27,16 +27,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from graphheads.data import IGNORE_INDEX, ByteTextDataset, TaskBatch, TaskSuite, bits_per_byte
+from graphheads.data import (
+    IGNORE_INDEX,
+    PAD,
+    SEP,
+    ByteTextDataset,
+    TaskBatch,
+    TaskSuite,
+    bits_per_byte,
+)
 from graphheads.train.config import DataConfig, RunConfig
-from graphheads.transformer import DecoderOnlyLM, ModelConfig
+from graphheads.transformer import DecoderOnlyLM, ModelConfig, ModelOutput, Transformer
 
 __all__ = [
     "CheckpointError",
     "TrainResult",
     "Trainer",
     "build_data",
+    "build_model",
     "evaluate",
+    "forward_batch",
     "load_checkpoint",
     "load_run",
     "save_checkpoint",
@@ -59,6 +69,45 @@ def build_data(config: DataConfig) -> Data:
     return TaskSuite(
         config.tasks, length=config.length, num_symbols=config.num_symbols, modulus=config.modulus
     )
+
+
+def build_model(config: ModelConfig, model_type: str) -> DecoderOnlyLM | Transformer:
+    """``"lm"``: :class:`DecoderOnlyLM`; ``"seq2seq"``: the encoder-decoder :class:`Transformer`."""
+    if model_type == "lm":
+        return DecoderOnlyLM(config)
+    if model_type == "seq2seq":
+        return Transformer(config)
+    raise ValueError(f"model_type must be 'lm' or 'seq2seq', got {model_type!r}")
+
+
+def split_at_separator(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Task rows -> encoder-decoder form: the source is each row up to and including its
+    first SEP (right-padded, with its padding mask), the decoder reads the row from that
+    SEP on and predicts the same targets. Returns (src, src_padding, tgt_in, tgt_out)."""
+    inputs, targets = batch.inputs, batch.targets
+    is_sep = inputs == SEP
+    if not bool(is_sep.any(1).all()):
+        raise ValueError("seq2seq training needs rows with a SEP token (the built-in task suite)")
+    sep = is_sep.to(torch.uint8).argmax(1)  # (b,) first SEP per row
+    t = inputs.size(1)
+    src_len = int(sep.max()) + 1
+    src_padding = torch.arange(src_len) > sep.unsqueeze(1)  # (b, s) True at padding
+    src = inputs[:, :src_len].masked_fill(src_padding, PAD)
+    positions = sep.unsqueeze(1) + torch.arange(t - int(sep.min()))  # (b, t')
+    outside = positions >= t
+    positions = positions.clamp(max=t - 1)
+    tgt_in = inputs.gather(1, positions).masked_fill(outside, PAD)
+    tgt_out = targets.gather(1, positions).masked_fill(outside, IGNORE_INDEX)
+    return src, src_padding, tgt_in, tgt_out
+
+
+def forward_batch(model: nn.Module, batch: TaskBatch) -> tuple[ModelOutput, Tensor]:
+    """The model's output on ``batch`` and the targets aligned with its logits."""
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(core, Transformer):
+        src, src_padding, tgt_in, tgt_out = split_at_separator(batch)
+        return model(src, tgt_in, src_key_padding_mask=src_padding), tgt_out
+    return model(batch.inputs), batch.targets
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -98,11 +147,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_run(path: str | Path) -> tuple[DecoderOnlyLM, RunConfig, Data, int]:
+def load_run(path: str | Path) -> tuple[DecoderOnlyLM | Transformer, RunConfig, Data, int]:
     """Model (eval mode), run config, data and step from a run folder or checkpoint."""
     state = load_checkpoint(path)
     run_config = RunConfig.from_dict(state["run_config"])
-    model = DecoderOnlyLM(ModelConfig(**state["model_config"]))
+    model = build_model(ModelConfig(**state["model_config"]), run_config.train.model_type)
     model.load_state_dict(state["model"])
     return model.eval(), run_config, build_data(run_config.data), int(state["step"])
 
@@ -115,7 +164,7 @@ def _lm_loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: DecoderOnlyLM, data: Data, *, batches: int, batch_size: int, seed: int
+    model: nn.Module, data: Data, *, batches: int, batch_size: int, seed: int
 ) -> dict[str, Any]:
     """Loss and accuracy on fixed held-out batches; for task suites also per-task token
     accuracy, exact-match rate, chance level and head usage (the fraction of scored
@@ -138,19 +187,18 @@ def evaluate(
             loss_sum = 0.0
             use: Tensor | None = None
             for _ in range(batches):
-                batch = data.sample(batch_size, gen, task=task)
-                out = model(batch.inputs)
-                scored = batch.targets != IGNORE_INDEX
-                hit = (out.logits.argmax(-1) == batch.targets) & scored
+                out, targets = forward_batch(model, data.sample(batch_size, gen, task=task))
+                scored = targets != IGNORE_INDEX
+                hit = (out.logits.argmax(-1) == targets) & scored
                 correct += int(hit.sum())
                 scored_total += int(scored.sum())
                 seq_right += int((hit.sum(1) == scored.sum(1)).sum())
-                seqs += batch.inputs.size(0)
-                loss_sum += _lm_loss_sum(out.logits, batch.targets).item()
-                if out.routing:
-                    layer_use = torch.stack(
-                        [r.active_heads[scored].float().sum(0) for r in out.routing]
-                    )
+                seqs += targets.size(0)
+                loss_sum += _lm_loss_sum(out.logits, targets).item()
+                # blocks whose queries are the scored tokens (an encoder's are not)
+                blocks = [r for r in out.routing if r.gates.shape[:2] == scored.shape]
+                if blocks:
+                    layer_use = torch.stack([r.active_heads[scored].float().sum(0) for r in blocks])
                     use = layer_use if use is None else use + layer_use
             accuracy[task] = correct / scored_total
             exact[task] = seq_right / seqs
@@ -177,7 +225,9 @@ class TrainResult:
 
 
 class Trainer:
-    """Train a :class:`~graphheads.transformer.DecoderOnlyLM` as a :class:`RunConfig` says.
+    """Train a :class:`~graphheads.transformer.DecoderOnlyLM` (or, with
+    ``train.model_type="seq2seq"``, the encoder-decoder
+    :class:`~graphheads.transformer.Transformer`) as a :class:`RunConfig` says.
 
     Args:
         config: the run configuration.
@@ -207,8 +257,12 @@ class Trainer:
                 f"Trainer: batch_size ({train.batch_size}) must be divisible by the number of "
                 f"processes ({self.world_size})"
             )
+        if train.model_type == "seq2seq" and not isinstance(self.data, TaskSuite):
+            raise ValueError(
+                "Trainer: model_type 'seq2seq' needs the built-in task suite, not text"
+            )
         torch.manual_seed(train.seed)
-        self.model = DecoderOnlyLM(self.model_config)
+        self.model = build_model(self.model_config, train.model_type)
         self.wrapped: nn.Module = self.model
         if self.world_size > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(self.model)
@@ -300,10 +354,14 @@ class Trainer:
         n_scored = (batch.targets != IGNORE_INDEX).sum().clamp_min(1)
         per_rank = batch.inputs.size(0) // self.world_size
         rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        out = self.wrapped(batch.inputs[rows])
-        ce_sum = _lm_loss_sum(out.logits, batch.targets[rows])
+        out, targets = forward_batch(
+            self.wrapped, TaskBatch(batch.inputs[rows], batch.targets[rows])
+        )
+        ce_sum = _lm_loss_sum(out.logits, targets)
         lm_loss = ce_sum * self.world_size / n_scored  # DDP averages: the global mean
-        aux = out.aux_loss / len(out.routing) if out.routing else ce_sum.new_zeros(())
+        aux = ce_sum.new_zeros(())
+        if out.routing and out.aux_loss is not None:
+            aux = out.aux_loss / len(out.routing)
         loss = lm_loss + t.aux_loss_weight * aux
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
