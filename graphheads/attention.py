@@ -316,6 +316,31 @@ class MultiHeadAttention(nn.Module):
         v = self.split_heads(self.v_proj(value))  # (b, h, s_new, e)
         return KVCache(k, v) if kv_cache is None else kv_cache.append(k, v)
 
+    def attention_bias(
+        self,
+        like: Tensor,
+        *,
+        key_len: int,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool,
+    ) -> Tensor | None:
+        """The masks merged into one additive bias (b or 1, h or 1, t, s) for queries
+        shaped like ``like`` (b, h, t, e) or (b, t, d); ``None`` when no mask applies."""
+        b, t = like.size(0), like.size(-2)
+        return build_attention_bias(
+            batch_size=b,
+            num_heads=self.num_heads,
+            query_len=t,
+            key_len=key_len,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            dtype=like.dtype,
+            device=like.device,
+            owner=type(self).__name__,
+        )
+
     def attend(
         self,
         q: Tensor,
@@ -328,24 +353,19 @@ class MultiHeadAttention(nn.Module):
         """Per-head outputs (b, h, t, e) before ``out_proj`` for projected queries ``q``
         (b, h, t, e) over the keys and values in ``kv``."""
         k, v = kv.key, kv.value  # (b, h, s, e)
-        b, _, t, _ = q.shape
+        t = q.size(-2)
         s = k.size(-2)
         dropout_p = self.dropout if self.training else 0.0
         if is_causal and attn_mask is None and key_padding_mask is None and t == s:
             return scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=dropout_p, fused=self.fused
             )
-        bias = build_attention_bias(
-            batch_size=b,
-            num_heads=self.num_heads,
-            query_len=t,
+        bias = self.attention_bias(
+            q,
             key_len=s,
             attn_mask=attn_mask,
             key_padding_mask=key_padding_mask,
             is_causal=is_causal,
-            dtype=q.dtype,
-            device=q.device,
-            owner=type(self).__name__,
         )
         return scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout_p, fused=self.fused

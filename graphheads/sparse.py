@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from graphheads.attention import KVCache, build_attention_bias, scaled_dot_product_attention
+from graphheads.attention import KVCache, scaled_dot_product_attention
 
 if TYPE_CHECKING:
     from graphheads.moh import RoutedAttention, RoutingOutput
@@ -71,17 +71,12 @@ def sparse_routed_attention(
     simple_causal = is_causal and attn_mask is None and key_padding_mask is None
     bias = None
     if not simple_causal and (is_causal or attn_mask is not None or key_padding_mask is not None):
-        bias = build_attention_bias(
-            batch_size=b,
-            num_heads=h,
-            query_len=t,
+        bias = attn.attention_bias(
+            query,
             key_len=s,
             attn_mask=attn_mask,
             key_padding_mask=key_padding_mask,
             is_causal=is_causal,
-            dtype=query.dtype,
-            device=query.device,
-            owner=type(attn).__name__,
         )  # (b or 1, h or 1, t, s)
     out = query.new_zeros(b, t, d)
     if h_s > 0:  # shared heads: every token, dense

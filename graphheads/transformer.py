@@ -559,11 +559,12 @@ class _Embedding(nn.Module):
             raise ValueError(
                 f"expected token ids of shape (batch, tokens), got {tuple(tokens.shape)}"
             )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.vocab_size}), got range "
-                f"[{int(tokens.min())}, {int(tokens.max())}]"
-            )
+        if tokens.numel():
+            low, high = (int(v) for v in torch.aminmax(tokens))  # one pass, one sync per forward
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, {self.vocab_size}), got range [{low}, {high}]"
+                )
         return self.dropout(self.position(self.token(tokens) * self.scale, offset))
 
 

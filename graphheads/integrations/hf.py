@@ -102,8 +102,11 @@ class RoutedHFAttention(nn.Module):
         return super().forward(hidden_states, *args, head_gates=gates, **kwargs)
 
 
-def _routed_class(base: type) -> type:
-    return type(f"Routed{base.__name__}", (RoutedHFAttention, base), {})
+def _routed_class(base: type, made: dict[type, type]) -> type:
+    """One routed subclass per attention class (``made`` holds this conversion's)."""
+    if base not in made:
+        made[base] = type(f"Routed{base.__name__}", (RoutedHFAttention, base), {})
+    return made[base]
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -168,6 +171,7 @@ def convert_to_goh(
         )
     all_on = top_k == num_heads - num_shared
     _register_kernel()
+    classes: dict[type, type] = {}
     for layer, module in enumerate(modules):
         param = next(module.parameters())
         template = (
@@ -193,7 +197,7 @@ def convert_to_goh(
             if head_importance is not None
             else torch.arange(num_heads)
         )
-        module.__class__ = _routed_class(type(module))
+        module.__class__ = _routed_class(type(module), classes)
         module.add_module("router", router.to(device=param.device, dtype=param.dtype))
         module.register_buffer("head_order", order.to(param.device))
         module.register_buffer("head_position", torch.argsort(order).to(param.device))
