@@ -1,15 +1,19 @@
-"""graphheads: attention heads as nodes of a learnable graph."""
+"""graphheads: attention heads as nodes of a learnable graph.
 
-from graphheads.attention import (
-    AttentionOutput,
-    KVCache,
-    MultiHeadAttention,
-    scaled_dot_product_attention,
-)
-from graphheads.gnn import HeadMessagePassing
+The modules, in the order data flows (a module imports only modules above it):
+``types`` -> ``graph``, ``gnn`` -> ``attention`` -> ``sparse`` -> ``routed`` ->
+``gates`` -> ``moh``, ``goh`` -> ``config``, ``blocks``, ``generation`` -> ``builders``
+-> ``transformer``.
+"""
+
+from graphheads.attention import MultiHeadAttention, scaled_dot_product_attention
+from graphheads.blocks import TransformerBlock, TransformerStack
+from graphheads.config import ModelConfig
+from graphheads.gnn import HeadGCNConv, HeadMessagePassing
 from graphheads.goh import GoHAttention, GraphRouter
 from graphheads.graph import HeadGraph
-from graphheads.moh import MoHAttention, MoHRouter, RoutedAttention, RoutingOutput
+from graphheads.moh import MoHAttention, MoHRouter
+from graphheads.routed import RoutedAttention
 from graphheads.transformer import (
     Decoder,
     DecoderLayer,
@@ -17,13 +21,13 @@ from graphheads.transformer import (
     Encoder,
     EncoderLayer,
     FeedForward,
-    ModelConfig,
     ModelOutput,
     SinusoidalPositionalEncoding,
     Transformer,
 )
+from graphheads.types import AttentionOutput, KVCache, RoutingOutput
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttentionOutput",
@@ -35,6 +39,7 @@ __all__ = [
     "FeedForward",
     "GoHAttention",
     "GraphRouter",
+    "HeadGCNConv",
     "HeadGraph",
     "HeadMessagePassing",
     "KVCache",
@@ -47,6 +52,8 @@ __all__ = [
     "RoutingOutput",
     "SinusoidalPositionalEncoding",
     "Transformer",
+    "TransformerBlock",
+    "TransformerStack",
     "__version__",
     "scaled_dot_product_attention",
 ]

@@ -22,22 +22,18 @@ The low-level :func:`scaled_dot_product_attention` follows the convention of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from graphheads.moh import RoutingOutput
+from graphheads.types import AttentionOutput, KVCache
 
 __all__ = [
-    "AttentionOutput",
-    "KVCache",
     "MultiHeadAttention",
     "build_attention_bias",
     "scaled_dot_product_attention",
+    "self_attention_mask",
 ]
 
 
@@ -50,7 +46,7 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
-    fused: bool = True,
+    fused_attention: bool = True,
 ) -> Tensor:
     r"""Attention(Q, K, V) = softmax(Q K^T / sqrt(e) + M) V.
 
@@ -63,15 +59,16 @@ def scaled_dot_product_attention(
         dropout_p: dropout probability on the attention weights.
         is_causal: top-left aligned causal mask (needs ``attn_mask=None``), as in PyTorch.
         scale: score scale; defaults to ``1 / sqrt(e)``.
-        fused: use :func:`torch.nn.functional.scaled_dot_product_attention` (same result,
-            faster). ``fused=False`` runs the plain math below, kept as the readable oracle.
+        fused_attention: use :func:`torch.nn.functional.scaled_dot_product_attention`
+            (same result, faster). ``False`` runs the plain math below, kept as the
+            readable oracle.
 
     Returns:
         (..., t, e_v).
     """
     if is_causal and attn_mask is not None:
         raise ValueError("scaled_dot_product_attention: pass either attn_mask or is_causal=True")
-    if fused:
+    if fused_attention:
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -113,6 +110,9 @@ def build_attention_bias(
 ) -> Tensor | None:
     """Merge the user-facing masks into one additive bias of shape (b or 1, h or 1, t, s).
 
+    ``attn_mask`` may be (t, s), (b * h, t, s) or 4-D (b or 1, h or 1, t or 1, s), the
+    size-1 axes broadcast: a bias this function returned can be passed back in, which is
+    how a stack builds its mask once and hands it to every layer.
     Returns ``None`` when no mask applies. Raises ValueError for a mask of the wrong shape.
     """
     b, h, t, s = batch_size, num_heads, query_len, key_len
@@ -131,12 +131,18 @@ def build_attention_bias(
             bias = as_bias(attn_mask).view(1, 1, t, s)
         elif shape == (b * h, t, s):
             bias = as_bias(attn_mask).view(b, h, t, s)
-        elif shape == (b, h, t, s):
+        elif (
+            len(shape) == 4
+            and shape[0] in (1, b)
+            and shape[1] in (1, h)
+            and shape[2] in (1, t)
+            and shape[3] == s
+        ):
             bias = as_bias(attn_mask)
         else:
             raise ValueError(
                 f"{owner}: attn_mask has shape {shape}; expected ({t}, {s}), "
-                f"({b * h}, {t}, {s}) or ({b}, {h}, {t}, {s})"
+                f"({b * h}, {t}, {s}) or ({b} or 1, {h} or 1, {t} or 1, {s})"
             )
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (b, s):
@@ -146,7 +152,7 @@ def build_attention_bias(
             )
         padding = as_bias(key_padding_mask).view(b, 1, 1, s)
         bias = padding if bias is None else bias + padding
-    if is_causal:
+    if is_causal and t > 1:  # one query at the end of the keys sees them all
         offset = s - t  # keys already in the cache come before the first query
         future = torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=offset + 1)
         causal = as_bias(future).view(1, 1, t, s)
@@ -154,38 +160,40 @@ def build_attention_bias(
     return bias
 
 
-@dataclass
-class KVCache:
-    """Keys and values of the tokens seen so far by one attention module.
+def self_attention_mask(
+    *,
+    batch_size: int,
+    num_heads: int,
+    query_len: int,
+    key_len: int,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor | None, bool]:
+    """The self-attention mask of a whole stack, built once per forward.
 
-    A forward pass never mutates a cache: it returns a new one (immutable style, no
-    hidden state on the module).
+    Returns ``(attn_mask, is_causal)`` to pass to every layer: no mask, or plain causal
+    attention with as many queries as keys, stays as it is (``is_causal=True`` lets the
+    kernels use their own causal path, nothing materialised); anything else becomes one
+    additive bias (b or 1, h or 1, t, s) with ``is_causal=False``.
     """
-
-    key: Tensor  # (b, h, s, e)
-    value: Tensor  # (b, h, s, e)
-
-    @property
-    def length(self) -> int:
-        return int(self.key.size(-2))
-
-    def append(self, key: Tensor, value: Tensor) -> KVCache:
-        return KVCache(torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2))
-
-
-@dataclass
-class AttentionOutput:
-    """What an attention module returns.
-
-    Attributes:
-        output: (b, t, d) attention output after the output projection.
-        routing: the head routing for routed attention (MoH / GoH), else ``None``.
-        cache: the updated key/value cache when ``use_cache=True``, else ``None``.
-    """
-
-    output: Tensor
-    routing: RoutingOutput | None = None
-    cache: KVCache | None = None
+    if attn_mask is None and key_padding_mask is None and (not is_causal or query_len == key_len):
+        return None, is_causal
+    bias = build_attention_bias(
+        batch_size=batch_size,
+        num_heads=num_heads,
+        query_len=query_len,
+        key_len=key_len,
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        dtype=dtype,
+        device=device,
+        owner="self_attention_mask",
+    )
+    return bias, False
 
 
 class MultiHeadAttention(nn.Module):
@@ -202,8 +210,8 @@ class MultiHeadAttention(nn.Module):
         num_heads: number of heads ``h``; must divide ``d_model``.
         dropout: dropout on the attention weights (default ``0.0``).
         bias: whether the four projections have a bias (default ``True``).
-        fused: use PyTorch's fused SDPA kernel (default ``True``); ``False`` runs the plain
-            math path. Both give the same result.
+        fused_attention: use PyTorch's fused SDPA kernel (default ``True``); ``False``
+            runs the plain math path. Both give the same result.
 
     Shapes:
         - query (b, t, d); key and value (b, s, d), default to ``query`` (self-attention).
@@ -219,7 +227,7 @@ class MultiHeadAttention(nn.Module):
         *,
         dropout: float = 0.0,
         bias: bool = True,
-        fused: bool = True,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -237,7 +245,7 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.dropout = dropout
-        self.fused = fused
+        self.fused_attention = fused_attention
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -358,7 +366,7 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if is_causal and attn_mask is None and key_padding_mask is None and t == s:
             return scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=dropout_p, fused=self.fused
+                q, k, v, is_causal=True, dropout_p=dropout_p, fused_attention=self.fused_attention
             )
         bias = self.attention_bias(
             q,
@@ -368,7 +376,7 @@ class MultiHeadAttention(nn.Module):
             is_causal=is_causal,
         )
         return scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=dropout_p, fused=self.fused
+            q, k, v, attn_mask=bias, dropout_p=dropout_p, fused_attention=self.fused_attention
         )
 
     def forward(
@@ -383,13 +391,15 @@ class MultiHeadAttention(nn.Module):
         kv_cache: KVCache | None = None,
         use_cache: bool = False,
         head_states: Tensor | None = None,
+        token_mask: Tensor | None = None,
     ) -> AttentionOutput:
         """Attend from ``query`` to ``key``/``value`` (default: self-attention).
 
         ``kv_cache`` holds keys and values of earlier tokens (self-attention decoding);
         with ``use_cache=True`` the returned :class:`AttentionOutput` carries the cache
-        extended by this call's tokens. ``head_states`` is accepted for interface
-        compatibility with routed attention and must be ``None`` here.
+        extended by this call's tokens. ``head_states`` and ``token_mask`` belong to the
+        interface of routed attention: ``head_states`` must be ``None`` here and
+        ``token_mask`` (which only the load-balance loss reads) is ignored.
         """
         if head_states is not None:
             raise ValueError(f"{type(self).__name__}: head_states is only used by GoH attention")

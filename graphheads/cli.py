@@ -167,11 +167,6 @@ def _convert(args: argparse.Namespace) -> int:
     )
     after = held_out_loss(model)
     settings = {
-        "base_model": str(Path(args.model).resolve()),
-        "num_shared": args.num_shared,
-        "top_k": args.top_k,
-        "feature_dim": args.feature_dim,
-        "num_layers": args.graph_layers,
         "steps": args.steps,
         "mode": args.mode,
         "head_importance": importance.tolist(),
@@ -181,7 +176,7 @@ def _convert(args: argparse.Namespace) -> int:
             "kind": "lm loss" if causal else "1 - cosine to the original embedding",
         },
     }
-    out = hf.save_converted(model, args.out, settings)
+    out = hf.save_converted(model, args.out, base_model=args.model, extra=settings)
     print(json.dumps({"out": str(out), **settings["held_out_loss"]}, indent=2))
     return 0
 

@@ -9,29 +9,31 @@ are carried along, and a PyTorch Geometric ``MessagePassing`` layer built with
 .. math::
     Z \leftarrow Z + \sigma(\mathrm{conv}_l(Z, \mathcal{E}, w)), \quad l = 1, \dots, L
 
-The default layer is :class:`torch_geometric.nn.GCNConv` (Kipf & Welling 2017), whose
-update is :math:`\hat{D}^{-1/2} (A + I) \hat{D}^{-1/2} Z \Theta + b` with degrees taken
-at the target node, recomputed at every forward (never ``cached=True``: edge weights may
-be learnable). For GCN there is a fused dense path: :func:`gcn_norm_dense` gives the
-normalised h x h matrix P once per forward, and each layer is one GEMM of the tokens'
-flattened (h f) features with the Kronecker matrix of P and the layer's weight. It gives
-the same numbers as the PyG path and is the fast default.
+The default layer is :class:`HeadGCNConv`, the GCN of Kipf & Welling 2017 as PyG's
+``GCNConv`` computes it, whose fast dense propagation is its own
+``message_and_aggregate`` (as ``GCNConv`` has one for sparse adjacency): the
+normalised (h, h) matrix P is built once per forward, the features are transformed by
+one (N h, f) x (f, f) GEMM, then propagated by P. Per token that is
+``h f^2 + h^2 f`` multiply-adds. Any other PyG layer works through ``propagate``.
 
-Shape legend: h heads, f features, E edges.
+Shape legend: h heads, f features, E edges, N leading positions (batch x tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import GCNConv, MessagePassing
+from torch_geometric.nn import MessagePassing
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
-__all__ = ["HeadMessagePassing", "gcn_norm_dense", "make_conv"]
+__all__ = ["HeadGCNConv", "HeadMessagePassing", "gcn_norm_dense", "make_conv"]
 
 ConvFactory = Callable[[int], MessagePassing]
+Propagation = Literal["dense", "edges"]
 
 
 def gcn_norm_dense(edge_index: Tensor, edge_weight: Tensor | None, num_nodes: int) -> Tensor:
@@ -39,8 +41,9 @@ def gcn_norm_dense(edge_index: Tensor, edge_weight: Tensor | None, num_nodes: in
     from head j to head i, :math:`\hat{D}^{-1/2} (A^\top + I) \hat{D}^{-1/2}` with
     :math:`\hat{D}_{ii} = \sum_j (A^\top + I)_{ij}`.
 
-    Matches PyG's ``gcn_norm`` with ``add_self_loops=True``: a head that already has a
-    self-loop keeps its weight, every other head gets a self-loop of weight 1.
+    Matches PyG's ``gcn_norm`` with ``add_self_loops=True`` on a coalesced graph (every
+    :class:`~graphheads.graph.HeadGraph` is): a head that already has a self-loop keeps
+    its weight, every other head gets a self-loop of weight 1.
     """
     src, dst = edge_index[0], edge_index[1]
     if edge_weight is None:
@@ -56,12 +59,90 @@ def gcn_norm_dense(edge_index: Tensor, edge_weight: Tensor | None, num_nodes: in
     return inv_sqrt[:, None] * incoming * inv_sqrt[None, :]
 
 
+class HeadGCNConv(MessagePassing):
+    r"""The graph convolution of Kipf & Welling 2017 ("Semi-Supervised Classification
+    with Graph Convolutional Networks", https://arxiv.org/abs/1609.02907) over the head
+    axis, equal to PyG's ``GCNConv(in_channels, out_channels, node_dim=-2)``:
+
+    .. math::
+        Z' = \hat{D}^{-1/2} (A^\top + I) \hat{D}^{-1/2} Z \Theta^\top + b
+
+    Args:
+        in_channels: input feature width.
+        out_channels: output feature width.
+        bias: add a learnable bias (default ``True``).
+        propagation: ``"dense"`` (default) propagates with the (h, h) matrix in
+            :meth:`message_and_aggregate`; ``"edges"`` runs PyG's ``propagate`` over the
+            edge list (the reference; same numbers, slower on small graphs).
+
+    The normalisation is recomputed at every call (edge weights may be learnable).
+    Parameter names (``lin.weight``, ``bias``) are ``GCNConv``'s, so its state dict loads.
+
+    Shapes: x (..., h, in_channels), edge_index (2, E), edge_weight (E,) ->
+    (..., h, out_channels).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        bias: bool = True,
+        propagation: Propagation = "dense",
+    ) -> None:
+        super().__init__(aggr="add", node_dim=-2)
+        if propagation not in ("dense", "edges"):
+            raise ValueError(
+                f"HeadGCNConv: propagation must be 'dense' or 'edges', got {propagation!r}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.propagation: Propagation = propagation
+        self.lin = nn.Linear(in_channels, out_channels, bias=False)
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.xavier_uniform_(self.lin.weight)  # glorot, as GCNConv
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+        num_nodes = x.size(-2)
+        x = self.lin(x)  # (..., h, f'): one GEMM over all tokens and heads
+        if self.propagation == "dense":
+            adj_t = gcn_norm_dense(edge_index, edge_weight, num_nodes).to(x.dtype)  # (h, h)
+            out = self.message_and_aggregate(adj_t, x)
+        else:
+            edge_index, norm = gcn_norm(edge_index, edge_weight, num_nodes, add_self_loops=True)
+            out = self.propagate(edge_index, x=x, edge_weight=norm)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def message(self, x_j: Tensor, edge_weight: Tensor) -> Tensor:
+        return edge_weight.view(-1, 1) * x_j
+
+    def message_and_aggregate(self, adj_t: Tensor, x: Tensor) -> Tensor:
+        """Messages and their sum in one product: ``adj_t`` (h, h) is the normalised
+        matrix with ``adj_t[i, j]`` the weight of head j's message to head i."""
+        return torch.einsum("ij,...jf->...if", adj_t, x)  # (..., h, f)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.in_channels}, {self.out_channels}, "
+            f"propagation={self.propagation!r})"
+        )
+
+
 def make_conv(name: str, feature_dim: int) -> MessagePassing:
-    """A PyG layer by name, over the head axis: "gcn", "lightgcn" (LGConv), "graphconv"."""
+    """A layer by name, over the head axis: "gcn" (:class:`HeadGCNConv`), "lightgcn"
+    (PyG ``LGConv``), "graphconv" (PyG ``GraphConv``)."""
     from torch_geometric.nn import GraphConv, LGConv
 
     if name == "gcn":
-        return GCNConv(feature_dim, feature_dim, node_dim=-2, cached=False)
+        return HeadGCNConv(feature_dim, feature_dim)
     if name == "lightgcn":
         return LGConv(node_dim=-2)
     if name == "graphconv":
@@ -78,8 +159,9 @@ class HeadMessagePassing(nn.Module):
         conv: a layer name for :func:`make_conv`, or a callable ``feature_dim ->
             MessagePassing`` (build it with ``node_dim=-2``; never ``cached=True``).
         activation: non-linearity applied to each layer's output before the residual add.
-        fused: use the fused dense path where it applies (GCNConv layers with default
-            normalisation); it gives the same numbers as the PyG path.
+
+    Every layer is called as ``layer(z, edge_index, edge_weight)``: how fast it
+    propagates is the layer's own business (:class:`HeadGCNConv` is dense).
 
     Shapes: z (..., h, f), edge_index (2, E), edge_weight (E,) -> (..., h, f).
     """
@@ -91,7 +173,6 @@ class HeadMessagePassing(nn.Module):
         *,
         conv: str | ConvFactory = "gcn",
         activation: Callable[[Tensor], Tensor] = F.gelu,
-        fused: bool = True,
     ) -> None:
         super().__init__()
         if num_layers < 0:
@@ -113,36 +194,8 @@ class HeadMessagePassing(nn.Module):
                     "normalisation of learnable edge weights; build it with cached=False"
                 )
         self.activation = activation
-        self.fused = fused
-
-    @property
-    def can_fuse(self) -> bool:
-        """True when every layer is a GCNConv with the default normalisation."""
-        return all(
-            type(layer) is GCNConv
-            and layer.normalize
-            and layer.add_self_loops
-            and not layer.improved
-            and getattr(layer.lin, "bias", None) is None
-            for layer in self.layers
-        )
 
     def forward(self, z: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
-        if not self.layers:
-            return z
-        if self.fused and self.can_fuse:
-            h, f = z.shape[-2:]
-            prop = gcn_norm_dense(edge_index, edge_weight, h).to(z.dtype)  # (h, h)
-            flat = z.flatten(-2)  # (..., h f): one row per token
-            for layer in self.layers:
-                assert isinstance(layer, GCNConv)
-                # P Z W^T for every token as one GEMM with the (h f, h f) Kronecker matrix
-                # M[(j, g), (i, f)] = P[i, j] W[f, g]: no per-token small matmuls or permutes
-                msg = flat @ torch.kron(prop.T, layer.lin.weight.T)  # (..., h f)
-                if layer.bias is not None:
-                    msg = msg + layer.bias.repeat(h)
-                flat = flat + self.activation(msg)
-            return flat.unflatten(-1, (h, f))
         for layer in self.layers:
             z = z + self.activation(layer(z, edge_index, edge_weight))
         return z

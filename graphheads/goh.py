@@ -6,7 +6,7 @@ Per token with router input x (the attention's query input)::
     Z  = Z + act(conv_l(Z, edge_index, edge_weight))      # l = 1..L, over the head graph
     s  = Z u + b                                          # one score per head (b: prior)
     routed logits = s[h_s:], shared logits = s[:h_s], two-stage logits = x W_h
-    -> the MoH gate of graphheads.moh
+    -> the MoH gate of graphheads.gates
 
 With ``num_layers=0`` this is a linear MoH router (scores ``x W_in u + E u``).
 ``Z_prev`` are the previous layer's final head states (``carry_head_states``): an edge
@@ -18,26 +18,18 @@ Shape legend: b batch, t tokens, h heads, f node features, d model width.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
 import torch
 from torch import Tensor, nn
 
+from graphheads.gates import GateConvention, check_routing_config, moh_gates
 from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
-from graphheads.moh import (
-    Execution,
-    GateConvention,
-    RoutedAttention,
-    RoutingOutput,
-    check_routing_config,
-    moh_gates,
-)
+from graphheads.routed import Execution, RoutedAttention
+from graphheads.types import RoutingOutput
 
-if TYPE_CHECKING:
-    from graphheads.transformer import ModelConfig
-
-__all__ = ["GoHAttention", "GraphRouter", "build_goh_attention", "collect_head_graphs"]
+__all__ = ["GoHAttention", "GraphRouter", "collect_head_graphs"]
 
 
 class GraphRouter(nn.Module):
@@ -52,8 +44,7 @@ class GraphRouter(nn.Module):
             learnable edge weights). Its ``num_heads`` must equal ``num_heads``.
         feature_dim: node feature width F (default 16).
         num_layers: message-passing layers L (default 2; 0 = linear MoH router).
-        conv: PyG layer name or factory (see :class:`~graphheads.gnn.HeadMessagePassing`).
-        fused: use the fused dense GCN path where it applies.
+        conv: layer name or factory (see :class:`~graphheads.gnn.HeadMessagePassing`).
         carry_head_states: accept the previous layer's head states in ``forward``.
         gate_convention: "reference" or "paper" (see :class:`~graphheads.moh.MoHRouter`).
         hard_gates: 0/1 gates with a straight-through estimator.
@@ -78,7 +69,6 @@ class GraphRouter(nn.Module):
         feature_dim: int = 16,
         num_layers: int = 2,
         conv: str | ConvFactory = "gcn",
-        fused: bool = True,
         carry_head_states: bool = False,
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
@@ -108,7 +98,7 @@ class GraphRouter(nn.Module):
         self.graph = graph
         self.in_proj = nn.Linear(d_model, num_heads * feature_dim, bias=False)
         self.head_embedding = nn.Parameter(torch.empty(num_heads, feature_dim))
-        self.message_passing = HeadMessagePassing(feature_dim, num_layers, conv=conv, fused=fused)
+        self.message_passing = HeadMessagePassing(feature_dim, num_layers, conv=conv)
         self.score = nn.Linear(feature_dim, 1, bias=False)
         self.score_bias = nn.Parameter(torch.zeros(num_heads))
         has_both = num_shared > 0 and num_heads - num_shared > 0
@@ -166,8 +156,16 @@ class GraphRouter(nn.Module):
         return self.score(z).squeeze(-1) + self.score_bias, z  # (b, t, h), (b, t, h, F)
 
     def forward(
-        self, x: Tensor, *, queries: Tensor | None = None, head_states: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        queries: Tensor | None = None,
+        head_states: Tensor | None = None,
+        token_mask: Tensor | None = None,
     ) -> RoutingOutput:
+        """Routing for router input x (b, t, d); ``head_states`` (b, t, h, F) from the
+        previous layer (carry only); ``token_mask`` (b, t) True at the tokens the
+        load-balance loss counts. ``queries`` is unused (interface of the routers)."""
         scores, z = self.head_scores(x, head_states)
         h_s = self.num_shared
         routing = moh_gates(
@@ -178,19 +176,19 @@ class GraphRouter(nn.Module):
             top_k=self.top_k,
             gate_convention=self.gate_convention,
             hard_gates=self.hard_gates,
+            token_mask=token_mask,
         )
-        routing.head_states = z
-        return routing
+        return dataclasses.replace(routing, head_states=z)
 
 
 class GoHAttention(RoutedAttention):
     """Graph-of-Heads attention: :class:`~graphheads.attention.MultiHeadAttention`
     projections plus a :class:`GraphRouter` (``self.router``); gates scale each head's
-    output before ``out_proj``. Returns :class:`~graphheads.attention.AttentionOutput`.
+    output before ``out_proj``. Returns :class:`~graphheads.types.AttentionOutput`.
 
-    Keyword arguments other than ``dropout``, ``bias``, ``fused`` and ``execution`` (see
-    :class:`~graphheads.moh.RoutedAttention`) go to :class:`GraphRouter`;
-    ``fused_message_passing`` is the router's ``fused``.
+    Keyword arguments other than ``dropout``, ``bias``, ``fused_attention`` and
+    ``execution`` (see :class:`~graphheads.routed.RoutedAttention`) go to
+    :class:`GraphRouter`.
     """
 
     def __init__(
@@ -203,11 +201,10 @@ class GoHAttention(RoutedAttention):
         *,
         dropout: float = 0.0,
         bias: bool = True,
-        fused: bool = True,
+        fused_attention: bool = True,
         feature_dim: int = 16,
         num_layers: int = 2,
         conv: str | ConvFactory = "gcn",
-        fused_message_passing: bool = True,
         carry_head_states: bool = False,
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
@@ -222,7 +219,6 @@ class GoHAttention(RoutedAttention):
             feature_dim=feature_dim,
             num_layers=num_layers,
             conv=conv,
-            fused=fused_message_passing,
             carry_head_states=carry_head_states,
             gate_convention=gate_convention,
             hard_gates=hard_gates,
@@ -233,40 +229,9 @@ class GoHAttention(RoutedAttention):
             router=router,
             dropout=dropout,
             bias=bias,
-            fused=fused,
+            fused_attention=fused_attention,
             execution=execution,
         )
-
-
-def make_head_graph(config: ModelConfig) -> HeadGraph:
-    """The head graph a :class:`~graphheads.transformer.ModelConfig` names."""
-    return HeadGraph.preset(
-        config.graph,
-        config.num_heads,
-        learnable=config.graph_learnable,
-        num_shared=config.num_shared,
-    )
-
-
-def build_goh_attention(
-    config: ModelConfig, *, graph: HeadGraph | None = None, carry: bool = False
-) -> GoHAttention:
-    """GoH attention for one block of a model. ``graph`` shares one graph across blocks;
-    ``carry`` makes the router take the previous layer's head states."""
-    return GoHAttention(
-        config.d_model,
-        config.num_heads,
-        config.num_shared,
-        config.routed_top_k,
-        graph if graph is not None else make_head_graph(config),
-        dropout=config.dropout,
-        feature_dim=config.graph_feature_dim,
-        num_layers=config.graph_layers,
-        carry_head_states=carry,
-        gate_convention=config.gate_convention,
-        hard_gates=config.hard_gates,
-        execution=config.execution,
-    )
 
 
 def collect_head_graphs(model: nn.Module) -> list[HeadGraph]:

@@ -4,6 +4,10 @@ Edges follow PyTorch Geometric's convention: ``edge_index[0]`` holds source head
 ``edge_index[1]`` target heads, and a message travels from source to target.
 :meth:`HeadGraph.adjacency` returns ``A[source, target]``.
 
+Edges are coalesced when a graph is built: sorted by (source, target), and repeated
+(source, target) pairs become one edge whose weight is the sum of theirs (PyG's
+``coalesce``). Every consumer (the dense GCN, PyG layers, plots) sees the same graph.
+
 Edge weights are
 
 * ``"fixed"``: the weights given (a buffer, no gradient);
@@ -25,6 +29,7 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch_geometric.utils import coalesce
 
 __all__ = ["EdgeLearning", "HeadGraph"]
 
@@ -41,7 +46,8 @@ class HeadGraph(nn.Module):
 
     Args:
         num_heads: number of nodes H.
-        edge_index: (2, E) long tensor of (source, target) head ids.
+        edge_index: (2, E) long tensor of (source, target) head ids; repeated pairs are
+            merged into one edge with the summed weight.
         edge_weight: (E,) non-negative weights; default all ones.
         learnable: "fixed", "edge" or "dense" (see the module docstring).
         num_shared: how many heads (the first ones) are always-on shared heads, or
@@ -109,6 +115,8 @@ class HeadGraph(nn.Module):
             )
         if absent_weight <= 0:
             raise ValueError(f"HeadGraph: absent_weight must be > 0, got {absent_weight}")
+        if num_edges:  # one edge per (source, target): repeated pairs add up
+            edge_index, edge_weight = coalesce(edge_index, edge_weight, num_heads, reduce="sum")
         self.num_heads = num_heads
         self.learnable: EdgeLearning = learnable
         self.num_shared = num_shared
@@ -240,7 +248,8 @@ class HeadGraph(nn.Module):
         undirected: bool = False,
         **kwargs: Any,
     ) -> HeadGraph:
-        """From (source, target) pairs; ``undirected=True`` adds each reverse edge too."""
+        """From (source, target) pairs; ``undirected=True`` adds each reverse edge too
+        (a self-loop is its own reverse: it stays one edge). Repeated pairs add up."""
         edge_list = [(int(i), int(j)) for i, j in edges]
         weight_list = [float(w) for w in weights] if weights is not None else None
         if weight_list is not None and len(weight_list) != len(edge_list):
@@ -248,8 +257,10 @@ class HeadGraph(nn.Module):
                 f"HeadGraph.from_edges: {len(weight_list)} weights for {len(edge_list)} edges"
             )
         if undirected:
-            edge_list = edge_list + [(j, i) for i, j in edge_list]
-            weight_list = weight_list + weight_list if weight_list is not None else None
+            reverse = [n for n, (i, j) in enumerate(edge_list) if i != j]
+            edge_list = edge_list + [edge_list[n][::-1] for n in reverse]
+            if weight_list is not None:
+                weight_list = weight_list + [weight_list[n] for n in reverse]
         index = (
             torch.tensor(edge_list, dtype=torch.long).t().reshape(2, -1)
             if edge_list

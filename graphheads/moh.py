@@ -2,22 +2,10 @@ r"""Mixture-of-Head attention (Jin et al. 2024, https://arxiv.org/abs/2410.11842
 
 Heads are experts: every token uses the first ``num_shared`` heads (always on) and the
 ``top_k`` best of the remaining ``num_heads - num_shared`` routed heads; each head's output
-is scaled by its gate before the output projection.
-
-The gate, as the authors' released code computes it (``gate_convention="reference"``),
-per token with router input x::
-
-    p   = softmax(x W_r)                      # routed_gate: d -> H_r
-    m   = one-hot of top-k(p)
-    g_r = k * (p * m) / max(sum(p * m), eps)
-    g_s = h_s * softmax(x W_s)                # shared_gate: d -> h_s (all ones if h_s == 1)
-    a   = 2 * softmax(x W_h)                  # type_gate: d -> 2, two-stage weights
-    g   = [a_0 * g_s, a_1 * g_r]
-
-``gate_convention="paper"`` drops the factors k, h_s and 2 and the renormalisation over
-the chosen heads (equations 5-6 of the paper). The load-balance loss over the tokens of
-a batch is ``L_b = H_r * sum_i P_i f_i`` with ``P_i`` the mean routed probability and
-``f_i`` the fraction of tokens choosing routed head i; at perfect balance ``L_b = top_k``.
+is scaled by its gate before the output projection. :class:`MoHRouter` computes the
+router logits with linear maps of the token (``routed_gate``, ``shared_gate``,
+``type_gate``); :func:`graphheads.gates.moh_gates` turns them into the gate;
+:class:`MoHAttention` is :class:`~graphheads.routed.RoutedAttention` with this router.
 
 Shape legend: b batch, t tokens, h heads, r routed heads, k top-k, d model width,
 e head width.
@@ -25,159 +13,14 @@ e head width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-from graphheads.attention import AttentionOutput, KVCache, MultiHeadAttention
-from graphheads.sparse import sparse_routed_attention
+from graphheads.gates import GateConvention, check_routing_config, moh_gates
+from graphheads.routed import Execution, RoutedAttention
+from graphheads.types import RoutingOutput
 
-__all__ = [
-    "GateConvention",
-    "MoHAttention",
-    "MoHRouter",
-    "RoutedAttention",
-    "RoutingOutput",
-    "load_balance_loss",
-    "moh_gates",
-]
-
-GateConvention = Literal["reference", "paper"]
-Execution = Literal["dense", "sparse"]
-
-
-@dataclass
-class RoutingOutput:
-    """The routing of one attention block.
-
-    Attributes:
-        gates: (b, t, h) the weight of every head's output; 0 for unchosen routed heads.
-        router_probs: (b, t, r) softmax over the routed heads (``p``).
-        routed_mask: (b, t, r) 1.0 where a routed head is chosen (``m``).
-        top_k_indices: (b, t, k) the chosen routed heads, counted among routed heads
-            (add ``num_shared`` for the head index).
-        load_balance_loss: scalar ``H_r * sum_i P_i f_i`` (0 without routed heads).
-        head_states: (b, t, h, f) the graph-router's final node states (GoH only).
-    """
-
-    gates: Tensor
-    router_probs: Tensor
-    routed_mask: Tensor
-    top_k_indices: Tensor
-    load_balance_loss: Tensor
-    head_states: Tensor | None = None
-
-    @property
-    def num_shared(self) -> int:
-        return int(self.gates.size(-1) - self.routed_mask.size(-1))
-
-    @property
-    def active_heads(self) -> Tensor:
-        """(b, t, h) bool: True for every head a token uses (shared heads always)."""
-        shared = self.routed_mask.new_ones((*self.routed_mask.shape[:-1], self.num_shared))
-        return torch.cat([shared, self.routed_mask], dim=-1) > 0
-
-
-def load_balance_loss(router_probs: Tensor, routed_mask: Tensor) -> Tensor:
-    """``H_r * sum_i P_i f_i`` over all tokens: P_i mean probability, f_i mean choice."""
-    num_routed = router_probs.size(-1)
-    if num_routed == 0:
-        return router_probs.new_zeros(())
-    p_mean = router_probs.reshape(-1, num_routed).mean(dim=0)  # (r,)
-    f_mean = routed_mask.reshape(-1, num_routed).mean(dim=0)  # (r,)
-    return num_routed * (p_mean * f_mean).sum()
-
-
-def moh_gates(
-    routed_logits: Tensor,
-    shared_logits: Tensor | None,
-    type_logits: Tensor | None,
-    *,
-    num_shared: int,
-    top_k: int,
-    gate_convention: GateConvention = "reference",
-    hard_gates: bool = False,
-) -> RoutingOutput:
-    """The MoH gate from router logits.
-
-    Args:
-        routed_logits: (b, t, r) scores of the routed heads (r may be 0).
-        shared_logits: (b, t, h_s) scores of the shared heads, or ``None`` for equal
-            weights (used when ``num_shared <= 1``).
-        type_logits: (b, t, 2) two-stage scores [shared, routed], or ``None`` for equal
-            weights (used when there are no shared or no routed heads).
-        num_shared: h_s.
-        top_k: routed heads chosen per token.
-        gate_convention: "reference" (released code) or "paper" (equations 5-6).
-        hard_gates: forward 0/1 gates, backward through the soft gates (straight-through).
-    """
-    reference = gate_convention == "reference"
-    lead = routed_logits.shape[:-1]
-    num_routed = routed_logits.size(-1)
-    probs = routed_logits.softmax(dim=-1)  # (b, t, r)
-    if num_routed > 0:
-        top_idx = torch.topk(probs, top_k, dim=-1).indices  # (b, t, k)
-        mask = torch.zeros_like(probs).scatter(-1, top_idx, 1.0)  # (b, t, r), no one-hot
-        chosen = probs * mask
-        if reference:
-            denom = chosen.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).eps)
-            routed_gates = top_k * chosen / denom
-        else:
-            routed_gates = chosen
-    else:
-        top_idx = torch.zeros((*lead, 0), dtype=torch.long, device=probs.device)
-        mask = routed_gates = probs
-    if num_shared > 0:
-        if shared_logits is None:
-            shared_gates = routed_logits.new_ones((*lead, num_shared))
-            if not reference:
-                shared_gates = shared_gates / num_shared
-        else:
-            shared_gates = shared_logits.softmax(dim=-1) * (num_shared if reference else 1)
-        if num_routed > 0:
-            scale = 2.0 if reference else 1.0
-            if type_logits is None:
-                weights = routed_logits.new_full((*lead, 2), 0.5 * scale)
-            else:
-                weights = type_logits.softmax(dim=-1) * scale  # (b, t, 2)
-            shared_gates = weights[..., :1] * shared_gates
-            routed_gates = weights[..., 1:] * routed_gates
-        gates = torch.cat([shared_gates, routed_gates], dim=-1)  # (b, t, h)
-    else:
-        gates = routed_gates
-    if hard_gates:
-        hard = (gates > 0).to(gates.dtype)
-        gates = hard + (gates - gates.detach())  # exactly 0/1 forward, soft gradient backward
-    return RoutingOutput(
-        gates=gates,
-        router_probs=probs,
-        routed_mask=mask,
-        top_k_indices=top_idx,
-        load_balance_loss=load_balance_loss(probs, mask),
-    )
-
-
-def check_routing_config(owner: str, num_heads: int, num_shared: int, top_k: int) -> None:
-    """ValueError naming the values for an impossible (num_heads, num_shared, top_k)."""
-    if num_heads < 1:
-        raise ValueError(f"{owner}: num_heads must be >= 1, got {num_heads}")
-    if not 0 <= num_shared <= num_heads:
-        raise ValueError(
-            f"{owner}: num_shared ({num_shared}) must be in [0, num_heads ({num_heads})]"
-        )
-    num_routed = num_heads - num_shared
-    if num_routed > 0 and not 1 <= top_k <= num_routed:
-        raise ValueError(
-            f"{owner}: top_k ({top_k}) must be in [1, routed heads ({num_routed}) = "
-            f"num_heads ({num_heads}) - num_shared ({num_shared})]"
-        )
-    if num_routed == 0 and top_k != 0:
-        raise ValueError(
-            f"{owner}: top_k ({top_k}) must be 0 when every head is shared "
-            f"(num_shared == num_heads == {num_heads})"
-        )
+__all__ = ["MoHAttention", "MoHRouter"]
 
 
 class MoHRouter(nn.Module):
@@ -276,8 +119,16 @@ class MoHRouter(nn.Module):
         return self.routed_gate(x)
 
     def forward(
-        self, x: Tensor, *, queries: Tensor | None = None, head_states: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        queries: Tensor | None = None,
+        head_states: Tensor | None = None,
+        token_mask: Tensor | None = None,
     ) -> RoutingOutput:
+        """Routing for router input x (b, t, d); ``queries`` (b, t, h, e) for the
+        parameter-free router; ``token_mask`` (b, t) True at the tokens the load-balance
+        loss counts."""
         if head_states is not None:
             raise ValueError("MoHRouter: head_states is only used by the graph-router")
         if x.size(-1) != self.d_model:
@@ -290,97 +141,13 @@ class MoHRouter(nn.Module):
             top_k=self.top_k,
             gate_convention=self.gate_convention,
             hard_gates=self.hard_gates,
+            token_mask=token_mask,
         )
-
-
-class RoutedAttention(MultiHeadAttention):
-    """Multi-head attention whose head outputs are scaled by a router's gates before
-    ``out_proj``. The router is any module with ``num_heads`` and
-    ``forward(x, *, queries, head_states) -> RoutingOutput`` (:class:`MoHRouter`,
-    :class:`~graphheads.goh.GraphRouter`).
-
-    Projections keep the :class:`MultiHeadAttention` names (``q_proj``, ``k_proj``,
-    ``v_proj``, ``out_proj``). Routing of token t reads only token t (the query input),
-    so causal models stay causal and decoding with a cache routes as a full pass does.
-
-    ``execution="dense"`` (default) computes every head and multiplies by the gates
-    (static shapes: ``torch.compile``, DDP, FSDP); ``"sparse"`` computes only the active
-    (token, head) pairs (:mod:`graphheads.sparse`), with equal results.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        *,
-        router: nn.Module,
-        dropout: float = 0.0,
-        bias: bool = True,
-        fused: bool = True,
-        execution: Execution = "dense",
-    ) -> None:
-        super().__init__(d_model, num_heads, dropout=dropout, bias=bias, fused=fused)
-        if execution not in ("dense", "sparse"):
-            raise ValueError(
-                f"{type(self).__name__}: execution must be 'dense' or 'sparse', got {execution!r}"
-            )
-        self.execution: Execution = execution
-        self.sparse_chunk_rows = 64  # rows per routed head per chunk on the sparse path
-        if getattr(router, "num_heads", None) != num_heads:
-            raise ValueError(
-                f"{type(self).__name__}: router has {getattr(router, 'num_heads', None)} heads, "
-                f"attention has num_heads={num_heads}"
-            )
-        self.router = router
-
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor | None = None,
-        value: Tensor | None = None,
-        *,
-        attn_mask: Tensor | None = None,
-        key_padding_mask: Tensor | None = None,
-        is_causal: bool = False,
-        kv_cache: KVCache | None = None,
-        use_cache: bool = False,
-        head_states: Tensor | None = None,
-    ) -> AttentionOutput:
-        key = query if key is None else key
-        value = key if value is None else value
-        self.check_inputs(query, key, value)
-        sparse = self.execution == "sparse"
-        needs_queries = bool(getattr(self.router, "parameter_free", False))
-        q = self.project_query(query) if not sparse or needs_queries else None  # (b, h, t, e)
-        routing: RoutingOutput = self.router(
-            query, queries=None if q is None else q.transpose(1, 2), head_states=head_states
-        )
-        kv = self.project_kv(key, value, kv_cache)
-        cache = kv if use_cache else None
-        if sparse:
-            output = sparse_routed_attention(
-                self,
-                query,
-                kv,
-                routing,
-                attn_mask=attn_mask,
-                key_padding_mask=key_padding_mask,
-                is_causal=is_causal,
-                q=q,
-                chunk_rows=self.sparse_chunk_rows,
-            )
-            return AttentionOutput(output, routing, cache)
-        assert q is not None
-        heads = self.attend(
-            q, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
-        )
-        gated = heads * routing.gates.transpose(1, 2).unsqueeze(-1)  # (b, h, t, e)
-        return AttentionOutput(self.out_proj(self.merge_heads(gated)), routing, cache)
 
 
 class MoHAttention(RoutedAttention):
     """Mixture-of-Head attention: :class:`MultiHeadAttention` plus a :class:`MoHRouter`
-    (``self.router``). Returns :class:`~graphheads.attention.AttentionOutput` whose
+    (``self.router``). Returns :class:`~graphheads.types.AttentionOutput` whose
     ``routing`` is the block's :class:`RoutingOutput`.
 
     Args:
@@ -390,11 +157,12 @@ class MoHAttention(RoutedAttention):
         top_k: routed heads per token.
         dropout: dropout on the attention weights.
         bias: whether the projections have a bias.
-        fused: use PyTorch's fused attention kernel.
+        fused_attention: use PyTorch's fused attention kernel.
         gate_convention: "reference" or "paper" (see :class:`MoHRouter`).
         hard_gates: 0/1 gates with a straight-through estimator.
         parameter_free: the MoH-LLaMA3 router (see :class:`MoHRouter`).
-        execution: "dense" (default) or "sparse" (see :class:`RoutedAttention`).
+        execution: "dense" (default) or "sparse" (see
+            :class:`~graphheads.routed.RoutedAttention`).
     """
 
     def __init__(
@@ -406,7 +174,7 @@ class MoHAttention(RoutedAttention):
         *,
         dropout: float = 0.0,
         bias: bool = True,
-        fused: bool = True,
+        fused_attention: bool = True,
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
         parameter_free: bool = False,
@@ -427,6 +195,6 @@ class MoHAttention(RoutedAttention):
             router=router,
             dropout=dropout,
             bias=bias,
-            fused=fused,
+            fused_attention=fused_attention,
             execution=execution,
         )

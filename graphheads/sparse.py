@@ -13,7 +13,9 @@ batched attention calls cover every routed head, a chunk of rows at a time:
     o    (p, m, e)  = attention of those rows over the keys of their head
     y   += index_add over tokens of  (g * o) W_o[:, head]^T     # only active slices
 
-The result equals the dense masked path (outputs and gradients) up to rounding. The path
+The result equals the dense masked path (outputs and gradients) up to rounding. It is a
+function of tensors (inputs, keys, values, gates, weights), not of a module, so any
+attention module can call it (:class:`~graphheads.routed.RoutedAttention` does). The path
 reads the active counts (one host sync), so it is meant for inference and long sequences;
 training uses the static-shape dense path (``torch.compile``, DDP and FSDP friendly).
 
@@ -24,60 +26,63 @@ rows per routed head, e head width, d model width.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from graphheads.attention import KVCache, scaled_dot_product_attention
-
-if TYPE_CHECKING:
-    from graphheads.moh import RoutedAttention, RoutingOutput
+from graphheads.attention import scaled_dot_product_attention
 
 __all__ = ["sparse_routed_attention"]
 
 
 def sparse_routed_attention(
-    attn: RoutedAttention,
     query: Tensor,
-    kv: KVCache,
-    routing: RoutingOutput,
+    key: Tensor,
+    value: Tensor,
+    gates: Tensor,
+    routed_mask: Tensor,
     *,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
-    q: Tensor | None = None,
+    q_weight: Tensor,
+    q_bias: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
+    attn_bias: Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    fused_attention: bool = True,
+    queries: Tensor | None = None,
     chunk_rows: int = 64,
 ) -> Tensor:
     """Routed attention output (b, t, d), computing only the active (token, head) pairs.
 
-    ``q`` (b, h, t, e) are all queries when the caller already has them (the
-    parameter-free router needs them); otherwise only the active ones are projected.
-    Routed rows go in chunks of ``chunk_rows`` per head: a causal chunk reads only the
-    keys up to its last position, and under autograd each chunk is recomputed in the
-    backward pass instead of keeping its (rows x keys) mask.
+    Args:
+        query: (b, t, d) the query inputs (before the query projection).
+        key, value: (b, h, s, e) projected keys and values of every head.
+        gates: (b, t, h) head gates; the first ``h - r`` heads are the shared ones.
+        routed_mask: (b, t, r) 1.0 where a routed head is active.
+        q_weight, q_bias: the query projection, (h e, d) and (h e,).
+        out_weight, out_bias: the output projection, (d, h e) and (d,).
+        attn_bias: additive mask (b or 1, h or 1, t, s), or ``None``.
+        is_causal: bottom-right causal attention (only with ``attn_bias=None``).
+        dropout_p: dropout on the attention weights.
+        fused_attention: PyTorch's SDPA kernel (else the plain math path).
+        queries: (b, h, t, e) all projected queries when the caller already has them
+            (the parameter-free router needs them); otherwise only active ones are made.
+        chunk_rows: routed rows per chunk. A causal chunk reads only the keys up to its
+            last position, and under autograd each chunk is recomputed in the backward
+            pass instead of keeping its (rows x keys) mask.
     """
+    if is_causal and attn_bias is not None:
+        raise ValueError("sparse_routed_attention: pass either attn_bias or is_causal=True")
     b, t, d = query.shape
-    h, e = attn.num_heads, attn.head_dim
-    h_s = routing.num_shared
-    r = h - h_s
-    k, v = kv.key, kv.value  # (b, h, s, e)
-    s = k.size(-2)
-    dropout_p = attn.dropout if attn.training else 0.0
-    gates = routing.gates  # (b, t, h)
-    w_q, w_o = attn.q_proj.weight, attn.out_proj.weight  # (h e, d), (d, h e)
-    b_q = attn.q_proj.bias
-    simple_causal = is_causal and attn_mask is None and key_padding_mask is None
-    bias = None
-    if not simple_causal and (is_causal or attn_mask is not None or key_padding_mask is not None):
-        bias = attn.attention_bias(
-            query,
-            key_len=s,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-        )  # (b or 1, h or 1, t, s)
+    h, s, e = key.size(1), key.size(-2), key.size(-1)
+    r = routed_mask.size(-1)
+    h_s = h - r
+    k, v = key, value
+    w_q, w_o, b_q = q_weight, out_weight, q_bias  # (h e, d), (d, h e), (h e,)
+    q = queries
+    bias = attn_bias
     out = query.new_zeros(b, t, d)
     if h_s > 0:  # shared heads: every token, dense
         if q is not None:
@@ -87,21 +92,31 @@ def sparse_routed_attention(
             if b_q is not None:
                 q_s = q_s + b_q[: h_s * e]
             q_s = q_s.view(b, t, h_s, e).transpose(1, 2)  # (b, h_s, t, e)
-        if simple_causal and t == s:
+        if is_causal and t == s:
             o_s = scaled_dot_product_attention(
-                q_s, k[:, :h_s], v[:, :h_s], is_causal=True, dropout_p=dropout_p, fused=attn.fused
+                q_s,
+                k[:, :h_s],
+                v[:, :h_s],
+                is_causal=True,
+                dropout_p=dropout_p,
+                fused_attention=fused_attention,
             )
         else:
-            mask = _causal_allowed(t, s, query.device) if simple_causal else bias
+            mask = _causal_allowed(t, s, query.device) if is_causal else bias
             if mask is not None and mask.dim() == 4 and mask.size(1) == h:
                 mask = mask[:, :h_s]
             o_s = scaled_dot_product_attention(
-                q_s, k[:, :h_s], v[:, :h_s], attn_mask=mask, dropout_p=dropout_p, fused=attn.fused
+                q_s,
+                k[:, :h_s],
+                v[:, :h_s],
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                fused_attention=fused_attention,
             )
         o_s = o_s * gates[..., :h_s].transpose(1, 2).unsqueeze(-1)  # (b, h_s, t, e)
         out = out + o_s.transpose(1, 2).reshape(b, t, h_s * e) @ w_o[:, : h_s * e].T
     if r > 0:
-        active = routing.routed_mask > 0  # (b, t, r)
+        active = routed_mask > 0  # (b, t, r)
         counts = active.sum(dim=1).reshape(b * r)  # active tokens per (sequence, routed head)
         pairs = counts.nonzero().squeeze(1)  # (p,) the (sequence, head) pairs with work
         m = int(counts.max())  # rows per pair (host syncs: this path is for inference)
@@ -117,6 +132,8 @@ def sparse_routed_attention(
             v_r = v[:, h_s:].reshape(b * r, s, e)
             if n_pairs < b * r:  # only the pairs with work (e.g. decoding one token)
                 k_r, v_r = k_r[pairs], v_r[pairs]  # (p, s, e)
+            if bias is not None:
+                bias = bias.expand(b, h, t, s)[:, h_s:].reshape(b * r, t, s)[pairs]
             chunk = functools.partial(
                 _routed_chunk,
                 query=query,
@@ -125,19 +142,17 @@ def sparse_routed_attention(
                 b_q=None if b_q is None else b_q[h_s * e :].view(r, 1, e)[head],  # (p, 1, e)
                 w_o=w_o[:, h_s * e :].view(d, r, e).permute(1, 2, 0)[head],  # (p, e, d)
                 q_all=None if q is None else q[:, h_s:].reshape(b * r, t, e)[pairs],
-                bias=None
-                if bias is None
-                else bias.expand(b, h, t, s)[:, h_s:].reshape(b * r, t, s)[pairs],
-                causal_offset=s - t if simple_causal else None,
+                bias=bias,
+                causal_offset=s - t if is_causal else None,
                 dropout_p=dropout_p,
-                fused=attn.fused,
+                fused_attention=fused_attention,
             )
             flat_out = out.view(b * t, d)
             for start in range(0, m, chunk_rows):
                 rows = slice(start, min(m, start + chunk_rows))
                 idx_c = idx[:, rows]  # (p, c)
                 # causal: this chunk's rows see keys up to its last position, no further
-                limit = int(idx_c.max()) + s - t + 1 if simple_causal else s
+                limit = int(idx_c.max()) + s - t + 1 if is_causal else s
                 args = (idx_c, valid[:, rows], g[:, rows], k_r[:, :limit], v_r[:, :limit])
                 if torch.is_grad_enabled():  # recompute in backward: no (rows x keys) mask is kept
                     y = checkpoint(chunk, *args, use_reentrant=False)
@@ -145,8 +160,8 @@ def sparse_routed_attention(
                     y = chunk(*args)
                 # in place: autograd needs only the indices
                 flat_out.index_add_(0, (seq.unsqueeze(1) * t + idx_c).reshape(-1), y.reshape(-1, d))
-    if attn.out_proj.bias is not None:
-        out = out + attn.out_proj.bias
+    if out_bias is not None:
+        out = out + out_bias
     return out
 
 
@@ -166,7 +181,7 @@ def _routed_chunk(
     bias: Tensor | None,
     causal_offset: int | None,
     dropout_p: float,
-    fused: bool,
+    fused_attention: bool,
 ) -> Tensor:
     """Output-projection contributions (p, c, d) of c gathered rows for each of p
     (sequence, routed head) pairs: token positions ``idx`` (p, c), their gates (p, c),
@@ -194,7 +209,7 @@ def _routed_chunk(
         v.unsqueeze(1),
         attn_mask=None if mask is None else mask.unsqueeze(1),
         dropout_p=dropout_p,
-        fused=fused,
+        fused_attention=fused_attention,
     ).squeeze(1)  # (p, c, e)
     o = torch.where(valid.unsqueeze(-1), o * gates.unsqueeze(-1), 0.0)  # padding rows: nothing
     return torch.bmm(o, w_o)  # (p, c, d)

@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from torch import Tensor
 
 from graphheads.graph import HeadGraph
-from graphheads.moh import RoutingOutput
+from graphheads.types import RoutingOutput
 
 __all__ = [
     "draw_head_graph",

@@ -31,7 +31,7 @@ def _compare(mine, ref, query, key, value, **masks):
 @pytest.mark.parametrize("fused", [True, False])
 def test_self_attention_matches_torch(fused):
     mine, ref = _pair()
-    mine.fused = fused
+    mine.fused_attention = fused
     x = torch.randn(2, 7, D)
     _compare(mine, ref, x, x, x)
 
@@ -75,12 +75,14 @@ def test_fused_and_plain_kernels_agree():
     allowed[:, 0] = True
     for mask in (None, bias, allowed):
         torch.testing.assert_close(
-            scaled_dot_product_attention(q, k, v, attn_mask=mask, fused=True),
-            scaled_dot_product_attention(q, k, v, attn_mask=mask, fused=False),
+            scaled_dot_product_attention(q, k, v, attn_mask=mask, fused_attention=True),
+            scaled_dot_product_attention(q, k, v, attn_mask=mask, fused_attention=False),
         )
     torch.testing.assert_close(
         scaled_dot_product_attention(q, k[..., :5, :], v[..., :5, :], is_causal=True),
-        scaled_dot_product_attention(q, k[..., :5, :], v[..., :5, :], is_causal=True, fused=False),
+        scaled_dot_product_attention(
+            q, k[..., :5, :], v[..., :5, :], is_causal=True, fused_attention=False
+        ),
     )
 
 

@@ -1,8 +1,9 @@
+import networkx as nx
 import pytest
 import torch
 from torch_geometric.nn import GCNConv, GraphConv, LGConv
 
-from graphheads import HeadGraph, HeadMessagePassing
+from graphheads import HeadGCNConv, HeadGraph, HeadMessagePassing
 from graphheads.gnn import gcn_norm_dense
 
 H, F_ = 5, 8
@@ -33,49 +34,86 @@ def test_gcn_norm_dense_matches_hand_formula():
     torch.testing.assert_close(gcn_norm_dense(g.edge_index, g.edge_weight, H), conv_free)
 
 
-@pytest.mark.parametrize("graph", ["weighted_directed", "empty", "complete"])
-def test_pyg_fused_and_hand_written_gcn_agree(graph):
-    g = {
-        "weighted_directed": weighted_directed_graph,
-        "empty": lambda: HeadGraph.empty(H),
-        "complete": lambda: HeadGraph.complete(H),
-    }[graph]()
-    mp = HeadMessagePassing(F_, 1, activation=lambda t: t)
-    conv = mp.layers[0]
+def graph_with_repeats() -> HeadGraph:
+    # repeated edges (summed when the graph is built) and a repeated self-loop
+    return HeadGraph.from_edges(
+        H, [(0, 1), (0, 1), (2, 2), (2, 2), (3, 4), (1, 0)], [0.5, 1.0, 0.3, 0.4, 2.0, 1.5]
+    )
+
+
+def networkx_graph_with_self_loop() -> HeadGraph:
+    g = nx.Graph()
+    g.add_nodes_from(range(H))
+    g.add_weighted_edges_from([(0, 1, 2.0), (1, 1, 0.5), (2, 3, 1.0), (3, 4, 0.7)])
+    return HeadGraph.from_networkx(g)
+
+
+GRAPHS = {
+    "weighted_directed": weighted_directed_graph,
+    "repeats": graph_with_repeats,
+    "networkx_self_loop": networkx_graph_with_self_loop,
+    "empty": lambda: HeadGraph.empty(H),
+    "complete": lambda: HeadGraph.complete(H),
+}
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_dense_edges_pyg_and_hand_written_gcn_agree(graph):
+    g = GRAPHS[graph]()
+    conv = HeadGCNConv(F_, F_)
     with torch.no_grad():
         conv.bias.normal_()
+    pyg = GCNConv(F_, F_, node_dim=-2)
+    pyg.load_state_dict(conv.state_dict())  # the same parameter names
     x = torch.randn(2, 3, H, F_)
+    seed = torch.ones(2, 3, H, F_) * torch.arange(H)[:, None].float()
     outs, grads = [], []
-    for path in ("pyg", "fused", "hand"):
+    for path in ("pyg", "dense", "edges", "hand"):
         xi = x.clone().requires_grad_(True)
-        mp.fused = path == "fused"
+        conv.propagation = "edges" if path == "edges" else "dense"
         if path == "hand":
-            out = xi + hand_gcn(xi, g, conv.lin.weight, conv.bias)
+            out = hand_gcn(xi, g, conv.lin.weight, conv.bias)
+            weight = conv.lin.weight
+        elif path == "pyg":
+            out = pyg(xi, g.edge_index, g.edge_weight)
+            weight = pyg.lin.weight
         else:
-            out = mp(xi, g.edge_index, g.edge_weight)
-        out.backward(torch.ones_like(out) * torch.arange(H)[:, None].float())
+            out = conv(xi, g.edge_index, g.edge_weight)
+            weight = conv.lin.weight
+        (gx, gw) = torch.autograd.grad(out, (xi, weight), seed)
         outs.append(out.detach())
-        grads.append((xi.grad, conv.lin.weight.grad.clone()))
-        conv.lin.weight.grad = None
-        conv.bias.grad = None
+        grads.append((gx, gw))
     for out, (gx, gw) in zip(outs[1:], grads[1:], strict=True):
         torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gx, grads[0][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gw, grads[0][1], atol=1e-5, rtol=1e-5)
 
 
-def test_fused_path_passes_gradients_to_learnable_edges_like_pyg():
+def test_graphs_are_coalesced_when_built():
+    g = graph_with_repeats()
+    pairs = [tuple(p) for p in g.edge_index.t().tolist()]
+    assert pairs == sorted(set(map(tuple, pairs)))  # one edge per (source, target)
+    weights = dict(zip(pairs, g.edge_weight.tolist(), strict=True))
+    assert weights[(0, 1)] == pytest.approx(1.5) and weights[(2, 2)] == pytest.approx(0.7)
+    loops = networkx_graph_with_self_loop()
+    assert loops.edge_index.t().tolist().count([1, 1]) == 1  # a self-loop is its own reverse
+    assert loops.adjacency()[1, 1].item() == pytest.approx(0.5)
+
+
+def test_dense_propagation_passes_gradients_to_learnable_edges_like_pyg():
     grads = []
-    for fused in (False, True):
+    for make in (lambda f: GCNConv(f, f, node_dim=-2), lambda f: HeadGCNConv(f, f)):
         torch.manual_seed(0)
         g = HeadGraph.ring(H, learnable="edge")
-        mp = HeadMessagePassing(F_, 2, fused=fused)
+        mp = HeadMessagePassing(F_, 2, conv=make)
         mp(torch.randn(4, H, F_), g.edge_index, g.edge_weight).square().sum().backward()
         grads.append(g.raw_weight.grad)
     assert grads[0].abs().min() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
-    assert HeadMessagePassing(F_, 2).can_fuse
-    assert not HeadMessagePassing(F_, 2, conv="lightgcn").can_fuse
+    assert isinstance(HeadMessagePassing(F_, 2).layers[0], HeadGCNConv)
+    assert repr(HeadGCNConv(F_, 4)) == "HeadGCNConv(8, 4, propagation='dense')"
+    with pytest.raises(ValueError, match=r"propagation must be 'dense' or 'edges', got 'csr'"):
+        HeadGCNConv(F_, F_, propagation="csr")
 
 
 def test_lightgcn_layer_matches_formula():

@@ -35,17 +35,19 @@ def test_zero_layers_reduces_to_linear_moh_router():
     assert torch.equal(b.routed_mask, a.routed_mask)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_permuting_head_labels_permutes_routing(fused):
+@pytest.mark.parametrize("propagation", ["dense", "edges"])
+def test_permuting_head_labels_permutes_routing(propagation):
     num_shared = 0  # a permutation must map routed heads to routed heads
     graph = HeadGraph.from_edges(
         H, [(0, 1), (1, 2), (2, 3), (4, 0), (5, 2)], [1.0, 2.0, 0.5, 1.5, 3.0]
     )
-    router = GraphRouter(D, H, num_shared, 3, graph, feature_dim=FEAT, fused=fused)
+    router = GraphRouter(D, H, num_shared, 3, graph, feature_dim=FEAT)
     perm = torch.tensor([3, 0, 5, 1, 2, 4])  # new head i is old head perm[i]
     inverse = torch.argsort(perm)
     new_graph = HeadGraph(H, inverse[graph.edge_index], graph.edge_weight)
-    permuted = GraphRouter(D, H, num_shared, 3, new_graph, feature_dim=FEAT, fused=fused)
+    permuted = GraphRouter(D, H, num_shared, 3, new_graph, feature_dim=FEAT)
+    for layer in (*router.message_passing.layers, *permuted.message_passing.layers):
+        layer.propagation = propagation
     permuted.load_state_dict(
         {k: v for k, v in router.state_dict().items() if not k.startswith("graph.")}, strict=False
     )

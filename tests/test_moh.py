@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from graphheads import DecoderOnlyLM, ModelConfig, MoHAttention, MoHRouter, MultiHeadAttention
 from graphheads.data import IGNORE_INDEX, copy_task
-from graphheads.moh import load_balance_loss
+from graphheads.gates import load_balance_loss
 
 D = 24
 

@@ -11,7 +11,7 @@ import torch
 
 from graphheads.cli import main
 from graphheads.train import CheckpointError, RunConfig, Trainer, load_checkpoint, save_checkpoint
-from graphheads.train import trainer as trainer_module
+from graphheads.train import checkpoint as checkpoint_module
 
 SMALL = [
     "model.d_model=32",
@@ -62,7 +62,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         fh.write(b"partial bytes")
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer_module.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     state = load_checkpoint(path)  # the previous checkpoint is whole
@@ -265,7 +265,7 @@ def test_split_at_separator_gives_source_and_shifted_decoder_rows():
 
     suite = TaskSuite(["copy", "modadd"], length=3)
     batch = suite.sample(16, torch.Generator().manual_seed(0))
-    src, src_pad, tgt_in, tgt_out = split_at_separator(batch)
+    src, src_pad, tgt_in, tgt_out, tgt_pad = split_at_separator(batch)
     for row in range(16):
         sep = int((batch.inputs[row] == SEP).nonzero()[0])
         assert src[row, : sep + 1].tolist() == batch.inputs[row, : sep + 1].tolist()
@@ -276,6 +276,8 @@ def test_split_at_separator_gives_source_and_shifted_decoder_rows():
         assert tgt_in[row, :n].tolist() == batch.inputs[row, sep:].tolist()
         assert tgt_out[row, :n].tolist() == batch.targets[row, sep:].tolist()
         assert (tgt_out[row, n:] == IGNORE_INDEX).all()
+        width = int((~batch.padding[row]).sum())  # the row's real tokens
+        assert tgt_pad[row].tolist() == [sep + i >= width for i in range(tgt_in.size(1))]
     # every scored target survives the split
     assert (tgt_out != IGNORE_INDEX).sum() == (batch.targets != IGNORE_INDEX).sum()
 

@@ -148,8 +148,12 @@ def test_bad_model_inputs_raise():
     model = _lm()
     with pytest.raises(ValueError, match=r"positions 0..32 exceed max_seq_len \(32\)"):
         model(torch.zeros(1, 33, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 20\), got range \[0, 25\]"):
-        model(torch.tensor([[0, 25]]))
+    with pytest.raises(
+        ValueError, match=r"generate: prompt: token ids must lie in \[0, 20\), got range \[0, 25\]"
+    ):
+        model.generate(torch.tensor([[0, 25]]), 1)
+    with pytest.raises(ValueError, match=r"the prompt must hold at least one token"):
+        model.generate(torch.zeros(2, 0, dtype=torch.long), 1)
     with pytest.raises(ValueError, match=r"expected token ids of shape \(batch, tokens\)"):
         model(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"prompt \(30\) \+ max_new_tokens \(5\) exceeds"):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphheads import Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward
-from graphheads.attention import MultiHeadAttention
+from graphheads import Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward, MultiHeadAttention
 
 
 def load_torch_mha(mine: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
@@ -18,11 +17,12 @@ def _ffn(d: int, d_ff: int) -> FeedForward:
 
 
 @torch.no_grad()
-def _copy_common(mine: nn.Module, ref: nn.Module, norms: int) -> None:
+def _copy_common(mine: nn.Module, ref: nn.Module, norms: list[str]) -> None:
+    """FFN and LayerNorms; ``norms[i]`` is our name of torch's ``norm{i + 1}``."""
     mine.feed_forward.linear1.load_state_dict(ref.linear1.state_dict())
     mine.feed_forward.linear2.load_state_dict(ref.linear2.state_dict())
-    for i in range(1, norms + 1):
-        getattr(mine, f"norm{i}").load_state_dict(getattr(ref, f"norm{i}").state_dict())
+    for i, name in enumerate(norms, start=1):
+        getattr(mine, name).load_state_dict(getattr(ref, f"norm{i}").state_dict())
 
 
 def encoder_like(
@@ -37,7 +37,7 @@ def encoder_like(
             norm_first=norm_first,
         )
         load_torch_mha(layer.self_attn, ref_layer.self_attn)
-        _copy_common(layer, ref_layer, 2)
+        _copy_common(layer, ref_layer, ["self_attn_norm", "ff_norm"])
         layers.append(layer)
     norm = None
     if ref.norm is not None:
@@ -60,7 +60,7 @@ def decoder_like(
         )
         load_torch_mha(layer.self_attn, ref_layer.self_attn)
         load_torch_mha(layer.cross_attn, ref_layer.multihead_attn)
-        _copy_common(layer, ref_layer, 3)
+        _copy_common(layer, ref_layer, ["self_attn_norm", "cross_attn_norm", "ff_norm"])
         layers.append(layer)
     norm = None
     if ref.norm is not None:

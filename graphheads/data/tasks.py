@@ -37,6 +37,16 @@ class TaskBatch:
     inputs: Tensor  # (b, t) token ids
     targets: Tensor  # (b, t) next-token targets, IGNORE_INDEX where unscored
     task_ids: Tensor | None = None  # (b,) index into the suite's tasks, when known
+    padding: Tensor | None = None  # (b, t) True at padding positions, when there are any
+
+    def rows(self, index: slice) -> TaskBatch:
+        """The batch restricted to rows ``index`` (every field that has rows)."""
+        return TaskBatch(
+            self.inputs[index],
+            self.targets[index],
+            None if self.task_ids is None else self.task_ids[index],
+            None if self.padding is None else self.padding[index],
+        )
 
 
 def _finish(seq: Tensor, answer_start: int) -> TaskBatch:
@@ -171,6 +181,7 @@ class TaskSuite:
         t = self.max_seq_len
         inputs = torch.full((batch_size, t), PAD, dtype=torch.long)
         targets = torch.full((batch_size, t), IGNORE_INDEX, dtype=torch.long)
+        padding = torch.ones((batch_size, t), dtype=torch.bool)
         for i, name in enumerate(self.tasks):
             rows = (ids == i).nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -179,7 +190,8 @@ class TaskSuite:
             width = part.inputs.size(1)
             inputs[rows, :width] = part.inputs
             targets[rows, :width] = part.targets
-        return TaskBatch(inputs, targets, ids)
+            padding[rows, :width] = False
+        return TaskBatch(inputs, targets, ids, padding)
 
     def prompt_length(self, task: str) -> int:
         """Tokens before the first answer token (task token, prompt, SEP)."""

@@ -36,12 +36,14 @@ class ByteTextDataset:
         files = (
             [path]
             if path.is_file()
-            else sorted(
+            else sorted(  # hidden files: judged below the folder given, not above it
                 p
                 for p in path.rglob("*")
-                if p.is_file() and not any(x.startswith(".") for x in p.parts)
+                if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
             )
         )
+        if not files:
+            raise ValueError(f"ByteTextDataset: the folder {path} holds no (non-hidden) files")
         chunks = []
         for f in files:
             raw = f.read_bytes()

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from graphheads.config import ModelConfig
 from graphheads.data import TASKS
-from graphheads.transformer import ModelConfig
 
 __all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config"]
 

@@ -36,8 +36,15 @@ from graphheads.data import (
     TaskSuite,
     bits_per_byte,
 )
+from graphheads.train.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from graphheads.train.config import DataConfig, RunConfig
 from graphheads.transformer import DecoderOnlyLM, ModelConfig, ModelOutput, Transformer
+from graphheads.types import RoutingOutput
 
 __all__ = [
     "CheckpointError",
@@ -50,17 +57,12 @@ __all__ = [
     "load_checkpoint",
     "load_run",
     "save_checkpoint",
+    "scored_routing",
 ]
 
-CHECKPOINT_FORMAT = "graphheads-checkpoint-v1"
-CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
 Data = TaskSuite | ByteTextDataset
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or not a graphheads checkpoint."""
 
 
 def build_data(config: DataConfig) -> Data:
@@ -80,10 +82,11 @@ def build_model(config: ModelConfig, model_type: str) -> DecoderOnlyLM | Transfo
     raise ValueError(f"model_type must be 'lm' or 'seq2seq', got {model_type!r}")
 
 
-def split_at_separator(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def split_at_separator(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Task rows -> encoder-decoder form: the source is each row up to and including its
     first SEP (right-padded, with its padding mask), the decoder reads the row from that
-    SEP on and predicts the same targets. Returns (src, src_padding, tgt_in, tgt_out)."""
+    SEP on and predicts the same targets. Returns (src, src_padding, tgt_in, tgt_out,
+    tgt_padding)."""
     inputs, targets = batch.inputs, batch.targets
     is_sep = inputs == SEP
     if not bool(is_sep.any(1).all()):
@@ -98,53 +101,32 @@ def split_at_separator(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor
     positions = positions.clamp(max=t - 1)
     tgt_in = inputs.gather(1, positions).masked_fill(outside, PAD)
     tgt_out = targets.gather(1, positions).masked_fill(outside, IGNORE_INDEX)
-    return src, src_padding, tgt_in, tgt_out
+    tgt_padding = outside
+    if batch.padding is not None:
+        tgt_padding = tgt_padding | batch.padding.gather(1, positions)
+    return src, src_padding, tgt_in, tgt_out, tgt_padding
 
 
 def forward_batch(model: nn.Module, batch: TaskBatch) -> tuple[ModelOutput, Tensor]:
-    """The model's output on ``batch`` and the targets aligned with its logits."""
+    """The model's output on ``batch`` and the targets aligned with its logits. Padding
+    is passed as the key padding mask: no token attends to it and the load-balance loss
+    counts only real tokens."""
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if isinstance(core, Transformer):
-        src, src_padding, tgt_in, tgt_out = split_at_separator(batch)
-        return model(src, tgt_in, src_key_padding_mask=src_padding), tgt_out
-    return model(batch.inputs), batch.targets
+        src, src_padding, tgt_in, tgt_out, tgt_padding = split_at_separator(batch)
+        out = model(src, tgt_in, src_key_padding_mask=src_padding, tgt_key_padding_mask=tgt_padding)
+        return out, tgt_out
+    return model(batch.inputs, key_padding_mask=batch.padding), batch.targets
+
+
+def scored_routing(out: ModelOutput) -> tuple[RoutingOutput, ...]:
+    """The routing of the blocks whose queries are the scored (target) tokens: the
+    decoder's blocks, never an encoder's (whatever the lengths)."""
+    return out.routing_of("decoder")
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically: a temporary file in the same folder, fsync, rename.
-    A reader sees the old checkpoint or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a graphheads checkpoint")
-    return state
 
 
 def load_run(path: str | Path) -> tuple[DecoderOnlyLM | Transformer, RunConfig, Data, int]:
@@ -195,8 +177,7 @@ def evaluate(
                 seq_right += int((hit.sum(1) == scored.sum(1)).sum())
                 seqs += targets.size(0)
                 loss_sum += _lm_loss_sum(out.logits, targets).item()
-                # blocks whose queries are the scored tokens (an encoder's are not)
-                blocks = [r for r in out.routing if r.gates.shape[:2] == scored.shape]
+                blocks = scored_routing(out)
                 if blocks:
                     layer_use = torch.stack([r.active_heads[scored].float().sum(0) for r in blocks])
                     use = layer_use if use is None else use + layer_use
@@ -354,9 +335,7 @@ class Trainer:
         n_scored = (batch.targets != IGNORE_INDEX).sum().clamp_min(1)
         per_rank = batch.inputs.size(0) // self.world_size
         rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        out, targets = forward_batch(
-            self.wrapped, TaskBatch(batch.inputs[rows], batch.targets[rows])
-        )
+        out, targets = forward_batch(self.wrapped, batch.rows(rows))
         ce_sum = _lm_loss_sum(out.logits, targets)
         lm_loss = ce_sum * self.world_size / n_scored  # DDP averages: the global mean
         aux = ce_sum.new_zeros(())

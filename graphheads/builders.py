@@ -1,0 +1,118 @@
+"""Models wired from a :class:`~graphheads.config.ModelConfig`, in one place.
+
+:func:`build_attention` is the seam that turns ``ModelConfig.attention`` ("mha", "moh",
+"goh") into an attention module, so a stack swaps its attention at every layer;
+:func:`build_stack` makes the blocks of an encoder, a decoder or a decoder-only LM.
+Leaf modules never read a config: only this module does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from torch import nn
+
+from graphheads.attention import MultiHeadAttention
+from graphheads.blocks import FeedForward, TransformerBlock, TransformerStack
+from graphheads.config import ModelConfig
+from graphheads.goh import GoHAttention
+from graphheads.graph import HeadGraph
+from graphheads.moh import MoHAttention
+
+__all__ = ["GraphSource", "build_attention", "build_stack", "graph_source", "make_head_graph"]
+
+GraphSource = Callable[[], "HeadGraph | None"]
+
+
+def make_head_graph(config: ModelConfig) -> HeadGraph:
+    """The preset head graph ``config.graph`` names."""
+    return HeadGraph.preset(
+        config.graph,
+        config.num_heads,
+        learnable=config.graph_learnable,
+        num_shared=config.num_shared,
+    )
+
+
+def build_attention(
+    config: ModelConfig, *, graph: HeadGraph | None = None, carry: bool = False
+) -> nn.Module:
+    """The attention module for one attention block of a stack.
+
+    "mha" gives :class:`~graphheads.attention.MultiHeadAttention`, "moh"
+    :class:`~graphheads.moh.MoHAttention` and "goh" :class:`~graphheads.goh.GoHAttention`
+    over ``graph`` (default: a new ``config.graph`` preset); ``carry`` makes the
+    graph-router read the previous layer's head states.
+    """
+    if config.attention == "mha":
+        return MultiHeadAttention(config.d_model, config.num_heads, dropout=config.dropout)
+    if config.attention == "moh":
+        return MoHAttention(
+            config.d_model,
+            config.num_heads,
+            config.num_shared,
+            config.routed_top_k,
+            dropout=config.dropout,
+            gate_convention=config.gate_convention,
+            hard_gates=config.hard_gates,
+            execution=config.execution,
+        )
+    return GoHAttention(
+        config.d_model,
+        config.num_heads,
+        config.num_shared,
+        config.routed_top_k,
+        graph if graph is not None else make_head_graph(config),
+        dropout=config.dropout,
+        feature_dim=config.graph_feature_dim,
+        num_layers=config.graph_layers,
+        carry_head_states=carry,
+        gate_convention=config.gate_convention,
+        hard_gates=config.hard_gates,
+        execution=config.execution,
+    )
+
+
+def graph_source(config: ModelConfig, graph: HeadGraph | None) -> GraphSource:
+    """Where each GoH block's head graph comes from: ``graph`` (a template: copied per
+    block, or the one object for all blocks with ``share_graph``), else the preset
+    ``config.graph``; ``None`` lets a block build its own preset graph."""
+    if config.attention != "goh":
+        if graph is not None:
+            raise ValueError(f"graph is only used with attention='goh', not {config.attention!r}")
+        return lambda: None
+    if graph is not None and graph.num_heads != config.num_heads:
+        raise ValueError(
+            f"graph has {graph.num_heads} heads, config has num_heads={config.num_heads}"
+        )
+    if config.share_graph:
+        shared = graph if graph is not None else make_head_graph(config)
+        return lambda: shared
+    if graph is not None:
+        return lambda: copy.deepcopy(graph)
+    return lambda: None
+
+
+def build_stack(
+    config: ModelConfig, graphs: GraphSource, *, num_layers: int, cross_attention: bool
+) -> TransformerStack:
+    """``num_layers`` blocks (with cross-attention for a decoder) and, for pre-LN, the
+    final LayerNorm."""
+    carry = config.carry_head_states
+    blocks = [
+        TransformerBlock(
+            self_attn=build_attention(config, graph=graphs(), carry=carry and i > 0),
+            cross_attn=build_attention(config, graph=graphs()) if cross_attention else None,
+            feed_forward=FeedForward(
+                config.d_model, config.d_ff, dropout=config.dropout, activation=config.activation
+            ),
+            d_model=config.d_model,
+            dropout=config.dropout,
+            norm_first=config.norm_first,
+            layer_norm_eps=config.layer_norm_eps,
+        )
+        for i in range(num_layers)
+    ]
+    norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else None
+    return TransformerStack(blocks, norm=norm, carry_head_states=carry)

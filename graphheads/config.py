@@ -1,0 +1,112 @@
+"""The configuration of graphheads' models (:class:`~graphheads.transformer.DecoderOnlyLM`,
+:class:`~graphheads.transformer.Transformer`): one frozen dataclass, a comment per field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+__all__ = ["AttentionKind", "ModelConfig"]
+
+AttentionKind = Literal["mha", "moh", "goh"]
+_ATTENTION_KINDS = ("mha", "moh", "goh")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Configuration of :class:`DecoderOnlyLM` and :class:`Transformer`."""
+
+    vocab_size: int  # number of token ids
+    d_model: int = 64  # model width d
+    num_heads: int = 4  # attention heads per layer h
+    num_layers: int = 2  # layers (the encoder's, for the encoder-decoder model)
+    d_ff: int = 256  # hidden width of the position-wise feed-forward network
+    max_seq_len: int = 256  # longest sequence the positional encoding covers
+    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
+    attention: AttentionKind = "mha"  # "mha" dense, "moh" Mixture-of-Head, "goh" Graph-of-Heads
+    num_decoder_layers: int | None = None  # encoder-decoder only; None = num_layers
+    activation: Literal["relu", "gelu"] = "relu"  # FFN non-linearity (ReLU in the paper)
+    norm_first: bool = False  # pre-LN; False = post-LN as in the paper
+    layer_norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # share the token embedding with the output projection
+    # --- Mixture-of-Head (attention="moh" or "goh") ---
+    num_shared: int = 0  # always-on heads (the first num_shared heads)
+    top_k: int | None = None  # routed heads each token uses; None = half of the routed heads
+    gate_convention: Literal["reference", "paper"] = "reference"  # see graphheads.moh
+    hard_gates: bool = False  # 0/1 gates with a straight-through estimator
+    execution: Literal["dense", "sparse"] = "dense"  # sparse: compute active heads only
+    # --- Graph-of-Heads (attention="goh") ---
+    graph: str = "complete"  # head-graph preset: complete, ring, star, grid, empty
+    graph_learnable: Literal["fixed", "edge", "dense"] = "edge"  # edge-weight parametrisation
+    graph_feature_dim: int = 16  # node feature width F of the router
+    graph_layers: int = 2  # message-passing layers L (0 = linear MoH router)
+    share_graph: bool = False  # one head graph for all layers instead of one per layer
+    carry_head_states: bool = False  # feed each layer's head states into the next router
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig: {name} must be a positive int, got {value!r}")
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(
+                f"ModelConfig: d_model ({self.d_model}) must be divisible by "
+                f"num_heads ({self.num_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig: dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in _ATTENTION_KINDS:
+            raise ValueError(
+                f"ModelConfig: attention must be one of {_ATTENTION_KINDS}, got {self.attention!r}"
+            )
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(
+                f"ModelConfig: activation must be 'relu' or 'gelu', got {self.activation!r}"
+            )
+        if self.execution not in ("dense", "sparse"):
+            raise ValueError(
+                f"ModelConfig: execution must be 'dense' or 'sparse', got {self.execution!r}"
+            )
+        if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
+            raise ValueError(
+                f"ModelConfig: num_decoder_layers must be positive, got {self.num_decoder_layers}"
+            )
+        if not isinstance(self.num_shared, int) or not 0 <= self.num_shared <= self.num_heads:
+            raise ValueError(
+                f"ModelConfig: num_shared ({self.num_shared!r}) must be an int in "
+                f"[0, num_heads ({self.num_heads})]"
+            )
+        routed = self.num_heads - self.num_shared
+        top_k = self.top_k
+        if top_k is not None and (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, int)
+            or (routed > 0 and not 1 <= top_k <= routed)
+            or (routed == 0 and top_k != 0)
+        ):
+            allowed = f"1..{routed}" if routed > 0 else "0"
+            raise ValueError(
+                f"ModelConfig: top_k ({top_k!r}) must be None (half of the routed heads) or "
+                f"{allowed}: there are {routed} routed heads = num_heads ({self.num_heads}) - "
+                f"num_shared ({self.num_shared})"
+            )
+
+    @property
+    def routed_top_k(self) -> int:
+        """``top_k`` with the default (``None`` = half of the routed heads, at least 1)
+        resolved; 0 when every head is shared."""
+        routed = self.num_heads - self.num_shared
+        if self.top_k is None:
+            return max(1, routed // 2) if routed > 0 else 0
+        return self.top_k
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> ModelConfig:
+        """Build a config from a plain dict; an unknown key raises ValueError naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)  # type: ignore[arg-type]

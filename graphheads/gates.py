@@ -1,0 +1,152 @@
+r"""The Mixture-of-Head gate (Jin et al. 2024, https://arxiv.org/abs/2410.11842) from
+router logits, and its load-balance loss. Both routers (:mod:`graphheads.moh`'s linear
+router and :mod:`graphheads.goh`'s graph-router) end here.
+
+The gate, as the authors' released code computes it (``gate_convention="reference"``),
+per token with routed logits l_r, shared logits l_s and two-stage logits l_h::
+
+    p   = softmax(l_r)
+    m   = one-hot of top-k(p)
+    g_r = k * (p * m) / max(sum(p * m), eps)
+    g_s = h_s * softmax(l_s)                  # all ones if h_s == 1
+    a   = 2 * softmax(l_h)                    # two-stage weights
+    g   = [a_0 * g_s, a_1 * g_r]
+
+``gate_convention="paper"`` drops the factors k, h_s and 2 and the renormalisation over
+the chosen heads (equations 5-6 of the paper). The load-balance loss over the real
+tokens of a batch is ``L_b = H_r * sum_i P_i f_i`` with ``P_i`` the mean routed
+probability and ``f_i`` the fraction of tokens choosing routed head i; at perfect
+balance ``L_b = top_k``. Padding tokens (``token_mask`` False) take no part.
+
+Shape legend: b batch, t tokens, h heads, r routed heads, k top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from graphheads.types import RoutingOutput
+
+__all__ = ["GateConvention", "check_routing_config", "load_balance_loss", "moh_gates"]
+
+GateConvention = Literal["reference", "paper"]
+
+
+def load_balance_loss(
+    router_probs: Tensor, routed_mask: Tensor, token_mask: Tensor | None = None
+) -> Tensor:
+    """``H_r * sum_i P_i f_i``: P_i the mean probability and f_i the mean choice of routed
+    head i over the tokens where ``token_mask`` (b, t) is True (all tokens when ``None``)."""
+    num_routed = router_probs.size(-1)
+    if num_routed == 0:
+        return router_probs.new_zeros(())
+    probs = router_probs.reshape(-1, num_routed)  # (b t, r)
+    chosen = routed_mask.reshape(-1, num_routed)
+    if token_mask is None:
+        p_mean, f_mean = probs.mean(dim=0), chosen.mean(dim=0)  # (r,)
+    else:
+        if token_mask.shape != router_probs.shape[:-1]:
+            raise ValueError(
+                f"load_balance_loss: token_mask has shape {tuple(token_mask.shape)}, "
+                f"expected {tuple(router_probs.shape[:-1])}"
+            )
+        weight = token_mask.reshape(-1, 1).to(probs.dtype)  # (b t, 1), 0 at padding
+        count = weight.sum().clamp_min(1.0)
+        p_mean = (probs * weight).sum(dim=0) / count
+        f_mean = (chosen * weight).sum(dim=0) / count
+    return num_routed * (p_mean * f_mean).sum()
+
+
+def moh_gates(
+    routed_logits: Tensor,
+    shared_logits: Tensor | None,
+    type_logits: Tensor | None,
+    *,
+    num_shared: int,
+    top_k: int,
+    gate_convention: GateConvention = "reference",
+    hard_gates: bool = False,
+    token_mask: Tensor | None = None,
+) -> RoutingOutput:
+    """The MoH gate from router logits.
+
+    Args:
+        routed_logits: (b, t, r) scores of the routed heads (r may be 0).
+        shared_logits: (b, t, h_s) scores of the shared heads, or ``None`` for equal
+            weights (used when ``num_shared <= 1``).
+        type_logits: (b, t, 2) two-stage scores [shared, routed], or ``None`` for equal
+            weights (used when there are no shared or no routed heads).
+        num_shared: h_s.
+        top_k: routed heads chosen per token.
+        gate_convention: "reference" (released code) or "paper" (equations 5-6).
+        hard_gates: forward 0/1 gates, backward through the soft gates (straight-through).
+        token_mask: (b, t) True at real tokens: only they enter the load-balance loss.
+    """
+    reference = gate_convention == "reference"
+    lead = routed_logits.shape[:-1]
+    num_routed = routed_logits.size(-1)
+    probs = routed_logits.softmax(dim=-1)  # (b, t, r)
+    if num_routed > 0:
+        top_idx = torch.topk(probs, top_k, dim=-1).indices  # (b, t, k)
+        mask = torch.zeros_like(probs).scatter(-1, top_idx, 1.0)  # (b, t, r), no one-hot
+        chosen = probs * mask
+        if reference:
+            denom = chosen.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).eps)
+            routed_gates = top_k * chosen / denom
+        else:
+            routed_gates = chosen
+    else:
+        top_idx = torch.zeros((*lead, 0), dtype=torch.long, device=probs.device)
+        mask = routed_gates = probs
+    if num_shared > 0:
+        if shared_logits is None:
+            shared_gates = routed_logits.new_ones((*lead, num_shared))
+            if not reference:
+                shared_gates = shared_gates / num_shared
+        else:
+            shared_gates = shared_logits.softmax(dim=-1) * (num_shared if reference else 1)
+        if num_routed > 0:
+            scale = 2.0 if reference else 1.0
+            if type_logits is None:
+                weights = routed_logits.new_full((*lead, 2), 0.5 * scale)
+            else:
+                weights = type_logits.softmax(dim=-1) * scale  # (b, t, 2)
+            shared_gates = weights[..., :1] * shared_gates
+            routed_gates = weights[..., 1:] * routed_gates
+        gates = torch.cat([shared_gates, routed_gates], dim=-1)  # (b, t, h)
+    else:
+        gates = routed_gates
+    if hard_gates:
+        hard = (gates > 0).to(gates.dtype)
+        gates = hard + (gates - gates.detach())  # exactly 0/1 forward, soft gradient backward
+    return RoutingOutput(
+        gates=gates,
+        router_probs=probs,
+        routed_mask=mask,
+        top_k_indices=top_idx,
+        load_balance_loss=load_balance_loss(probs, mask, token_mask),
+    )
+
+
+def check_routing_config(owner: str, num_heads: int, num_shared: int, top_k: int) -> None:
+    """ValueError naming the values for an impossible (num_heads, num_shared, top_k)."""
+    if num_heads < 1:
+        raise ValueError(f"{owner}: num_heads must be >= 1, got {num_heads}")
+    if not 0 <= num_shared <= num_heads:
+        raise ValueError(
+            f"{owner}: num_shared ({num_shared}) must be in [0, num_heads ({num_heads})]"
+        )
+    num_routed = num_heads - num_shared
+    if num_routed > 0 and not 1 <= top_k <= num_routed:
+        raise ValueError(
+            f"{owner}: top_k ({top_k}) must be in [1, routed heads ({num_routed}) = "
+            f"num_heads ({num_heads}) - num_shared ({num_shared})]"
+        )
+    if num_routed == 0 and top_k != 0:
+        raise ValueError(
+            f"{owner}: top_k ({top_k}) must be 0 when every head is shared "
+            f"(num_shared == num_heads == {num_heads})"
+        )

@@ -1,0 +1,96 @@
+"""Token generation shared by every model: one decoding loop, the sampling rule and the
+token-id check made where ids enter (a prompt), not inside a forward pass.
+
+Shape legend: b batch, t tokens, v vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_token_ids", "decode", "sample_next_token"]
+
+State = TypeVar("State")
+
+
+def check_token_ids(tokens: Tensor, vocab_size: int, *, owner: str = "tokens") -> None:
+    """ValueError unless ``tokens`` is (b, t) integer ids in ``[0, vocab_size)``.
+
+    One host sync; call it where ids enter (datasets, prompts, the CLI), never in a
+    forward pass."""
+    if tokens.dim() != 2 or tokens.is_floating_point():
+        raise ValueError(
+            f"{owner}: expected integer token ids of shape (batch, tokens), got "
+            f"{tuple(tokens.shape)} of {tokens.dtype}"
+        )
+    if tokens.numel():
+        low, high = (int(v) for v in torch.aminmax(tokens))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"{owner}: token ids must lie in [0, {vocab_size}), got range [{low}, {high}]"
+            )
+
+
+def sample_next_token(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick the next token from (b, v) logits: greedy when ``temperature == 0``,
+    else sampling from ``softmax(logits / temperature)`` restricted to the ``top_k`` best."""
+    if temperature < 0:
+        raise ValueError(f"sample_next_token: temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"sample_next_token: top_k must be >= 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode(
+    step: Callable[[Tensor, Tensor, State | None], tuple[Tensor, State | None]],
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    vocab_size: int,
+    max_len: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    owner: str = "generate",
+) -> Tensor:
+    """Continue ``prompt`` (b, t) by ``max_new_tokens`` tokens; returns (b, t + n).
+
+    ``step(new_tokens, all_tokens, state)`` returns the next-token logits (b, v) and the
+    state for the next call (e.g. a key/value cache; ``None`` at the first call).
+    """
+    check_token_ids(prompt, vocab_size, owner=f"{owner}: prompt")
+    if prompt.size(1) == 0:
+        raise ValueError(f"{owner}: the prompt must hold at least one token per row")
+    if max_new_tokens < 0:
+        raise ValueError(f"{owner}: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt.size(1) + max_new_tokens > max_len:
+        raise ValueError(
+            f"{owner}: prompt ({prompt.size(1)}) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds max_seq_len ({max_len})"
+        )
+    tokens, new, state = prompt, prompt, None
+    for _ in range(max_new_tokens):
+        logits, state = step(new, tokens, state)
+        next_token = sample_next_token(
+            logits, temperature=temperature, top_k=top_k, generator=generator
+        )
+        new = next_token[:, None]
+        tokens = torch.cat([tokens, new], dim=1)
+    return tokens

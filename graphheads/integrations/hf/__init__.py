@@ -1,0 +1,56 @@
+"""Graph-routed heads in Hugging Face ``transformers`` models (the ``hf`` extra).
+
+:func:`convert_to_goh` turns each attention module of a Llama, GPT-2 or BERT model into
+a routed one **in place**: the module keeps its class's code and its pretrained
+projections under their original names (``q_proj``/``k_proj``/``v_proj``/``o_proj``,
+``c_attn``/``c_proj``, ``query``/``key``/``value``), gains a
+:class:`~graphheads.goh.GraphRouter` as ``router``, and scales each query head's output
+by its gate before the output projection. Grouped-query attention routes the query
+heads.
+
+How: transformers picks its attention kernel from a registry
+(``AttentionInterface``). We register one kernel, ``"graphheads"``: PyTorch SDPA
+followed by the per-head gates, which the converted module passes down as the
+``head_gates`` keyword. Nothing is stored on modules between calls; to read the
+routing (for the load-balance loss or plots) wrap the forward in :func:`record_routing`.
+
+With ``top_k`` equal to all routed heads the routers start with every gate exactly 1:
+the converted model computes what the original did. With fewer heads they start from
+the heads a per-head prior prefers: the most important ones when ``head_importance``
+(:func:`head_importance`, Michel et al. 2019) is given, where the most important heads
+also become the shared heads (MoH-LLaMA3's recipe).
+
+Shape legend: b batch, t tokens, h heads, e head width.
+"""
+
+from graphheads.integrations.hf.convert import (
+    ATTENTION_NAME,
+    SUPPORTED_ATTENTION,
+    RoutedHFAttention,
+    convert_to_goh,
+    converted_modules,
+    record_routing,
+)
+from graphheads.integrations.hf.io import (
+    conversion_settings,
+    load_converted,
+    load_pretrained,
+    save_converted,
+)
+from graphheads.integrations.hf.tuning import head_importance, mean_pool, tune
+
+__all__ = [
+    "ATTENTION_NAME",
+    "SUPPORTED_ATTENTION",
+    "RoutedHFAttention",
+    "conversion_settings",
+    "convert_to_goh",
+    "converted_modules",
+    "head_importance",
+    "load_converted",
+    "load_pretrained",
+    "mean_pool",
+    "record_routing",
+    "save_converted",
+    "tune",
+]

@@ -1,0 +1,163 @@
+r"""Routed attention: multi-head attention whose head outputs are scaled by a router's
+gates before the output projection. Both routers use it: MoH's linear router
+(:mod:`graphheads.moh`) and the graph-router (:mod:`graphheads.goh`).
+
+Data flows one way::
+
+    x -> router(x) -> gates (b, t, h) -> heads (b, h, t, e) * gates -> out_proj
+
+Two execution paths give equal outputs and gradients: ``"dense"`` computes every head
+and multiplies by the gates (static shapes: ``torch.compile``, DDP, FSDP);
+``"sparse"`` computes only the active (token, head) pairs
+(:func:`graphheads.sparse.sparse_routed_attention`).
+
+Shape legend: b batch, t query tokens, s key tokens, h heads, e head width, d model width.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from torch import Tensor, nn
+
+from graphheads.attention import MultiHeadAttention
+from graphheads.sparse import sparse_routed_attention
+from graphheads.types import AttentionOutput, KVCache, RoutingOutput
+
+__all__ = ["Execution", "RoutedAttention", "Router"]
+
+Execution = Literal["dense", "sparse"]
+
+
+class Router(Protocol):
+    """What :class:`RoutedAttention` needs of a router (:class:`~graphheads.moh.MoHRouter`,
+    :class:`~graphheads.goh.GraphRouter`)."""
+
+    num_heads: int
+
+    def __call__(
+        self,
+        x: Tensor,
+        *,
+        queries: Tensor | None = None,
+        head_states: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> RoutingOutput: ...
+
+
+class RoutedAttention(MultiHeadAttention):
+    """Multi-head attention whose head outputs are scaled by a router's gates before
+    ``out_proj``. The router is any module with ``num_heads`` and ``forward(x, *,
+    queries, head_states, token_mask) -> RoutingOutput``.
+
+    Projections keep the :class:`~graphheads.attention.MultiHeadAttention` names
+    (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``). Routing of token t reads only
+    token t (the query input), so causal models stay causal and decoding with a cache
+    routes as a full pass does.
+
+    Args:
+        d_model: model width.
+        num_heads: heads H; must equal ``router.num_heads``.
+        router: the router.
+        dropout: dropout on the attention weights.
+        bias: whether the projections have a bias.
+        fused_attention: use PyTorch's fused SDPA kernel.
+        execution: ``"dense"`` (default) or ``"sparse"`` (see the module docstring).
+        sparse_chunk_rows: rows per routed head per chunk on the sparse path.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        router: nn.Module,
+        dropout: float = 0.0,
+        bias: bool = True,
+        fused_attention: bool = True,
+        execution: Execution = "dense",
+        sparse_chunk_rows: int = 64,
+    ) -> None:
+        super().__init__(
+            d_model, num_heads, dropout=dropout, bias=bias, fused_attention=fused_attention
+        )
+        name = type(self).__name__
+        if execution not in ("dense", "sparse"):
+            raise ValueError(f"{name}: execution must be 'dense' or 'sparse', got {execution!r}")
+        if sparse_chunk_rows < 1:
+            raise ValueError(f"{name}: sparse_chunk_rows must be >= 1, got {sparse_chunk_rows}")
+        if getattr(router, "num_heads", None) != num_heads:
+            raise ValueError(
+                f"{name}: router has {getattr(router, 'num_heads', None)} heads, "
+                f"attention has num_heads={num_heads}"
+            )
+        self.execution: Execution = execution
+        self.sparse_chunk_rows = sparse_chunk_rows
+        self.router = router
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        kv_cache: KVCache | None = None,
+        use_cache: bool = False,
+        head_states: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> AttentionOutput:
+        """As :meth:`MultiHeadAttention.forward`, plus ``head_states`` (the previous
+        layer's graph-router states, GoH with carry only) and ``token_mask`` (b, t): True
+        at real query tokens, the only ones the load-balance loss counts."""
+        key = query if key is None else key
+        value = key if value is None else value
+        self.check_inputs(query, key, value)
+        sparse = self.execution == "sparse"
+        needs_queries = bool(getattr(self.router, "parameter_free", False))
+        q = self.project_query(query) if not sparse or needs_queries else None  # (b, h, t, e)
+        routing: RoutingOutput = self.router(
+            query,
+            queries=None if q is None else q.transpose(1, 2),
+            head_states=head_states,
+            token_mask=token_mask,
+        )
+        kv = self.project_kv(key, value, kv_cache)
+        cache = kv if use_cache else None
+        if sparse:
+            simple_causal = is_causal and attn_mask is None and key_padding_mask is None
+            bias = None
+            if not simple_causal:
+                bias = self.attention_bias(
+                    query,
+                    key_len=kv.key.size(-2),
+                    attn_mask=attn_mask,
+                    key_padding_mask=key_padding_mask,
+                    is_causal=is_causal,
+                )
+            output = sparse_routed_attention(
+                query,
+                kv.key,
+                kv.value,
+                routing.gates,
+                routing.routed_mask,
+                q_weight=self.q_proj.weight,
+                q_bias=self.q_proj.bias,
+                out_weight=self.out_proj.weight,
+                out_bias=self.out_proj.bias,
+                attn_bias=bias,
+                is_causal=simple_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                fused_attention=self.fused_attention,
+                queries=q,
+                chunk_rows=self.sparse_chunk_rows,
+            )
+            return AttentionOutput(output, routing, cache)
+        assert q is not None
+        heads = self.attend(
+            q, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
+        )
+        gated = heads * routing.gates.transpose(1, 2).unsqueeze(-1)  # (b, h, t, e)
+        return AttentionOutput(self.out_proj(self.merge_heads(gated)), routing, cache)
