@@ -1,22 +1,25 @@
 """Attention-block speed and peak memory, measured side by side in one run.
 
-Compares, for one attention block (d_model 256, 8 heads of width 32, 1 shared head,
-causal self-attention, batch 2):
+Compares, for one attention block (d_model 256, 8 heads of width 32, ``--shared``
+shared heads (default 1), causal self-attention, batch 2):
 
     mha         dense multi-head attention (PyTorch's fused SDPA kernel)
     moh         Mixture-of-Head attention, dense masked path
-    goh-pyg     Graph-of-Heads, dense masked path, PyG GCNConv message passing
-    goh-fused   Graph-of-Heads, dense masked path, fused dense GCN message passing
-    goh-sparse  Graph-of-Heads (fused message passing), sparse path: active heads only
+    goh-pyg     Graph-of-Heads, dense masked path, PyG GCNConv message passing (propagate)
+    goh         Graph-of-Heads, dense masked path, HeadGCNConv (dense message_and_aggregate)
+    goh-sparse  Graph-of-Heads (HeadGCNConv), sparse path: active heads only
 
-over sequence lengths and active-head ratios (100/75/50/25% = 1 shared + 7/5/3/1 of the
-7 routed heads). Times are medians of interleaved repeats (every configuration runs once
-per round, so machine noise hits all alike) and are printed as ratios to mha. Peak
-tensor memory of one step: on CUDA the allocator's peak, on CPU the peak of the running
-sum of allocations and frees recorded by the PyTorch profiler.
+over sequence lengths and active-head counts (by default 8/6/4/2 of 8 heads = 1 shared
++ 7/5/3/1 of the 7 routed heads). Times are medians of interleaved repeats (every
+configuration runs once per round, so machine noise hits all alike) and are printed as
+ratios to mha. Peak tensor memory of one step: on CUDA the allocator's peak, on CPU the
+peak of the running sum of allocations and frees recorded by the PyTorch profiler.
 
     python benchmarks/attention_speed.py                # CPU, the grid below
     python benchmarks/attention_speed.py --device cuda  # GPU timings and memory
+    # GoH / MoH at T 512 with 2 shared heads and top-2 (4 of 8 heads active):
+    python benchmarks/attention_speed.py --lengths 512 --actives 4 --shared 2 \
+        --repeats 21 --memory-lengths
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import statistics
 import time
 
 import torch
+from torch_geometric.nn import GCNConv
 
 from graphheads import GoHAttention, HeadGraph, MoHAttention, MultiHeadAttention
 
-D_MODEL, HEADS, SHARED, BATCH = 256, 8, 1, 2
-KINDS = ("mha", "moh", "goh-pyg", "goh-fused", "goh-sparse")
+D_MODEL, HEADS, BATCH = 256, 8, 2
+SHARED = 1  # set by --shared
+KINDS = ("mha", "moh", "goh-pyg", "goh", "goh-sparse")
 
 
 def build(kind: str, active: int, device: str, feature_dim: int = 16) -> torch.nn.Module:
@@ -49,7 +54,7 @@ def build(kind: str, active: int, device: str, feature_dim: int = 16) -> torch.n
             top_k,
             HeadGraph.complete(HEADS, learnable="edge"),
             feature_dim=feature_dim,
-            fused_message_passing=kind != "goh-pyg",
+            conv=(lambda f: GCNConv(f, f, node_dim=-2)) if kind == "goh-pyg" else "gcn",
             execution="sparse" if kind == "goh-sparse" else "dense",
         )
     return module.to(device)
@@ -128,12 +133,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-lengths", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--feature-dim", type=int, default=16, help="GoH router node features F")
+    parser.add_argument("--shared", type=int, default=1, help="shared heads of 8")
     parser.add_argument("--json", help="also write the raw numbers here")
     args = parser.parse_args()
+    global SHARED
+    SHARED = args.shared
+    if not all(SHARED < a <= HEADS for a in args.actives):
+        parser.error(f"--actives must lie in ({SHARED}, {HEADS}] with --shared {SHARED}")
     torch.set_grad_enabled(True)
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"GoH feature_dim {args.feature_dim}"
+        f"GoH feature_dim {args.feature_dim}, shared heads {SHARED}"
     )
     raw: dict = {"time": {}, "memory": {}}
     for mode in ("train", "infer"):
@@ -148,12 +158,10 @@ def main() -> None:
             ratios = " | ".join(f"{times[k] / times['mha']:.2f}" for k in KINDS[1:])
             print(f"| {t} | {active}/8 | {times['mha'] * 1e3:.1f} | {ratios} |")
             raw["time"][f"{mode}/{t}/{active}"] = times
-        goh_over_moh = [
-            grid[(t, a)]["goh-fused"] / grid[(t, a)]["moh"] for (t, a) in grid if t == 512
-        ]
+        goh_over_moh = [grid[(t, a)]["goh"] / grid[(t, a)]["moh"] for (t, a) in grid if t == 512]
         if goh_over_moh:
             ratios = ", ".join(f"{r:.2f}" for r in goh_over_moh)
-            print(f"\nGoH (fused) / MoH block time at T=512 (per active-head ratio): {ratios}")
+            print(f"\nGoH / MoH block time at T=512 ({title}; per active-head count): {ratios}")
     if args.memory_lengths:
         print("\n### peak tensor memory of one step, MiB\n")
         print("| mode | T | active heads | " + " | ".join(KINDS) + " |")

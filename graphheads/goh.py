@@ -23,7 +23,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from graphheads.gates import GateConvention, check_routing_config, moh_gates
+from graphheads.gates import GateConvention, check_routing_config, moh_gates, split_linear
 from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
 from graphheads.routed import Execution, RoutedAttention
@@ -135,12 +135,20 @@ class GraphRouter(nn.Module):
             f"feature_dim={self.feature_dim}, num_layers={len(self.message_passing.layers)}"
         )
 
-    def head_scores(self, x: Tensor, head_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Scores (b, t, h) and final node states (b, t, h, F) for router input x."""
+    def _scores(
+        self, x: Tensor, head_states: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Head scores (b, t, h), final node states (b, t, h, F) and two-stage logits
+        (b, t, 2) or ``None``."""
         if x.size(-1) != self.d_model:
             raise ValueError(f"GraphRouter: input width {x.size(-1)} != d_model ({self.d_model})")
-        z = self.in_proj(x).unflatten(-1, (self.num_heads, self.feature_dim))  # (b, t, h, F)
-        z = z + self.head_embedding
+        z, type_logits = split_linear(  # x W_in + E and x W_h in one GEMM
+            x,
+            [self.in_proj.weight, None if self.type_gate is None else self.type_gate.weight],
+            [self.head_embedding.flatten(), None],
+        )
+        assert z is not None
+        z = z.unflatten(-1, (self.num_heads, self.feature_dim))  # (b, t, h, F)
         if head_states is not None:
             if self.carry_proj is None:
                 raise ValueError(
@@ -153,7 +161,13 @@ class GraphRouter(nn.Module):
                 )
             z = z + self.carry_proj(head_states)
         z = self.message_passing(z, self.graph.edge_index, self.graph.edge_weight)
-        return self.score(z).squeeze(-1) + self.score_bias, z  # (b, t, h), (b, t, h, F)
+        scores = self.score(z).squeeze(-1) + self.score_bias  # (b, t, h)
+        return scores, z, type_logits
+
+    def head_scores(self, x: Tensor, head_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Scores (b, t, h) and final node states (b, t, h, F) for router input x."""
+        scores, z, _ = self._scores(x, head_states)
+        return scores, z
 
     def forward(
         self,
@@ -166,12 +180,12 @@ class GraphRouter(nn.Module):
         """Routing for router input x (b, t, d); ``head_states`` (b, t, h, F) from the
         previous layer (carry only); ``token_mask`` (b, t) True at the tokens the
         load-balance loss counts. ``queries`` is unused (interface of the routers)."""
-        scores, z = self.head_scores(x, head_states)
+        scores, z, type_logits = self._scores(x, head_states)
         h_s = self.num_shared
         routing = moh_gates(
             scores[..., h_s:],
             scores[..., :h_s] if h_s > 1 else None,
-            None if self.type_gate is None else self.type_gate(x),
+            type_logits,
             num_shared=h_s,
             top_k=self.top_k,
             gate_convention=self.gate_convention,

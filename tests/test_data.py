@@ -83,3 +83,30 @@ def test_byte_text_dataset(tmp_path):
         ByteTextDataset(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ByteTextDataset(tmp_path / "missing")
+
+
+def test_byte_text_folder_under_a_hidden_folder_is_read(tmp_path):
+    folder = tmp_path / ".cache" / "corpus"  # hidden above the folder given: irrelevant
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("graph of heads " * 40)
+    (folder / ".notes.txt").write_text("hidden inside the folder: skipped " * 40)
+    data = ByteTextDataset(folder, seq_len=16)
+    assert len(data.train) + len(data.val) == len("graph of heads ") * 40
+    empty = tmp_path / "only_hidden"
+    empty.mkdir()
+    (empty / ".x.txt").write_text("skipped")
+    with pytest.raises(ValueError, match=r"the folder .*only_hidden holds no \(non-hidden\) files"):
+        ByteTextDataset(empty)
+
+
+def test_task_batches_mark_their_padding():
+    suite = TaskSuite(["copy", "modadd"], length=3)
+    batch = suite.sample(8, torch.Generator().manual_seed(0))
+    assert batch.padding is not None and batch.padding.shape == batch.inputs.shape
+    assert (batch.inputs[batch.padding] == PAD).all()
+    assert (batch.targets[batch.padding] == IGNORE_INDEX).all()
+    assert not batch.padding[:, 0].any() and batch.padding.any()  # right padding only
+    half = batch.rows(slice(2, 5))
+    assert torch.equal(half.padding, batch.padding[2:5]) and torch.equal(
+        half.inputs, batch.inputs[2:5]
+    )

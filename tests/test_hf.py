@@ -230,3 +230,42 @@ def test_convert_command_saves_a_model_that_loads_back(tmp_path, capsys):
         a = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
         b = mean_pool(original(**enc).last_hidden_state, enc["attention_mask"])
     assert 1 - (a * b).sum(-1).mean().item() == pytest.approx(report["after_tuning"], abs=1e-5)
+
+
+def test_save_and_load_round_trip_keeps_a_custom_graph(tmp_path):
+    from graphheads import HeadGraph
+    from graphheads.integrations.hf import load_converted, save_converted
+
+    base = tmp_path / "base"
+    tiny("gpt2").save_pretrained(base)
+    original = transformers.GPT2LMHeadModel.from_pretrained(base).eval()
+    graph = HeadGraph.ring(4, learnable="edge", num_shared=1)
+    model = convert_to_goh(copy.deepcopy(original), num_shared=1, top_k=2, graph=graph)
+    with torch.no_grad():  # something the base model cannot know: trained edges and priors
+        for m in converted_modules(model):
+            m.router.graph.raw_weight.normal_()
+            m.router.score_bias.normal_()
+    save_converted(model, tmp_path / "out", base_model=base)
+    loaded = load_converted(tmp_path / "out")
+    got = converted_modules(loaded)[0].router.graph
+    assert got.edge_index.tolist() == graph.edge_index.tolist() and got.learnable == "edge"
+    torch.testing.assert_close(
+        got.edge_weight, converted_modules(model)[0].router.graph.edge_weight
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(loaded, TOKENS), outputs(model, TOKENS))
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())  # no temp files
+
+
+def test_tuning_keeps_the_callers_frozen_parameters_frozen():
+    model = convert_to_goh(tiny("gpt2"), num_shared=1, top_k=1)
+    frozen = model.transformer.wte.weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+
+    def loss_fn(m, b):
+        return m(**b, labels=b["input_ids"]).loss
+
+    tune(model, [{"input_ids": TOKENS}] * 3, loss_fn, lr=1e-2)
+    assert not frozen.requires_grad and torch.equal(frozen, before)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".router." in n)

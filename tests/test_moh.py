@@ -269,3 +269,38 @@ def test_bad_routing_config_raises(args, match):
         MoHAttention(D, *args)
     with pytest.raises(ValueError, match=match):
         MoHRouter(D, *args)
+
+
+def test_load_balance_loss_counts_only_real_tokens():
+    probs = torch.softmax(torch.randn(2, 5, 4), -1)
+    mask = torch.zeros_like(probs).scatter(-1, probs.topk(2, -1).indices, 1.0)
+    real = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = load_balance_loss(probs[real].unsqueeze(0), mask[real].unsqueeze(0))
+    torch.testing.assert_close(load_balance_loss(probs, mask, real), expected)
+    with pytest.raises(ValueError, match=r"token_mask has shape \(2, 4\), expected \(2, 5\)"):
+        load_balance_loss(probs, mask, real[:, :4])
+
+
+@pytest.mark.parametrize("attention", ["moh", "goh"])
+def test_padding_changes_neither_the_load_balance_loss_nor_its_gradient(attention):
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=20, d_model=D, num_heads=6, num_layers=2, attention=attention, num_shared=2
+    )
+    model = DecoderOnlyLM(config)
+    tokens = torch.randint(2, 20, (3, 7))
+    padded = torch.cat([tokens, torch.zeros(3, 5, dtype=torch.long)], dim=1)  # right padding
+    padding = torch.zeros(3, 12, dtype=torch.bool)
+    padding[:, 7:] = True
+    results = []
+    for inputs, kwargs in ((tokens, {}), (padded, {"key_padding_mask": padding})):
+        model.zero_grad()
+        aux = model(inputs, **kwargs).aux_loss
+        aux.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((aux.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    assert any("router" in name for name in results[0][1])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)

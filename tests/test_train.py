@@ -326,3 +326,18 @@ def test_encoder_decoder_model_trains_evaluates_and_generates(tmp_path, capsys):
             ),
             None,
         )
+
+
+def test_head_usage_reads_the_decoder_blocks_even_at_equal_lengths():
+    from graphheads import ModelConfig, Transformer
+    from graphheads.train.trainer import scored_routing
+
+    model = Transformer(
+        ModelConfig(vocab_size=20, d_model=16, num_heads=4, attention="moh", num_shared=1)
+    )
+    tokens = torch.randint(0, 20, (2, 6))
+    out = model(tokens, tokens)  # source and target of equal length: equal routing shapes
+    blocks = scored_routing(out)
+    assert len(out.routing) == 6 and len(blocks) == 4  # 2 decoder layers x (self, cross)
+    assert all(any(b is r for r in out.routing[2:]) for b in blocks)
+    assert out.routing_sites[:2] == ("encoder.0.self_attn", "encoder.1.self_attn")

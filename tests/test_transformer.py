@@ -158,3 +158,29 @@ def test_bad_model_inputs_raise():
         model(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"prompt \(30\) \+ max_new_tokens \(5\) exceeds"):
         model.generate(torch.zeros(1, 30, dtype=torch.long), 5)
+
+
+def test_top_k_default_is_explicit_and_meaningless_values_are_refused():
+    config = ModelConfig(vocab_size=20, num_heads=8, num_shared=2, attention="moh")
+    assert config.top_k is None and config.routed_top_k == 3  # half of the 6 routed heads
+    assert ModelConfig(vocab_size=20, num_heads=4, num_shared=4).routed_top_k == 0
+    for bad, match in [
+        (dict(num_heads=8, num_shared=2, top_k=0), r"top_k \(0\) must be None .* or 1..6"),
+        (dict(num_heads=8, num_shared=2, top_k=7), r"top_k \(7\) must be None .* or 1..6"),
+        (dict(num_heads=4, num_shared=4, top_k=1), r"top_k \(1\) must be None .* or 0"),
+        (dict(num_heads=4, num_shared=5), r"num_shared \(5\) must be an int in \[0, num_heads"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(vocab_size=20, **bad)
+
+
+def test_one_block_class_and_one_stack_class():
+    from graphheads import TransformerBlock, TransformerStack
+
+    lm = _lm()
+    seq2seq = Transformer(ModelConfig(vocab_size=20, d_model=D, num_heads=H, d_ff=FF))
+    for stack in (lm.decoder, seq2seq.encoder, seq2seq.decoder):
+        assert type(stack) is TransformerStack
+        assert all(type(block) is TransformerBlock for block in stack.layers)
+    assert all(block.cross_attn is None for block in lm.decoder.layers)
+    assert all(block.cross_attn is not None for block in seq2seq.decoder.layers)
