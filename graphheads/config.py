@@ -43,6 +43,8 @@ class ModelConfig:
     graph_layers: int = 2  # message-passing layers L (0 = linear MoH router)
     share_graph: bool = False  # one head graph for all layers instead of one per layer
     carry_head_states: bool = False  # feed each layer's head states into the next router
+    graph_conv: str = "gcn"  # message-passing layer: gcn, lightgcn, graphconv
+    graph_scale_init: float = 0.0  # initial weight of the graph branch (0: starts as MoH)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")

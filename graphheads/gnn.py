@@ -12,9 +12,9 @@ are carried along, and a PyTorch Geometric ``MessagePassing`` layer built with
 The default layer is :class:`HeadGCNConv`, the GCN of Kipf & Welling 2017 as PyG's
 ``GCNConv`` computes it, whose fast dense propagation is its own
 ``message_and_aggregate`` (as ``GCNConv`` has one for sparse adjacency): the
-normalised (h, h) matrix P is built once per forward, the features are transformed by
-one (N h, f) x (f, f) GEMM, then propagated by P. Per token that is
-``h f^2 + h^2 f`` multiply-adds. Any other PyG layer works through ``propagate``.
+normalised (h, h) matrix P is built once per forward, the features are propagated by P,
+then transformed by one (N h, f) x (f, f) GEMM (``(P Z) W^T = P (Z W^T)``). Per token
+that is ``h f^2 + h^2 f`` multiply-adds, not the ``(h f)^2`` of one Kronecker GEMM. Any other PyG layer works through ``propagate``.
 
 Shape legend: h heads, f features, E edges, N leading positions (batch x tokens).
 """
@@ -108,16 +108,15 @@ class HeadGCNConv(MessagePassing):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
         num_nodes = x.size(-2)
-        x = self.lin(x)  # (..., h, f'): one GEMM over all tokens and heads
+        # P (Z W^T) + b computed as (P Z) W^T + b: the propagation, then one GEMM over all
+        # tokens and heads with the bias fused into it (fewer passes over the features)
         if self.propagation == "dense":
             adj_t = gcn_norm_dense(edge_index, edge_weight, num_nodes).to(x.dtype)  # (h, h)
-            out = self.message_and_aggregate(adj_t, x)
+            out = self.message_and_aggregate(adj_t, x)  # (..., h, f)
         else:
             edge_index, norm = gcn_norm(edge_index, edge_weight, num_nodes, add_self_loops=True)
             out = self.propagate(edge_index, x=x, edge_weight=norm)
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+        return F.linear(out, self.lin.weight, self.bias)  # (..., h, f')
 
     def message(self, x_j: Tensor, edge_weight: Tensor) -> Tensor:
         return edge_weight.view(-1, 1) * x_j

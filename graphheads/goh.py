@@ -2,13 +2,22 @@ r"""The Graph-of-Heads router: message passing over the head graph before MoH to
 
 Per token with router input x (the attention's query input)::
 
-    Z0 = reshape(x W_in, [H, F]) + E  (+ carry(Z_prev))   # node features, E head embeddings
+    l  = x W_l                                     # linear_gate: MoH's router logits
+    Z0 = reshape((x A) B, [H, F]) + E  (+ carry(Z_prev))  # node features, E head embeddings
     Z  = Z + act(conv_l(Z, edge_index, edge_weight))      # l = 1..L, over the head graph
-    s  = Z u + b                                          # one score per head (b: prior)
+    s  = l + alpha * (Z u) + b                     # alpha: graph_scale, zero at init
     routed logits = s[h_s:], shared logits = s[:h_s], two-stage logits = x W_h
     -> the MoH gate of graphheads.gates
 
-With ``num_layers=0`` this is a linear MoH router (scores ``x W_in u + E u``).
+The graph branch enters through a learnable per-head scale ``alpha`` initialised at zero
+(ReZero-style): at initialisation the router computes exactly the logits of a linear
+MoH router with the same ``W_l`` and ``W_h`` (:meth:`GraphRouter.copy_from_moh`), and
+the graph earns its influence through training. The node features come from an F-wide
+token summary ``x A`` (``in_proj``, d -> F) mapped to every head by ``B``
+(``head_proj``, F -> H F): the input projection has rank F, which costs ``d F + H F^2``
+per token instead of ``d H F``.
+
+With ``num_layers=0`` this is a linear router (scores ``x W_l + alpha (x A B + E) u``).
 ``Z_prev`` are the previous layer's final head states (``carry_head_states``): an edge
 from head i at layer l to head i at layer l + 1, so routing signals also travel through
 depth.
@@ -21,11 +30,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphheads.gates import GateConvention, check_routing_config, moh_gates, split_linear
 from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
+from graphheads.moh import MoHRouter
 from graphheads.routed import Execution, RoutedAttention
 from graphheads.types import RoutingOutput
 
@@ -33,7 +44,8 @@ __all__ = ["GoHAttention", "GraphRouter", "collect_head_graphs"]
 
 
 class GraphRouter(nn.Module):
-    r"""Routes tokens to heads with scores refined by message passing over a head graph.
+    r"""Routes tokens to heads with linear logits plus scores refined by message passing
+    over a head graph (see the module docstring for the update rule).
 
     Args:
         d_model: width of the router input x.
@@ -43,16 +55,19 @@ class GraphRouter(nn.Module):
         graph: the :class:`~graphheads.graph.HeadGraph` (default: complete graph with
             learnable edge weights). Its ``num_heads`` must equal ``num_heads``.
         feature_dim: node feature width F (default 16).
-        num_layers: message-passing layers L (default 2; 0 = linear MoH router).
+        num_layers: message-passing layers L (default 2).
         conv: layer name or factory (see :class:`~graphheads.gnn.HeadMessagePassing`).
         carry_head_states: accept the previous layer's head states in ``forward``.
         gate_convention: "reference" or "paper" (see :class:`~graphheads.moh.MoHRouter`).
         hard_gates: 0/1 gates with a straight-through estimator.
+        graph_scale_init: initial ``alpha`` of every head (default 0: the router starts
+            as a linear MoH router).
 
-    Submodules: ``in_proj`` (W_in, d -> H F), ``head_embedding`` (E, H x F),
-    ``message_passing``, ``score`` (u, F -> 1), ``score_bias`` (a prior per head, added
-    to the scores; zero at init), ``type_gate`` (W_h, d -> 2, only with
-    shared and routed heads), ``carry_proj`` (F -> F, with ``carry_head_states``), ``graph``.
+    Submodules: ``linear_gate`` (W_l, d -> H), ``in_proj`` (A, d -> F), ``head_proj``
+    (B, F -> H F), ``head_embedding`` (E, H x F), ``message_passing``, ``score``
+    (u, F -> 1), ``graph_scale`` (alpha, H), ``score_bias`` (a prior per head; zero at
+    init), ``type_gate`` (W_h, d -> 2, only with shared and routed heads), ``carry_proj``
+    (F -> F, with ``carry_head_states``), ``graph``.
 
     Shapes: x (b, t, d), head_states (b, t, h, F) -> :class:`RoutingOutput` whose
     ``head_states`` are the final node states Z (b, t, h, F).
@@ -72,6 +87,7 @@ class GraphRouter(nn.Module):
         carry_head_states: bool = False,
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
+        graph_scale_init: float = 0.0,
     ) -> None:
         super().__init__()
         check_routing_config(type(self).__name__, num_heads, num_shared, top_k)
@@ -88,6 +104,11 @@ class GraphRouter(nn.Module):
             )
         if feature_dim < 1:
             raise ValueError(f"GraphRouter: feature_dim must be >= 1, got {feature_dim}")
+        if gate_convention not in ("reference", "paper"):
+            raise ValueError(
+                f"GraphRouter: gate_convention must be 'reference' or 'paper', "
+                f"got {gate_convention!r}"
+            )
         self.d_model = d_model
         self.num_heads = num_heads
         self.num_shared = num_shared
@@ -95,11 +116,15 @@ class GraphRouter(nn.Module):
         self.feature_dim = feature_dim
         self.gate_convention: GateConvention = gate_convention
         self.hard_gates = hard_gates
+        self.graph_scale_init = float(graph_scale_init)
         self.graph = graph
-        self.in_proj = nn.Linear(d_model, num_heads * feature_dim, bias=False)
+        self.linear_gate = nn.Linear(d_model, num_heads, bias=False)
+        self.in_proj = nn.Linear(d_model, feature_dim, bias=False)
+        self.head_proj = nn.Linear(feature_dim, num_heads * feature_dim, bias=False)
         self.head_embedding = nn.Parameter(torch.empty(num_heads, feature_dim))
         self.message_passing = HeadMessagePassing(feature_dim, num_layers, conv=conv)
         self.score = nn.Linear(feature_dim, 1, bias=False)
+        self.graph_scale = nn.Parameter(torch.empty(num_heads))
         self.score_bias = nn.Parameter(torch.zeros(num_heads))
         has_both = num_shared > 0 and num_heads - num_shared > 0
         self.type_gate = nn.Linear(d_model, 2, bias=False) if has_both else None
@@ -109,9 +134,10 @@ class GraphRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.in_proj.reset_parameters()
+        for linear in (self.linear_gate, self.in_proj, self.head_proj, self.score):
+            linear.reset_parameters()
         nn.init.normal_(self.head_embedding, std=0.02)
-        self.score.reset_parameters()
+        nn.init.constant_(self.graph_scale, self.graph_scale_init)
         nn.init.zeros_(self.score_bias)
         if self.type_gate is not None:
             self.type_gate.reset_parameters()
@@ -120,14 +146,46 @@ class GraphRouter(nn.Module):
 
     @torch.no_grad()
     def reset_to_uniform(self) -> None:
-        """Zero the score vector ``u`` and the two-stage weights: every token then routes
-        uniformly, and with ``top_k`` equal to all routed heads every gate is exactly 1,
-        so the attention equals dense multi-head attention. Training moves on from there
-        (the score vector still receives gradients)."""
-        self.score.weight.zero_()
+        """Zero the linear logits, the graph scale, the prior and the two-stage weights:
+        every token then routes uniformly, and with ``top_k`` equal to all routed heads
+        every gate is exactly 1, so the attention equals dense multi-head attention.
+        Training moves on from there (the linear gate and the graph scale still receive
+        gradients)."""
+        self.linear_gate.weight.zero_()
+        self.graph_scale.zero_()
         self.score_bias.zero_()
         if self.type_gate is not None:
             self.type_gate.weight.zero_()
+
+    @torch.no_grad()
+    def copy_from_moh(self, router: MoHRouter) -> None:
+        """Take a learned :class:`~graphheads.moh.MoHRouter`'s weights: its routed (and
+        shared) gate rows become ``linear_gate``, its two-stage gate ``type_gate``. With
+        the graph scale at zero this router then computes exactly that router's routing."""
+        name = type(self).__name__
+        if router.parameter_free:
+            raise ValueError(f"{name}.copy_from_moh: a parameter-free MoHRouter has no weights")
+        if (router.d_model, router.num_heads, router.num_shared, router.top_k) != (
+            self.d_model,
+            self.num_heads,
+            self.num_shared,
+            self.top_k,
+        ):
+            raise ValueError(
+                f"{name}.copy_from_moh: MoHRouter has (d_model, num_heads, num_shared, "
+                f"top_k) = {(router.d_model, router.num_heads, router.num_shared, router.top_k)}"
+                f", this router {(self.d_model, self.num_heads, self.num_shared, self.top_k)}"
+            )
+        h_s = self.num_shared
+        self.linear_gate.weight.zero_()
+        if router.routed_gate is not None:
+            self.linear_gate.weight[h_s:] = router.routed_gate.weight
+        if router.shared_gate is not None:
+            self.linear_gate.weight[:h_s] = router.shared_gate.weight
+        if router.type_gate is not None and self.type_gate is not None:
+            self.type_gate.weight.copy_(router.type_gate.weight)
+        self.gate_convention = router.gate_convention
+        self.hard_gates = router.hard_gates
 
     def extra_repr(self) -> str:
         return (
@@ -142,12 +200,16 @@ class GraphRouter(nn.Module):
         (b, t, 2) or ``None``."""
         if x.size(-1) != self.d_model:
             raise ValueError(f"GraphRouter: input width {x.size(-1)} != d_model ({self.d_model})")
-        z, type_logits = split_linear(  # x W_in + E and x W_h in one GEMM
+        linear, summary, type_logits = split_linear(  # every projection of x in one GEMM
             x,
-            [self.in_proj.weight, None if self.type_gate is None else self.type_gate.weight],
-            [self.head_embedding.flatten(), None],
+            [
+                self.linear_gate.weight,
+                self.in_proj.weight,
+                None if self.type_gate is None else self.type_gate.weight,
+            ],
         )
-        assert z is not None
+        assert linear is not None and summary is not None
+        z = F.linear(summary, self.head_proj.weight, self.head_embedding.flatten())
         z = z.unflatten(-1, (self.num_heads, self.feature_dim))  # (b, t, h, F)
         if head_states is not None:
             if self.carry_proj is None:
@@ -161,7 +223,8 @@ class GraphRouter(nn.Module):
                 )
             z = z + self.carry_proj(head_states)
         z = self.message_passing(z, self.graph.edge_index, self.graph.edge_weight)
-        scores = self.score(z).squeeze(-1) + self.score_bias  # (b, t, h)
+        graph_scores = self.score(z).squeeze(-1)  # (b, t, h)
+        scores = linear + self.graph_scale * graph_scores + self.score_bias  # (b, t, h)
         return scores, z, type_logits
 
     def head_scores(self, x: Tensor, head_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -222,6 +285,7 @@ class GoHAttention(RoutedAttention):
         carry_head_states: bool = False,
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
+        graph_scale_init: float = 0.0,
         execution: Execution = "dense",
     ) -> None:
         router = GraphRouter(
@@ -236,6 +300,7 @@ class GoHAttention(RoutedAttention):
             carry_head_states=carry_head_states,
             gate_convention=gate_convention,
             hard_gates=hard_gates,
+            graph_scale_init=graph_scale_init,
         )
         super().__init__(
             d_model,

@@ -15,24 +15,62 @@ from graphheads import (
 D, H, FEAT = 24, 6, 8
 
 
-def test_zero_layers_reduces_to_linear_moh_router():
-    moh = MoHRouter(D, H, 2, 2)
-    goh = GraphRouter(D, H, 2, 2, HeadGraph.complete(H), feature_dim=FEAT, num_layers=0)
-    with torch.no_grad():
-        # s_i = (x W_in)_i . u + E_i . u with u = e_0 and E = 0: s = x [W_s; W_r]^T
-        goh.score.weight.zero_()
-        goh.score.weight[0, 0] = 1.0
-        goh.head_embedding.zero_()
-        w_in = torch.zeros(H, FEAT, D)
-        w_in[:2, 0] = moh.shared_gate.weight
-        w_in[2:, 0] = moh.routed_gate.weight
-        goh.in_proj.weight.copy_(w_in.reshape(H * FEAT, D))
-        goh.type_gate.weight.copy_(moh.type_gate.weight)
+@pytest.mark.parametrize("num_shared", [0, 1, 2])
+@pytest.mark.parametrize("num_layers", [0, 2])
+def test_starts_as_the_linear_moh_router(num_shared, num_layers):
+    moh = MoHRouter(D, H, num_shared, 2)
+    goh = GraphRouter(D, H, num_shared, 2, HeadGraph.complete(H, learnable="edge"),
+                      feature_dim=FEAT, num_layers=num_layers)  # fmt: skip
+    goh.copy_from_moh(moh)
     x = torch.randn(2, 7, D)
     a, b = moh(x), goh(x)
-    torch.testing.assert_close(b.gates, a.gates)
+    # equal up to float rounding (the logits come from differently stacked GEMMs)
+    torch.testing.assert_close(b.gates, a.gates, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b.router_probs, a.router_probs, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(b.load_balance_loss, a.load_balance_loss)
     assert torch.equal(b.routed_mask, a.routed_mask)
+    with torch.no_grad():
+        goh.graph_scale.fill_(1.0)  # once the graph has weight, it changes the routing
+    assert not torch.allclose(goh(x).router_probs, a.router_probs)
+
+
+def test_the_graph_branch_learns_through_its_scale_from_zero():
+    """At init the graph branch has weight 0, so it is a no-op; its scale gets a gradient
+    at once, and the message-passing and edge weights as soon as the scale has moved (a
+    branch that is exactly zero through a product cannot pass a gradient to the other
+    factors of that product in the same step)."""
+    torch.manual_seed(0)
+    attn = GoHAttention(D, H, 2, 2, HeadGraph.complete(H, learnable="edge"), feature_dim=FEAT)
+    router = attn.router
+    optimizer = torch.optim.SGD(attn.parameters(), lr=0.5)
+    x = torch.randn(2, 9, D)
+    grads = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        out = attn(x)
+        (out.output.square().mean() + out.routing.load_balance_loss).backward()
+        conv = router.message_passing.layers[0]
+        grads.append(
+            {
+                "scale": router.graph_scale.grad.abs().sum(),
+                "conv": conv.lin.weight.grad.abs().sum(),
+                "edges": router.graph.raw_weight.grad.abs().sum(),
+                "linear": router.linear_gate.weight.grad.abs().sum(),
+            }
+        )
+        optimizer.step()
+    assert grads[0]["scale"] > 0 and grads[0]["linear"] > 0
+    assert grads[0]["conv"] == 0 and grads[0]["edges"] == 0
+    assert grads[1]["conv"] > 0 and grads[1]["edges"] > 0 and router.graph_scale.abs().sum() > 0
+
+
+def test_copy_from_moh_checks_the_routers_match():
+    with pytest.raises(
+        ValueError, match=r"MoHRouter has \(d_model, num_heads, num_shared, top_k\)"
+    ):
+        GraphRouter(D, H, 1, 2).copy_from_moh(MoHRouter(D, H, 2, 2))
+    with pytest.raises(ValueError, match="parameter-free MoHRouter has no weights"):
+        GraphRouter(D, H, 1, 2).copy_from_moh(MoHRouter(D, H, 1, 2, parameter_free=True))
 
 
 @pytest.mark.parametrize("propagation", ["dense", "edges"])
@@ -41,20 +79,22 @@ def test_permuting_head_labels_permutes_routing(propagation):
     graph = HeadGraph.from_edges(
         H, [(0, 1), (1, 2), (2, 3), (4, 0), (5, 2)], [1.0, 2.0, 0.5, 1.5, 3.0]
     )
-    router = GraphRouter(D, H, num_shared, 3, graph, feature_dim=FEAT)
+    router = GraphRouter(D, H, num_shared, 3, graph, feature_dim=FEAT, graph_scale_init=1.0)
     perm = torch.tensor([3, 0, 5, 1, 2, 4])  # new head i is old head perm[i]
     inverse = torch.argsort(perm)
     new_graph = HeadGraph(H, inverse[graph.edge_index], graph.edge_weight)
-    permuted = GraphRouter(D, H, num_shared, 3, new_graph, feature_dim=FEAT)
+    permuted = GraphRouter(D, H, num_shared, 3, new_graph, feature_dim=FEAT, graph_scale_init=1.0)
     for layer in (*router.message_passing.layers, *permuted.message_passing.layers):
         layer.propagation = propagation
     permuted.load_state_dict(
         {k: v for k, v in router.state_dict().items() if not k.startswith("graph.")}, strict=False
     )
-    with torch.no_grad():
-        w = router.in_proj.weight.reshape(H, FEAT, D)[perm]
-        permuted.in_proj.weight.copy_(w.reshape(H * FEAT, D))
+    with torch.no_grad():  # every per-head parameter follows the permutation
+        w = router.head_proj.weight.reshape(H, FEAT, FEAT)[perm]
+        permuted.head_proj.weight.copy_(w.reshape(H * FEAT, FEAT))
         permuted.head_embedding.copy_(router.head_embedding[perm])
+        permuted.linear_gate.weight.copy_(router.linear_gate.weight[perm])
+        permuted.graph_scale.copy_(router.graph_scale[perm])
     x = torch.randn(2, 5, D)
     a, b = router(x), permuted(x)
     torch.testing.assert_close(b.gates, a.gates[..., perm], atol=1e-6, rtol=1e-5)
@@ -85,7 +125,8 @@ def test_empty_graph_isolates_heads_connected_graph_mixes_them():
 
 @pytest.mark.parametrize("learnable", ["edge", "dense"])
 def test_gradients_reach_edge_weights_and_head_embeddings(learnable):
-    attn = GoHAttention(D, H, 2, 2, HeadGraph.ring(H, learnable=learnable), feature_dim=FEAT)
+    graph = HeadGraph.ring(H, learnable=learnable)
+    attn = GoHAttention(D, H, 2, 2, graph, feature_dim=FEAT, graph_scale_init=1.0)
     out = attn(torch.randn(2, 5, D))
     (out.output.square().sum() + out.routing.load_balance_loss).backward()
     r = attn.router
@@ -129,6 +170,7 @@ def test_head_states_travel_through_depth():
         num_shared=1,
         top_k=2,
         carry_head_states=True,
+        graph_scale_init=1.0,  # the graph branch (which reads the carried states) is on
     )
     lm = DecoderOnlyLM(cfg)
     first, second = (layer.self_attn.router for layer in lm.decoder.layers)
@@ -228,7 +270,8 @@ def test_reset_to_uniform_with_all_heads_is_dense_attention(num_shared):
         out.output, ref(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-5
     )
     out.output.sum().backward()
-    assert goh.router.score.weight.grad.abs().sum() > 0  # routing can learn from here
+    assert goh.router.linear_gate.weight.grad.abs().sum() > 0  # routing can learn from here
+    assert goh.router.graph_scale.grad.abs().sum() > 0
 
 
 def test_copy_from_torch_checks_sizes():
