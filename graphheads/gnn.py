@@ -14,7 +14,8 @@ The default layer is :class:`HeadGCNConv`, the GCN of Kipf & Welling 2017 as PyG
 ``message_and_aggregate`` (as ``GCNConv`` has one for sparse adjacency): the
 normalised (h, h) matrix P is built once per forward, the features are propagated by P,
 then transformed by one (N h, f) x (f, f) GEMM (``(P Z) W^T = P (Z W^T)``). Per token
-that is ``h f^2 + h^2 f`` multiply-adds, not the ``(h f)^2`` of one Kronecker GEMM. Any other PyG layer works through ``propagate``.
+that is ``h f^2 + h^2 f`` multiply-adds, not the ``(h f)^2`` of one Kronecker GEMM.
+Any other PyG layer works through ``propagate``.
 
 Shape legend: h heads, f features, E edges, N leading positions (batch x tokens).
 """

@@ -159,9 +159,10 @@ class GraphRouter(nn.Module):
 
     @torch.no_grad()
     def copy_from_moh(self, router: MoHRouter) -> None:
-        """Take a learned :class:`~graphheads.moh.MoHRouter`'s weights: its routed (and
-        shared) gate rows become ``linear_gate``, its two-stage gate ``type_gate``. With
-        the graph scale at zero this router then computes exactly that router's routing."""
+        """Take a learned :class:`~graphheads.moh.MoHRouter`'s weights and gate settings:
+        its routed (and shared) gate rows become ``linear_gate``, its two-stage gate
+        ``type_gate``. With the graph scale at zero this router then computes that
+        router's routing (up to float rounding)."""
         name = type(self).__name__
         if router.parameter_free:
             raise ValueError(f"{name}.copy_from_moh: a parameter-free MoHRouter has no weights")

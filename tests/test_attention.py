@@ -126,3 +126,22 @@ def test_bad_shapes_raise():
         mha(torch.randn(2, 5, D), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"batch/length mismatch"):
         mha(torch.randn(2, 5, D), torch.randn(2, 6, D), torch.randn(2, 7, D))
+
+
+def test_merged_bias_can_be_passed_back_in_and_bad_shapes_are_named():
+    from graphheads.attention import build_attention_bias
+
+    def bias(**kw):
+        args = dict(batch_size=2, num_heads=4, query_len=3, key_len=5, attn_mask=None,
+                    key_padding_mask=None, is_causal=False, dtype=torch.float32,
+                    device=torch.device("cpu"))  # fmt: skip
+        return build_attention_bias(**{**args, **kw})
+
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    merged = bias(key_padding_mask=padding, is_causal=True)  # (2, 1, 3, 5)
+    assert merged.shape == (2, 1, 3, 5)
+    torch.testing.assert_close(bias(attn_mask=merged), merged)  # passes through unchanged
+    assert bias(attn_mask=merged[:, :, :1]).shape == (2, 1, 1, 5)  # one row for all queries
+    with pytest.raises(ValueError, match=r"attn_mask has shape \(2, 3, 3, 5\); expected"):
+        bias(attn_mask=torch.zeros(2, 3, 3, 5))
+    assert bias(is_causal=True, query_len=1) is None  # one query at the end sees every key

@@ -304,3 +304,15 @@ def test_padding_changes_neither_the_load_balance_loss_nor_its_gradient(attentio
     assert any("router" in name for name in results[0][1])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_split_linear_is_the_separate_projections():
+    from graphheads.gates import split_linear
+
+    x = torch.randn(2, 3, D)
+    w1, w2, b1 = torch.randn(5, D), torch.randn(2, D), torch.randn(5)
+    a, none, b = split_linear(x, [w1, None, w2], [b1, None, None])
+    assert none is None
+    torch.testing.assert_close(a, x @ w1.T + b1)
+    torch.testing.assert_close(b, x @ w2.T)
+    assert split_linear(x, [None, None]) == [None, None]

@@ -184,3 +184,38 @@ def test_one_block_class_and_one_stack_class():
         assert all(type(block) is TransformerBlock for block in stack.layers)
     assert all(block.cross_attn is None for block in lm.decoder.layers)
     assert all(block.cross_attn is not None for block in seq2seq.decoder.layers)
+
+
+def test_the_mask_is_built_once_per_forward_not_per_layer(monkeypatch):
+    import graphheads.attention as attention_module
+
+    calls = []
+    original = attention_module.build_attention_bias
+
+    def counting(**kwargs):
+        calls.append(kwargs["attn_mask"] is None)  # True: built from the raw masks
+        return original(**kwargs)
+
+    monkeypatch.setattr(attention_module, "build_attention_bias", counting)
+    model = _lm(num_layers=3)
+    tokens = torch.randint(0, 20, (2, 6))
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    expected = model(tokens, key_padding_mask=padding).logits
+    assert sum(calls) == 1  # merged once by the stack; the layers only pass it through
+    # the merged bias gives what per-layer masking gives: every real token as before
+    monkeypatch.setattr(attention_module, "build_attention_bias", original)
+    torch.testing.assert_close(expected[1], model(tokens[1:]).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_check_memory_against_cross_attention():
+    from graphheads import MultiHeadAttention, TransformerBlock
+    from graphheads.blocks import FeedForward
+
+    block = TransformerBlock(
+        self_attn=MultiHeadAttention(D, H), feed_forward=FeedForward(D, FF), d_model=D
+    )
+    with pytest.raises(
+        ValueError, match=r"memory must be given exactly when .*\(cross_attn is None\)"
+    ):
+        block(torch.randn(1, 3, D), torch.randn(1, 4, D))
