@@ -179,20 +179,34 @@ def report(records: list[dict], out: pathlib.Path, seeds: list[int]) -> None:
     for r in records:
         by.setdefault((r["variant"], r["bench"]), []).append(r)
     names = [v for v in VARIANTS if any((v, b) in by for b in ("text", "mqar"))]
-    print("| model | text bits/byte | MQAR accuracy | s per run (text, MQAR) |")
-    print("| --- | --- | --- | --- |")
-    for name in names:
-        cells = []
-        for bench in ("text", "mqar"):
-            runs = by.get((name, bench), [])
-            cells.append(f"{stat([r['metric'] for r in runs])} (n={len(runs)})" if runs else "-")
-        seconds = [
-            f"{statistics.mean(r['seconds'] for r in by[(name, b)]):.0f}"
-            if (name, b) in by
-            else "-"
-            for b in ("text", "mqar")
+
+    def paired(name: str, bench: str) -> str:
+        """Mean ± std over seeds of (variant - MoH), the same seed's evaluation batches."""
+        moh = {r["seed"]: r["metric"] for r in by.get(("MoH", bench), [])}
+        diffs = [
+            r["metric"] - moh[r["seed"]] for r in by.get((name, bench), []) if r["seed"] in moh
         ]
-        print(f"| {name} | {cells[0]} | {cells[1]} | {', '.join(seconds)} |")
+        if name == "MoH" or len(diffs) < 2:
+            return "-"
+        return f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}"
+
+    print(
+        "| model | text bits/byte | text: minus MoH, paired | MQAR accuracy | MQAR solved "
+        "| s per run (text, MQAR) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        text, mqar = by.get((name, "text"), []), by.get((name, "mqar"), [])
+        solved = sum(r["metric"] > 0.99 for r in mqar)
+        seconds = [
+            f"{statistics.mean(r['seconds'] for r in runs):.0f}" if runs else "-"
+            for runs in (text, mqar)
+        ]
+        print(
+            f"| {name} | {stat([r['metric'] for r in text]) if text else '-'} "
+            f"| {paired(name, 'text')} | {stat([r['metric'] for r in mqar]) if mqar else '-'} "
+            f"| {solved}/{len(mqar)} | {', '.join(seconds)} |"
+        )
     out.mkdir(parents=True, exist_ok=True)
     kept = [{k: v for k, v in r.items() if k != "coactivation"} for r in records]
     (out / "quality.json").write_text(json.dumps(kept, indent=1))

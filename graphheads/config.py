@@ -40,7 +40,7 @@ class ModelConfig:
     graph: str = "complete"  # head-graph preset: complete, ring, star, grid, empty
     graph_learnable: Literal["fixed", "edge", "dense"] = "edge"  # edge-weight parametrisation
     graph_feature_dim: int = 16  # node feature width F of the router
-    graph_layers: int = 2  # message-passing layers L (0 = linear MoH router)
+    graph_layers: int = 2  # message-passing layers L (0 = no message passing)
     share_graph: bool = False  # one head graph for all layers instead of one per layer
     carry_head_states: bool = False  # feed each layer's head states into the next router
     graph_conv: str = "gcn"  # message-passing layer: gcn, lightgcn, graphconv
