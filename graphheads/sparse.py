@@ -58,11 +58,14 @@ def sparse_routed_attention(
 
     Args:
         query: (b, t, d) the query inputs (before the query projection).
-        key, value: (b, h, s, e) projected keys and values of every head.
+        key: (b, h, s, e) projected keys of every head.
+        value: (b, h, s, e) projected values of every head.
         gates: (b, t, h) head gates; the first ``h - r`` heads are the shared ones.
         routed_mask: (b, t, r) 1.0 where a routed head is active.
-        q_weight, q_bias: the query projection, (h e, d) and (h e,).
-        out_weight, out_bias: the output projection, (d, h e) and (d,).
+        q_weight: the query projection's weight (h e, d).
+        q_bias: its bias (h e,), or ``None``.
+        out_weight: the output projection's weight (d, h e).
+        out_bias: its bias (d,), or ``None``.
         attn_bias: additive mask (b or 1, h or 1, t, s), or ``None``.
         is_causal: bottom-right causal attention (only with ``attn_bias=None``).
         dropout_p: dropout on the attention weights.
