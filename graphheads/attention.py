@@ -301,6 +301,16 @@ class MultiHeadAttention(nn.Module):
         b, _, t, _ = x.shape
         return x.transpose(1, 2).reshape(b, t, self.d_model)  # (b, t, d)
 
+    def resolve_inputs(
+        self, query: Tensor, key: Tensor | None, value: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """``(key, value)`` with the self-attention defaults filled in, after checking the
+        shapes of all three."""
+        key = query if key is None else key
+        value = key if value is None else value
+        self.check_inputs(query, key, value)
+        return key, value
+
     def check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         name = type(self).__name__
         for label, x in (("query", query), ("key", key), ("value", value)):
@@ -403,9 +413,7 @@ class MultiHeadAttention(nn.Module):
         """
         if head_states is not None:
             raise ValueError(f"{type(self).__name__}: head_states is only used by GoH attention")
-        key = query if key is None else key
-        value = key if value is None else value
-        self.check_inputs(query, key, value)
+        key, value = self.resolve_inputs(query, key, value)
         kv = self.project_kv(key, value, kv_cache)
         heads = self.attend(
             self.project_query(query),

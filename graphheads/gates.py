@@ -41,25 +41,15 @@ __all__ = [
 GateConvention = Literal["reference", "paper"]
 
 
-def split_linear(
-    x: Tensor, weights: list[Tensor | None], biases: list[Tensor | None] | None = None
-) -> list[Tensor | None]:
-    """``[x W_i^T + b_i for each i]`` computed as one GEMM over the concatenated weights
+def split_linear(x: Tensor, weights: list[Tensor | None]) -> list[Tensor | None]:
+    """``[x W_i^T for each i]`` computed as one GEMM over the concatenated weights
     (``None`` entries give ``None``). A router's several small projections of the same
     input then cost one matrix product and one input gradient, not one each: on CPU a
     product with an output of width 2 costs about as much as one of width 100."""
     present = [w for w in weights if w is not None]
     if not present:
         return [None for _ in weights]
-    bias = None
-    if biases is not None:
-        parts = [
-            b if b is not None else w.new_zeros(w.size(0))
-            for w, b in zip(weights, biases, strict=True)
-            if w is not None
-        ]
-        bias = torch.cat(parts)
-    out = torch.nn.functional.linear(x, torch.cat(present), bias)  # (..., sum of widths)
+    out = torch.nn.functional.linear(x, torch.cat(present))  # (..., sum of widths)
     pieces = iter(out.split([w.size(0) for w in present], dim=-1))
     return [None if w is None else next(pieces) for w in weights]
 

@@ -112,9 +112,7 @@ class RoutedAttention(MultiHeadAttention):
         """As :meth:`MultiHeadAttention.forward`, plus ``head_states`` (the previous
         layer's graph-router states, GoH with carry only) and ``token_mask`` (b, t): True
         at real query tokens, the only ones the load-balance loss counts."""
-        key = query if key is None else key
-        value = key if value is None else value
-        self.check_inputs(query, key, value)
+        key, value = self.resolve_inputs(query, key, value)
         sparse = self.execution == "sparse"
         needs_queries = bool(getattr(self.router, "parameter_free", False))
         q = self.project_query(query) if not sparse or needs_queries else None  # (b, h, t, e)
