@@ -95,8 +95,40 @@ def time_grid(
                     step(modules[k], x, mode)
                     sync(device)
                     samples[k].append(time.perf_counter() - start)
-            results[(t, active)] = {k: statistics.median(v) for k, v in samples.items()}
+            results[(t, active)] = samples
     return results
+
+
+def time_routers(t: int, active: int, mode: str, repeats: int, device: str) -> dict:
+    """Per-round times of the MoH and GoH routers alone (interleaved, as time_grid)."""
+    x = torch.randn(BATCH, t, D_MODEL, device=device, requires_grad=mode == "train")
+    routers = {k: build(k, active, device).router for k in ("moh", "goh")}
+
+    def run(router: torch.nn.Module) -> None:
+        with torch.set_grad_enabled(mode == "train"):
+            out = router(x)
+            if mode == "train":
+                (out.gates.square().sum() + out.load_balance_loss).backward()
+
+    for router in routers.values():  # warm-up
+        run(router)
+    samples: dict[str, list[float]] = {k: [] for k in routers}
+    for _ in range(repeats):
+        for k, router in routers.items():
+            sync(device)
+            start = time.perf_counter()
+            run(router)
+            sync(device)
+            samples[k].append(time.perf_counter() - start)
+    return samples
+
+
+def paired_ratio(samples: dict[str, list[float]], num: str, den: str) -> tuple[float, ...]:
+    """Quartiles (25%, 50%, 75%) of the per-round ratios num/den: both ran back to back
+    in every round, so a slow spell of the machine hits both (more robust under load
+    than the ratio of the two medians)."""
+    ratios = [a / b for a, b in zip(samples[num], samples[den], strict=True)]
+    return tuple(statistics.quantiles(ratios, n=4)) if len(ratios) > 1 else (ratios[0],) * 3
 
 
 def peak_memory(module: torch.nn.Module, x: torch.Tensor, mode: str, device: str) -> float:
@@ -154,14 +186,31 @@ def main() -> None:
         print(f"\n### {title}: time relative to mha (lower is faster)\n")
         print("| T | active heads | mha ms | " + " | ".join(KINDS[1:]) + " |")
         print("| --- | --- | --- | " + " | ".join("---" for _ in KINDS[1:]) + " |")
-        for (t, active), times in grid.items():
+        for (t, active), samples in grid.items():
+            times = {k: statistics.median(v) for k, v in samples.items()}
             ratios = " | ".join(f"{times[k] / times['mha']:.2f}" for k in KINDS[1:])
             print(f"| {t} | {active}/8 | {times['mha'] * 1e3:.1f} | {ratios} |")
             raw["time"][f"{mode}/{t}/{active}"] = times
-        goh_over_moh = [grid[(t, a)]["goh"] / grid[(t, a)]["moh"] for (t, a) in grid if t == 512]
-        if goh_over_moh:
-            ratios = ", ".join(f"{r:.2f}" for r in goh_over_moh)
-            print(f"\nGoH / MoH block time at T=512 ({title}; per active-head count): {ratios}")
+        for (t, active), samples in grid.items():
+            if t == 512:
+                low, mid, high = paired_ratio(samples, "goh", "moh")
+                print(
+                    f"\nGoH / MoH block time at T=512, {active}/8 heads active ({title}): "
+                    f"{mid:.3f} (median of {args.repeats} paired rounds; quartiles "
+                    f"{low:.3f}-{high:.3f})"
+                )
+    if 512 in args.lengths:
+        print("\n### routers alone at T=512 (all that differs between the GoH and MoH blocks)\n")
+        for mode in ("train", "infer"):
+            for active in args.actives:
+                samples = time_routers(512, active, mode, args.repeats, args.device)
+                med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+                extra = [g - m for g, m in zip(samples["goh"], samples["moh"], strict=True)]
+                print(
+                    f"{mode}, {active}/8 heads: MoH router {med['moh']:.2f} ms, GoH router "
+                    f"{med['goh']:.2f} ms, GoH extra {statistics.median(extra) * 1e3:.2f} ms "
+                    "(median of paired rounds)"
+                )
     if args.memory_lengths:
         print("\n### peak tensor memory of one step, MiB\n")
         print("| mode | T | active heads | " + " | ".join(KINDS) + " |")

@@ -74,7 +74,8 @@ class HeadGCNConv(MessagePassing):
             :meth:`message_and_aggregate`; ``"edges"`` runs PyG's ``propagate`` over the
             edge list (the reference; same numbers, slower on small graphs).
 
-    The normalisation is recomputed at every call (edge weights may be learnable).
+    The normalisation is recomputed at every call (edge weights may be learnable) unless
+    the caller passes it as ``adj_t``.
     Parameter names (``lin.weight``, ``bias``) are ``GCNConv``'s, so its state dict loads.
 
     Shapes: x (..., h, in_channels), edge_index (2, E), edge_weight (E,) ->
@@ -107,16 +108,30 @@ class HeadGCNConv(MessagePassing):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        edge_weight: Tensor | None = None,
+        *,
+        adj_t: Tensor | None = None,
+    ) -> Tensor:
+        """``adj_t``: the graph's normalised (h, h) matrix (:func:`gcn_norm_dense`), when
+        the caller already has it (:class:`HeadMessagePassing` builds it once for all its
+        dense layers); dense propagation only."""
         num_nodes = x.size(-2)
         # P (Z W^T) + b computed as (P Z) W^T + b: the propagation, then one GEMM over all
         # tokens and heads with the bias fused into it (fewer passes over the features)
         if self.propagation == "dense":
-            adj_t = gcn_norm_dense(edge_index, edge_weight, num_nodes).to(x.dtype)  # (h, h)
-            out = self.message_and_aggregate(adj_t, x)  # (..., h, f)
-        else:
-            edge_index, norm = gcn_norm(edge_index, edge_weight, num_nodes, add_self_loops=True)
-            out = self.propagate(edge_index, x=x, edge_weight=norm)
+            if adj_t is None:
+                adj_t = gcn_norm_dense(edge_index, edge_weight, num_nodes).to(x.dtype)
+            out = self.message_and_aggregate(adj_t, x)  # (..., h, f), head-major memory
+            # the GEMM on the (h, ..., f) view: contiguous in, head-major out, no copies
+            return F.linear(out.movedim(-2, 0), self.lin.weight, self.bias).movedim(0, -2)
+        if adj_t is not None:
+            raise ValueError("HeadGCNConv: adj_t is taken by dense propagation only")
+        edge_index, norm = gcn_norm(edge_index, edge_weight, num_nodes, add_self_loops=True)
+        out = self.propagate(edge_index, x=x, edge_weight=norm)
         return F.linear(out, self.lin.weight, self.bias)  # (..., h, f')
 
     def message(self, x_j: Tensor, edge_weight: Tensor) -> Tensor:
@@ -124,10 +139,15 @@ class HeadGCNConv(MessagePassing):
 
     def message_and_aggregate(self, adj_t: Tensor, x: Tensor) -> Tensor:
         """Messages and their sum in one product: ``adj_t`` (h, h) is the normalised
-        matrix with ``adj_t[i, j]`` the weight of head j's message to head i."""
-        # einsum returns a permuted view; the element-wise ops that follow (activation,
-        # residual) and their backward run 2-3x slower on it than on contiguous memory
-        return torch.einsum("ij,...jf->...if", adj_t, x).contiguous()  # (..., h, f)
+        matrix with ``adj_t[i, j]`` the weight of head j's message to head i.
+
+        Returns (..., h, f) laid out head-major in memory (a view of a contiguous
+        (h, ..., f) tensor): the propagation is then one (h, h) x (h, N f) GEMM with no
+        copies when ``x`` is head-major too (as :class:`~graphheads.goh.GraphRouter`
+        keeps its node features), and element-wise ops keep that layout."""
+        x_hm = x.movedim(-2, 0)  # (h, ..., f): a free view of head-major memory
+        out = adj_t @ x_hm.reshape(x_hm.size(0), -1)  # (h, N f)
+        return out.view(x_hm.shape).movedim(0, -2)  # (..., h, f)
 
     def __repr__(self) -> str:
         return (
@@ -161,7 +181,9 @@ class HeadMessagePassing(nn.Module):
         activation: non-linearity applied to each layer's output before the residual add.
 
     Every layer is called as ``layer(z, edge_index, edge_weight)``: how fast it
-    propagates is the layer's own business (:class:`HeadGCNConv` is dense).
+    propagates is the layer's own business (:class:`HeadGCNConv` is dense). Dense
+    :class:`HeadGCNConv` layers also get the normalised (h, h) matrix, built once per
+    forward instead of once per layer (``adj_t=``).
 
     Shapes: z (..., h, f), edge_index (2, E), edge_weight (E,) -> (..., h, f).
     """
@@ -196,6 +218,13 @@ class HeadMessagePassing(nn.Module):
         self.activation = activation
 
     def forward(self, z: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+        adj_t = None  # the normalised (h, h) matrix, built once for all dense GCN layers
         for layer in self.layers:
-            z = z + self.activation(layer(z, edge_index, edge_weight))
+            if isinstance(layer, HeadGCNConv) and layer.propagation == "dense":
+                if adj_t is None:
+                    adj_t = gcn_norm_dense(edge_index, edge_weight, z.size(-2)).to(z.dtype)
+                out = layer(z, edge_index, edge_weight, adj_t=adj_t)
+            else:
+                out = layer(z, edge_index, edge_weight)
+            z = z + self.activation(out)
         return z

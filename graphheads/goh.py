@@ -211,7 +211,10 @@ class GraphRouter(nn.Module):
         )
         assert linear is not None and summary is not None
         z = F.linear(summary, self.head_proj.weight, self.head_embedding.flatten())
-        z = z.unflatten(-1, (self.num_heads, self.feature_dim))  # (b, t, h, F)
+        # (b, t, h, F) laid out head-major in memory: HeadGCNConv then propagates and
+        # transforms with plain GEMMs and no copies (see HeadGCNConv.message_and_aggregate)
+        z = z.unflatten(-1, (self.num_heads, self.feature_dim)).movedim(-2, 0).contiguous()
+        z = z.movedim(0, -2)
         if head_states is not None:
             if self.carry_proj is None:
                 raise ValueError(
@@ -224,7 +227,9 @@ class GraphRouter(nn.Module):
                 )
             z = z + self.carry_proj(head_states)
         z = self.message_passing(z, self.graph.edge_index, self.graph.edge_weight)
-        graph_scores = self.score(z).squeeze(-1)  # (b, t, h)
+        # readout on the (h, b, t, F) view too: a copy here would also hand the layers'
+        # backward gradients in the other layout (slow mixed-stride element-wise kernels)
+        graph_scores = self.score(z.movedim(-2, 0)).squeeze(-1).movedim(0, -1)  # (b, t, h)
         scores = linear + self.graph_scale * graph_scores + self.score_bias  # (b, t, h)
         return scores, z, type_logits
 

@@ -89,6 +89,41 @@ def test_dense_edges_pyg_and_hand_written_gcn_agree(graph):
         torch.testing.assert_close(gw, grads[0][1], atol=1e-5, rtol=1e-5)
 
 
+def test_dense_gcn_is_layout_free_and_keeps_head_major_memory():
+    # the same numbers (and gradients) for token-major and head-major memory; head-major
+    # input stays head-major through the layer (no copies: the router's fast path)
+    g = weighted_directed_graph()
+    conv = HeadGCNConv(F_, F_)
+    x = torch.randn(2, 3, H, F_)
+    x_hm = x.movedim(-2, 0).contiguous().movedim(0, -2)  # same values, head-major memory
+    assert not x_hm.is_contiguous() and x_hm.movedim(-2, 0).is_contiguous()
+    outs = []
+    for xi in (x.clone().requires_grad_(True), x_hm.detach().requires_grad_(True)):
+        out = conv(xi, g.edge_index, g.edge_weight)
+        (grad,) = torch.autograd.grad(out.square().sum(), xi)
+        outs.append((out, grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    assert outs[1][0].movedim(-2, 0).is_contiguous()
+
+
+def test_a_stack_normalises_once_and_equals_per_layer_normalisation(monkeypatch):
+    import graphheads.gnn as gnn
+
+    g = HeadGraph.ring(H, learnable="edge")
+    mp = HeadMessagePassing(F_, 3)
+    z = torch.randn(2, H, F_)
+    per_layer = z
+    for layer in mp.layers:  # each layer normalising on its own
+        per_layer = per_layer + mp.activation(layer(per_layer, g.edge_index, g.edge_weight))
+    calls = []
+    monkeypatch.setattr(gnn, "gcn_norm_dense", lambda *a: calls.append(1) or gcn_norm_dense(*a))
+    torch.testing.assert_close(mp(z, g.edge_index, g.edge_weight), per_layer)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="adj_t is taken by dense propagation only"):
+        HeadGCNConv(F_, F_, propagation="edges")(z, g.edge_index, adj_t=torch.eye(H))
+
+
 def test_graphs_are_coalesced_when_built():
     g = graph_with_repeats()
     pairs = [tuple(p) for p in g.edge_index.t().tolist()]

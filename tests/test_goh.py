@@ -141,6 +141,8 @@ def test_routing_with_each_pyg_layer(conv):
     assert out.gates.shape == (2, 4, H)
     assert out.active_heads.sum(-1).eq(3).all()
     assert out.head_states.shape == (2, 4, H, FEAT)
+    if conv == "gcn":  # node features stay head-major: HeadGCNConv's GEMMs copy nothing
+        assert out.head_states.movedim(-2, 0).is_contiguous()
 
 
 def test_goh_models_route_every_layer_and_expose_graphs():
