@@ -34,6 +34,14 @@ def _train(args: argparse.Namespace) -> int:
     config = RunConfig.load(args.config, args.set or [])
     trainer = Trainer(config, args.out, progress=not args.quiet)
     result = trainer.fit(resume=not args.restart)
+    if result.interrupted is not None:
+        if trainer.is_main:
+            print(
+                f"graphheads: {result.interrupted} at step {result.step}: checkpoint written "
+                f"to {args.out}; run the same command again to continue",
+                file=sys.stderr,
+            )
+        return 130 if result.interrupted == "SIGINT" else 143
     if trainer.is_main:
         summary = {
             k: v for k, v in result.final_eval.items() if k in ("loss", "accuracy", "bits_per_byte")
@@ -257,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         parser.exit(2, f"graphheads: error: {err}\n")
+    except KeyboardInterrupt:  # outside a training loop (which stops at a step boundary)
+        parser.exit(130, "graphheads: interrupted\n")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,13 @@ def test_run_config_from_yaml_and_overrides(tmp_path):
     assert config.data.tasks == ("copy", "sort") and config.data.length == 4
     model = config.model_config(vocab_size=23, max_seq_len=20)
     assert model.attention == "moh" and model.num_heads == 8  # the default model otherwise
+    for given in ("copy,sort", "copy, sort", '["copy", "sort"]'):
+        assert RunConfig.load(None, [f"data.tasks={given}"]).data.tasks == ("copy", "sort")
+    assert RunConfig.load(None, ["data.tasks=mqar"]).data.tasks == ("mqar",)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['bogus'\]"):
+        RunConfig.load(None, ["data.tasks=copy,bogus"])
+    with pytest.raises(ValueError, match="tasks must name at least one task"):
+        RunConfig.load(None, ["data.tasks=,"])
     with pytest.raises(ValueError, match=r"unknown train key\(s\) \['train.stepz'\]"):
         RunConfig.load(None, ["train.stepz=3"])
     with pytest.raises(ValueError, match=r"unknown model key\(s\) \['model.heads'\]"):
@@ -341,3 +348,80 @@ def test_head_usage_reads_the_decoder_blocks_even_at_equal_lengths():
     assert len(out.routing) == 6 and len(blocks) == 4  # 2 decoder layers x (self, cross)
     assert all(any(b is r for r in out.routing[2:]) for b in blocks)
     assert out.routing_sites[:2] == ("encoder.0.self_attn", "encoder.1.self_attn")
+
+
+def small_config(*extra: str) -> RunConfig:
+    return RunConfig.load(None, [*SMALL, "data.tasks=copy", "data.length=3", *extra])
+
+
+def test_a_refused_run_changes_nothing_in_the_folder(tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_config("train.steps=20", "train.checkpoint_every=10"), run, progress=False).fit()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    other = small_config("train.steps=20", "model.num_heads=2", "model.top_k=1")
+    with pytest.raises(CheckpointError, match=r"another configuration \(changed: model.num_heads"):
+        Trainer(other, run, progress=False).fit()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    with pytest.raises(CheckpointError, match="is at step 20, past train.steps=10"):
+        Trainer(
+            small_config("train.steps=10", "train.checkpoint_every=10"), run, progress=False
+        ).fit()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_finished_run_continues_with_more_steps(tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_config("train.steps=20"), run, progress=False).fit()
+    result = Trainer(small_config("train.steps=30"), run, progress=False).fit()
+    assert result.step == 30 and load_checkpoint(run)["step"] == 30
+    assert [r["step"] for r in train_lines(run)] == [10, 20, 30]
+    assert json.loads((run / "config.json").read_text())["run"]["train"]["steps"] == 30
+
+
+def test_a_fresh_start_drops_the_metrics_of_an_attempt_without_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = {"kind": "train", "step": 240, "loss": 9.0}
+    (run / "metrics.jsonl").write_text(json.dumps(stale) + "\n")
+    Trainer(small_config("train.steps=20"), run, progress=False).fit()
+    assert [r["step"] for r in train_lines(run)] == [10, 20]
+
+
+class SignalAt(Trainer):
+    """Sends itself a real signal during the optimiser step ``at``."""
+
+    def __init__(self, *args, at: int, sig: int = signal.SIGINT, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.sig = at, sig
+
+    def train_step(self, batch):
+        if self.step == self.at:
+            os.kill(os.getpid(), self.sig)
+        return super().train_step(batch)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_at_a_step_boundary_and_the_rerun_gives_the_same_losses(tmp_path, sig):
+    config = small_config("train.steps=40", "train.checkpoint_every=100", "train.eval_every=100")
+    run = tmp_path / "run"
+    result = SignalAt(config, run, progress=False, at=14, sig=sig).fit()
+    assert result.interrupted == signal.Signals(sig).name and result.step == 15
+    assert load_checkpoint(run)["step"] == 15  # written at the stop, not at checkpoint_every
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert Trainer(config, run, progress=False).fit().step == 40
+    whole = tmp_path / "whole"
+    Trainer(config, whole, progress=False).fit()
+    resumed, reference = train_lines(run), train_lines(whole)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [10, 20, 30, 40]
+    for a, b in zip(resumed, reference, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]
+
+
+def test_cli_says_where_an_interrupted_run_stands(tmp_path, capsys, monkeypatch):
+    import graphheads.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "Trainer", lambda *a, **k: SignalAt(*a, at=3, **k))
+    args = [x for a in [*SMALL, "data.tasks=copy", "train.steps=30"] for x in ("--set", a)]
+    assert main(["train", "--out", str(tmp_path / "run"), "--quiet", *args]) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT at step 4: checkpoint written" in err and "Traceback" not in err

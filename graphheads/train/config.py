@@ -76,7 +76,12 @@ class DataConfig:
     seq_len: int = 128  # window length for text
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tasks", tuple(self.tasks))
+        tasks = self.tasks
+        if isinstance(tasks, str):  # "copy,sort" or "copy" (from --set or a YAML scalar)
+            tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
+        object.__setattr__(self, "tasks", tuple(tasks))
+        if not self.tasks:
+            raise ValueError(f"DataConfig: tasks must name at least one task of {list(TASKS)}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"DataConfig: unknown task(s) {unknown}; known: {list(TASKS)}")
@@ -149,7 +154,8 @@ class RunConfig:
         cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
     ) -> RunConfig:
         """From a JSON or YAML file (optional) and ``section.key=value`` overrides, whose
-        values are parsed as JSON when they can be (``3``, ``true``, ``["copy"]``)."""
+        values are parsed as JSON when they can be (``3``, ``true``, ``["copy"]``); a list
+        setting also takes a comma list (``data.tasks=copy,sort``)."""
         values: dict[str, Any] = {}
         if path is not None:
             path = Path(path)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -201,8 +203,41 @@ def evaluate(
 @dataclass
 class TrainResult:
     step: int  # the last step trained
-    final_eval: dict[str, Any]
+    final_eval: dict[str, Any]  # empty when interrupted
     seconds: float
+    interrupted: str | None = None  # the signal's name when SIGINT/SIGTERM stopped the run
+
+
+# settings a run may change when it continues from its checkpoint: more (or fewer) steps
+RESUMABLE_CHANGES = ("steps",)
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM set ``received`` (the loop stops at the next step
+    boundary) and restore the previous handlers, so a second signal acts at once. Only in
+    the main thread (Python delivers signals there); a no-op elsewhere."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        self.restore()
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 class Trainer:
@@ -301,32 +336,73 @@ class Trainer:
         if path is not None and self.is_main:
             save_checkpoint(path, self.state())
 
-    def try_resume(self) -> bool:
-        """Continue from the run folder's checkpoint, if there is one. Metric lines
-        written after that checkpoint are dropped: the resumed run writes them again."""
+    def check_resume(self) -> dict[str, Any] | None:
+        """The run folder's checkpoint if this configuration may continue it, ``None``
+        if there is none; :class:`CheckpointError` (before anything is written) if the
+        checkpoint belongs to another configuration. Only ``train.steps`` may differ
+        (:data:`RESUMABLE_CHANGES`): a finished run is extended by asking for more steps."""
         path = self._path(CHECKPOINT_NAME)
         if path is None or not path.exists():
-            return False
+            return None
         state = load_checkpoint(path)
-        if state["run_config"] != self.config.to_dict():
+        saved, given = state["run_config"], self.config.to_dict()
+        for key in RESUMABLE_CHANGES:
+            saved = {**saved, "train": {**saved["train"], key: given["train"][key]}}
+        if saved != given:
+            changed = [
+                f"{section}.{key}"
+                for section in given
+                for key in sorted(set(given[section]) | set(saved.get(section, {})))
+                if given[section].get(key) != saved.get(section, {}).get(key)
+            ]
             raise CheckpointError(
-                f"{path} was written by a run with another configuration; use a new run "
-                "folder or the same configuration"
+                f"{path} was written by a run with another configuration (changed: "
+                f"{', '.join(changed)}); use a new run folder, the same configuration, or "
+                "--restart. Only train.steps may change to continue a run."
             )
+        if int(state["step"]) > self.config.train.steps:
+            raise CheckpointError(
+                f"{path} is at step {state['step']}, past train.steps="
+                f"{self.config.train.steps}; ask for at least {state['step']} steps"
+            )
+        return state
+
+    def try_resume(self) -> bool:
+        """Continue from the run folder's checkpoint, if there is one (see
+        :meth:`check_resume`). Metric lines written after that checkpoint are dropped: the
+        resumed run writes them again."""
+        state = self.check_resume()
+        if state is None:
+            return False
+        self._load_state(state)
+        return True
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
+        self._keep_metrics_up_to(self.step)
+
+    def _keep_metrics_up_to(self, step: int) -> None:
+        """Drop the metric lines after ``step`` (all of them for step 0): lines a resumed
+        or restarted run writes again are never duplicated."""
         metrics = self._path(METRICS_NAME)
-        if self.is_main and metrics is not None and metrics.exists():
-            kept = [
-                line for line in metrics.read_text().splitlines() if _line_step(line) <= self.step
-            ]
-            tmp = metrics.with_name(f".{metrics.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, metrics)
-        return True
+        if not self.is_main or metrics is None or not metrics.exists():
+            return
+        kept = [line for line in metrics.read_text().splitlines() if _line_step(line) <= step]
+        _write_atomically(metrics, "".join(line + "\n" for line in kept))
+
+    def _stop_requested(self, stop: _StopSignals) -> bool:
+        """Whether any rank received SIGINT/SIGTERM (all ranks then stop together)."""
+        if self.world_size == 1:
+            return stop.received is not None
+        flag = torch.tensor([float(stop.received is not None)])
+        dist.all_reduce(flag)
+        if flag.item() > 0 and stop.received is None:
+            stop.received = "peer"
+        return flag.item() > 0
 
     # -- training ---------------------------------------------------------------------
     def train_step(self, batch: TaskBatch) -> dict[str, float]:
@@ -361,17 +437,36 @@ class Trainer:
         }
 
     def fit(self, *, resume: bool = True) -> TrainResult:
-        """Train to ``config.train.steps``, evaluating, logging and checkpointing."""
-        t = self.config.train
+        """Train to ``config.train.steps``, evaluating, logging and checkpointing.
+
+        With ``resume`` the run continues from the folder's checkpoint (a checkpoint of
+        another configuration is refused before anything in the folder changes);
+        without it the folder's checkpoint and metrics are replaced. SIGINT or SIGTERM
+        stops the run at the next step boundary with a checkpoint written
+        (``TrainResult.interrupted``); the same call then resumes from it.
+        """
+        state = self.check_resume() if resume else None  # refuse before writing anything
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(
+            if state is None:
+                stale = self.out_dir / CHECKPOINT_NAME
+                if stale.exists():  # --restart: the old checkpoint no longer describes the run
+                    stale.unlink()
+            _write_atomically(
+                self.out_dir / "config.json",
                 json.dumps(
                     {"run": self.config.to_dict(), "model": asdict(self.model_config)}, indent=2
-                )
+                ),
             )
-        if resume:
-            self.try_resume()
+        if state is not None:
+            self._load_state(state)
+        else:
+            self._keep_metrics_up_to(0)  # a fresh start: lines of an earlier attempt go
+        with _StopSignals() as stop:
+            return self._loop(stop)
+
+    def _loop(self, stop: _StopSignals) -> TrainResult:
+        t = self.config.train
         self.model.train()
         start = time.perf_counter()
         final: dict[str, Any] = {}
@@ -400,8 +495,16 @@ class Trainer:
                         seed=t.seed,
                     )
                     self.log({"kind": "eval", "step": self.step, **final})
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+            saved = self.step % t.checkpoint_every == 0 or self.step == t.steps
+            if saved:
                 self.save()
+            if self.step < t.steps and self._stop_requested(stop):
+                if not saved:
+                    self.save()
+                bar.close()
+                return TrainResult(
+                    self.step, {}, time.perf_counter() - start, interrupted=stop.received
+                )
         bar.close()
         if not final and self.is_main:  # resumed at the end: report the final state
             final = evaluate(
@@ -412,6 +515,12 @@ class Trainer:
                 seed=t.seed,
             )
         return TrainResult(self.step, final, time.perf_counter() - start)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _line_step(line: str) -> int:
