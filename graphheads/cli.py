@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from graphheads.data import SEP, TaskSuite
+from graphheads.data import SEP, ByteTextDataset
 from graphheads.train import CheckpointError, RunConfig, Trainer, evaluate, load_run
 from graphheads.transformer import Transformer
 
@@ -25,6 +25,8 @@ EXAMPLES = """examples:
   graphheads train --config run.yaml --out runs/mine
   graphheads eval --run runs/default
   graphheads generate --run runs/default --task reverse --num 3
+  graphheads generate --run runs/default --task sort --prompt "5 2 9 1 7 3"
+  graphheads generate --run runs/text --prompt "The head graph"
   graphheads report --run runs/default
   graphheads convert --model hf-model/ --text notes.txt --num-shared 3 --top-k 3 --out out/
 """
@@ -73,28 +75,63 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     model, _, data, _ = load_run(args.run)
-    if not isinstance(data, TaskSuite):
-        raise ValueError("generate works on task-suite runs; this run trained on text")
+    gen = torch.Generator().manual_seed(args.seed)
+    if isinstance(data, ByteTextDataset):
+        return _generate_text(args, model, data, gen)
+    if args.max_new_tokens is not None:
+        raise ValueError("--max-new-tokens is for text runs; a task's answer length is fixed")
     task = args.task or data.tasks[0]
-    batch = data.sample(args.num, torch.Generator().manual_seed(args.seed), task=task)
-    prompt_len = data.prompt_length(task)
-    answer_len = 1 if task in ("mqar", "modadd") else data.length
-    prompt_tokens = batch.inputs[:, :prompt_len]
+    if args.prompt is not None:
+        prompt_tokens, answer_len = data.encode_prompt(task, args.prompt)
+        expected = None
+    else:
+        batch = data.sample(args.num, gen, task=task)
+        prompt_len = data.prompt_length(task)
+        answer_len = 1 if task in ("mqar", "modadd") else data.length
+        prompt_tokens = batch.inputs[:, :prompt_len]
+        expected = batch.targets[:, prompt_len - 1 : prompt_len - 1 + answer_len]
     if isinstance(model, Transformer):  # source up to SEP; the decoder starts at SEP
         sep = int((prompt_tokens[0] == SEP).nonzero()[0])
         start = prompt_tokens[:, sep:]
         new = model.generate(prompt_tokens[:, : sep + 1], start, answer_len)[:, start.size(1) :]
     else:
-        new = model.generate(prompt_tokens, answer_len)[:, prompt_len:]
+        new = model.generate(prompt_tokens, answer_len)[:, prompt_tokens.size(1) :]
     first = data.first_symbol
-    for i in range(args.num):
-        prompt = [t - first for t in batch.inputs[i, 1 : prompt_len - 1].tolist()]
-        expected = [
-            t - first
-            for t in batch.targets[i, prompt_len - 1 : prompt_len - 1 + answer_len].tolist()
-        ]
+    for i in range(prompt_tokens.size(0)):
         got = [t - first for t in new[i].tolist()]
-        print(f"{task}: prompt {prompt} -> generated {got} (expected {expected})")
+        line = f"{data.render(prompt_tokens[i].tolist())} -> generated {got}"
+        if expected is not None:
+            line += f" (expected {[t - first for t in expected[i].tolist()]})"
+        print(line)
+    return 0
+
+
+def _generate_text(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    data: ByteTextDataset,
+    gen: torch.Generator,
+) -> int:
+    """Continue a byte-level prompt (``--prompt``, default: the start of the held-out text)."""
+    if args.task is not None:
+        raise ValueError("--task is for task-suite runs; this run trained on text")
+    text = args.prompt
+    if text is None:
+        text = bytes(data.val[:48].tolist()).decode("utf-8", errors="ignore")
+    prompt = list(text.encode("utf-8"))
+    if not prompt:
+        raise ValueError("--prompt is empty: give at least one character")
+    room = data.max_seq_len - len(prompt)
+    n = args.max_new_tokens if args.max_new_tokens is not None else min(200, room)
+    if n < 1 or n > room:
+        raise ValueError(
+            f"the prompt ({len(prompt)} bytes) + {n} new bytes must fit this run's "
+            f"{data.max_seq_len}-byte context; shorten --prompt or lower --max-new-tokens"
+        )
+    out = model.generate(  # type: ignore[operator]
+        torch.tensor([prompt]), n, temperature=args.temperature, generator=gen
+    )
+    print(text + bytes(out[0, len(prompt) :].tolist()).decode("utf-8", errors="replace"))
     return 0
 
 
@@ -249,10 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--graph-layers", type=int, default=2)
     conv.add_argument("--seed", type=int, default=0)
     conv.set_defaults(func=_convert)
-    gen = sub.add_parser("generate", help="answer task prompts with a trained model")
+    gen = sub.add_parser(
+        "generate",
+        help="continue a prompt with a trained model (task prompts or text)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     gen.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
+    gen.add_argument(
+        "--prompt",
+        help="text runs: any text; task runs: symbols as numbers ('3 1 4'; mqar: "
+        "'1 9 2 12 | 2'). Default: sampled task prompts, or the start of the held-out text",
+    )
     gen.add_argument("--task", help="task name (default: the run's first task)")
-    gen.add_argument("--num", type=int, default=3)
+    gen.add_argument("--num", type=int, default=3, help="sampled task prompts")
+    gen.add_argument(
+        "--max-new-tokens", type=int, help="text runs: bytes to generate (default: up to 200)"
+    )
+    gen.add_argument("--temperature", type=float, default=0.0, help="text runs: 0 = greedy")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
     return parser

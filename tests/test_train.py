@@ -425,3 +425,68 @@ def test_cli_says_where_an_interrupted_run_stands(tmp_path, capsys, monkeypatch)
     assert main(["train", "--out", str(tmp_path / "run"), "--quiet", *args]) == 130
     err = capsys.readouterr().err
     assert "SIGINT at step 4: checkpoint written" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A few steps on all tasks and on text: enough to exercise the commands."""
+    root = tmp_path_factory.mktemp("tiny")
+    text = root / "notes.txt"
+    text.write_text("graph heads route tokens to heads. " * 60)
+    for name, extra in (("tasks", []), ("text", [f"data.text={json.dumps(str(text))}"])):
+        config = RunConfig.load(None, [*SMALL, "train.steps=4", "data.seq_len=64", *extra])
+        Trainer(config, root / name, progress=False).fit()
+    return root
+
+
+def test_generate_takes_a_task_prompt_and_prints_it_readably(tiny_runs, capsys):
+    run = str(tiny_runs / "tasks")
+    assert main(["generate", "--run", run, "--task", "sort", "--prompt", "5,2 9 1 7 3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("sort: 5 2 9 1 7 3 | -> generated [")
+    assert len(json.loads(line.split("generated ")[1])) == 6
+    assert main(["generate", "--run", run, "--task", "mqar", "--num", "2"]) == 0
+    for line in capsys.readouterr().out.strip().splitlines():
+        prompt = line.split(" -> ")[0].split()
+        assert prompt[0] == "mqar:" and prompt[-2] == "|"  # pairs, SEP, the queried key
+        assert len(prompt) == 1 + 2 * 6 + 2 and "-6" not in prompt
+        assert int(prompt[-1]) in [int(k) for k in prompt[1:-2:2]]  # a key of the pairs
+    assert main(["generate", "--run", run, "--task", "mqar", "--prompt", "1 9 2 12 | 2"]) == 0
+    assert capsys.readouterr().out.startswith("mqar: 1 9 2 12 | 2 -> generated [")
+
+
+@pytest.mark.parametrize(
+    ("task", "prompt", "message"),
+    [
+        ("copy", "3 x 40", "['x', '40'] are not symbols"),
+        ("mqar", "1 9 2 12", "write key-value pairs, '|', then one key"),
+        ("mqar", "1 2 3 4 | 1", "keys must lie in [0, 8)"),
+        ("modadd", "3 4 5", "two numbers below the modulus 11"),
+    ],
+)
+def test_generate_refuses_bad_task_prompts_by_name(tiny_runs, task, prompt, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--run", str(tiny_runs / "tasks"), "--task", task, "--prompt", prompt])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_continues_text_prompts_on_text_runs(tiny_runs, capsys):
+    run = str(tiny_runs / "text")
+    args = ["generate", "--run", run, "--prompt", "graph héads", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.rstrip("\n")
+    assert out.startswith("graph héads") and len(out.encode()) >= len("graph héads".encode())
+    assert main(["generate", "--run", run]) == 0  # default prompt: held-out text
+    assert capsys.readouterr().out.strip()
+    for bad, message in (([], "--prompt is empty"), (["--max-new-tokens", "80"], "must fit")):
+        with pytest.raises(SystemExit):
+            main(["generate", "--run", run, "--prompt", "" if not bad else "x", *bad])
+        assert message in capsys.readouterr().err
+
+
+def test_generate_on_an_empty_prompt_is_a_value_error():
+    from graphheads import DecoderOnlyLM, ModelConfig
+
+    model = DecoderOnlyLM(ModelConfig(vocab_size=11, d_model=16, num_heads=2, max_seq_len=8))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)

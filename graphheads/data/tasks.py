@@ -194,5 +194,68 @@ class TaskSuite:
         return TaskBatch(inputs, targets, ids, padding)
 
     def prompt_length(self, task: str) -> int:
-        """Tokens before the first answer token (task token, prompt, SEP)."""
+        """Tokens before the first answer token (task token, prompt, SEP; for mqar also
+        the first queried key)."""
         return {"mqar": 2 * self.length + 3, "modadd": 4}.get(task, self.length + 2)
+
+    def render(self, tokens: Sequence[int]) -> str:
+        """Tokens as a person reads them: the task's name, data symbols as their numbers
+        (0 .. num_symbols - 1), ``|`` for SEP; padding dropped."""
+        words = []
+        for tok in tokens:
+            if tok == PAD:
+                continue
+            if tok == SEP:
+                words.append("|")
+            elif tok < self.first_symbol:
+                words.append(f"{TASKS[tok - 2]}:")
+            else:
+                words.append(str(tok - self.first_symbol))
+        return " ".join(words)
+
+    def encode_prompt(self, task: str, text: str) -> tuple[Tensor, int]:
+        """A prompt written as symbol numbers -> ((1, t) tokens up to the answer, answer
+        length). ``copy``/``reverse``/``sort``: the symbols (``"3 1 4"`` or ``"3,1,4"``);
+        ``modadd``: two numbers below the modulus; ``mqar``: key-value pairs, ``|``, then
+        the key to recall (``"1 9 2 12 | 2"``)."""
+        if task not in self.tasks:
+            raise ValueError(f"TaskSuite: unknown task {task!r}; this suite has {list(self.tasks)}")
+        before, bar, after = text.partition("|")
+        parts = [self._symbols(task, before), self._symbols(task, after)]
+        if task == "mqar":
+            pairs, query = parts
+            half = self.num_symbols // 2
+            if not bar or len(query) != 1 or not pairs or len(pairs) % 2:
+                raise ValueError(
+                    f"mqar prompt {text!r}: write key-value pairs, '|', then one key, "
+                    "e.g. '1 9 2 12 | 2'"
+                )
+            keys, values = pairs[0::2], pairs[1::2]
+            if any(k >= half for k in keys + query) or any(v < half for v in values):
+                raise ValueError(
+                    f"mqar prompt {text!r}: keys must lie in [0, {half}), values in "
+                    f"[{half}, {self.num_symbols})"
+                )
+            symbols, tail, answer = pairs, query, 1
+        else:
+            if bar or not parts[0]:
+                raise ValueError(f"{task} prompt {text!r}: write the symbols, e.g. '3 1 4'")
+            symbols, tail = parts[0], []
+            answer = 1 if task == "modadd" else len(symbols)
+            if task == "modadd" and (len(symbols) != 2 or max(symbols) >= self.modulus):
+                raise ValueError(
+                    f"modadd prompt {text!r}: write two numbers below the modulus "
+                    f"{self.modulus}, e.g. '3 5'"
+                )
+        s0 = self.first_symbol
+        tokens = [2 + TASKS.index(task), *(v + s0 for v in symbols), SEP, *(v + s0 for v in tail)]
+        return torch.tensor([tokens]), answer
+
+    def _symbols(self, task: str, text: str) -> list[int]:
+        words = text.replace(",", " ").split()
+        bad = [w for w in words if not w.isdigit() or int(w) >= self.num_symbols]
+        if bad:
+            raise ValueError(
+                f"{task} prompt: {bad} are not symbols; write numbers in [0, {self.num_symbols})"
+            )
+        return [int(w) for w in words]
