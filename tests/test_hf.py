@@ -215,7 +215,10 @@ def test_convert_command_saves_a_model_that_loads_back(tmp_path, capsys):
         "8",
     ]
     assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    for shown in ("convert: loading", "head importance: 100%", "tune: 100%", "3/3", "saving"):
+        assert shown in captured.err  # the user sees each phase and its progress
     assert 0 < report["before_tuning"] < 1  # 1 - cosine: half the heads moved the embeddings
     model = load_converted(tmp_path / "out")
     assert len(converted_modules(model)) == 6
@@ -269,3 +272,33 @@ def test_tuning_keeps_the_callers_frozen_parameters_frozen():
     tune(model, [{"input_ids": TOKENS}] * 3, loss_fn, lr=1e-2)
     assert not frozen.requires_grad and torch.equal(frozen, before)
     assert all(p.requires_grad for n, p in model.named_parameters() if ".router." in n)
+
+
+def test_a_missing_extra_is_named(monkeypatch, capsys):
+    import sys
+
+    from graphheads.cli import main
+
+    import graphheads.integrations
+
+    for name in [m for m in sys.modules if m.startswith("graphheads.integrations.hf")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(graphheads.integrations, "hf", raising=False)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(ModuleNotFoundError, match=r"needs the 'hf' extra \(transformers is"):
+        import graphheads.integrations.hf  # noqa: F401
+    argv = ["convert", "--model", "m", "--text", "t", "--out", "o"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--num-shared", "1", "--top-k", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "pip install 'graphheads[hf]'" in err
+
+
+def test_cli_help_shows_defaults(capsys):
+    from graphheads.cli import main
+
+    for command in ("convert", "train", "generate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "(default: " in out and "(default: None)" not in out, command

@@ -110,7 +110,13 @@ def tune(
     """
     target: Any = model
     if lora:
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            raise ModuleNotFoundError(
+                "tune(lora=True) needs peft, part of the 'hf' extra: pip install 'graphheads[hf]'",
+                name="peft",
+            ) from err
 
         names = {
             "q_proj",
