@@ -118,7 +118,8 @@ def make_report(run_dir: str | Path) -> Path:
                 1, len(examples), figsize=(3.6 * len(examples), 6.5), layout="constrained"
             )
             axes_list = [axes] if len(examples) == 1 else list(axes)
-            for ax, (task, x) in zip(axes_list, examples.items(), strict=True):
+            gate_max = max(float(routings[t][layer].gates.max()) for t in examples)
+            for i, (ax, (task, x)) in enumerate(zip(axes_list, examples.items(), strict=True)):
                 length = data.sequence_length(task) - 1
                 gates = routings[task][layer].gates[0, :length]
                 viz.plot_routing(
@@ -127,7 +128,12 @@ def make_report(run_dir: str | Path) -> Path:
                     num_shared=config.num_shared,
                     ax=ax,
                     title=task,
+                    colorbar=False,  # one bar for the row: no label between panels
+                    vmax=gate_max,
                 )
+                if i:
+                    ax.set_ylabel("")
+            fig.colorbar(axes_list[0].images[0], ax=axes_list, label="gate", shrink=0.8)
             fig.suptitle(f"layer {layer} routing (tokens x heads)")
             figures.append(_save(fig, out / f"routing_layer{layer}.png"))
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures]

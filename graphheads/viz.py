@@ -48,29 +48,49 @@ def draw_head_graph(
     *,
     usage: Sequence[float] | Tensor | None = None,
     num_shared: int | None = None,
+    strongest: int | None = None,
     ax: Axes | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Heads on a circle: shared heads orange, routed heads green; node size is
-    ``usage`` (fraction of tokens using the head), edge width the (learned) weight."""
-    fig, ax = _axes(ax, (5.0, 5.0))
+    """Heads on a circle, shared heads orange and routed heads green, node area
+    proportional to ``usage`` (the fraction of tokens using the head; equal sizes when
+    not given).
+
+    Edges show what was learned: colour and width run from the graph's weakest to its
+    strongest weight (a colour bar gives the values), so weights that moved a little
+    from equal starts are still told apart. Only the ``strongest`` edges are drawn
+    (default: all when there are at most 2 per head, else the 2 H strongest); the title
+    says how many.
+    """
+    fig, ax = _axes(ax, (5.6, 5.0))
     g = graph.to_networkx()
+    h = graph.num_heads
     shared = num_shared if num_shared is not None else (graph.num_shared or 0)
     nodes = list(g.nodes)
     pos = nx.circular_layout(g)
     use = [1.0] * len(nodes) if usage is None else [float(u) for u in usage]
-    sizes = [200 + 1600 * u for u in use]
+    sizes = [150 + 1500 * u for u in use]
     colors = [SHARED_COLOR if i < shared else ROUTED_COLOR for i in range(len(nodes))]
-    weights = [d["weight"] for _, _, d in g.edges(data=True)]
-    top = max(weights) if weights else 1.0
-    widths = [0.3 + 4.0 * w / top for w in weights]
+    edges = sorted(
+        ((u, v, d["weight"]) for u, v, d in g.edges(data=True) if u != v), key=lambda e: -e[2]
+    )
+    total = len(edges)
+    keep = strongest if strongest is not None else (total if total <= 2 * h else 2 * h)
+    if keep < 0:
+        raise ValueError(f"draw_head_graph: strongest must be >= 0, got {strongest}")
+    edges = edges[:keep]
+    weights = [w for _, _, w in edges]
+    low, high = (min(weights), max(weights)) if weights else (0.0, 1.0)
+    span = high - low if high > low else 1.0
+    scaled = [(w - low) / span if high > low else 1.0 for w in weights]
+    cmap = plt.get_cmap("Greys")
     nx.draw_networkx_edges(
         g,
         pos,
         ax=ax,
-        width=widths,
-        alpha=0.5,
-        edge_color="#555555",
+        edgelist=[(u, v) for u, v, _ in edges],
+        width=[0.6 + 3.4 * x for x in scaled],
+        edge_color=[cmap(0.35 + 0.65 * x) for x in scaled],
         arrows=g.is_directed(),
         arrowsize=8,
         node_size=sizes,
@@ -80,35 +100,29 @@ def draw_head_graph(
         g, pos, ax=ax, node_size=sizes, node_color=colors, edgecolors="black", linewidths=0.8
     )
     nx.draw_networkx_labels(g, pos, ax=ax, labels={n: str(n) for n in nodes}, font_size=9)
+    if weights:
+        bar_norm = plt.Normalize(low - 0.35 * span / 0.65, high)  # the colours drawn above
+        mappable = plt.cm.ScalarMappable(norm=bar_norm, cmap=cmap)
+        bar = fig.colorbar(mappable, ax=ax, shrink=0.6, pad=0.02)
+        bar.set_label("edge weight")
+        bar.ax.set_ylim(low, high if high > low else low + 1e-6)
     ax.legend(
         handles=[
-            Line2D(
-                [0],
-                [0],
-                marker="o",
-                color="w",
-                markerfacecolor=SHARED_COLOR,
-                markersize=10,
-                label="shared",
-            ),
-            Line2D(
-                [0],
-                [0],
-                marker="o",
-                color="w",
-                markerfacecolor=ROUTED_COLOR,
-                markersize=10,
-                label="routed",
-            ),
-            Line2D([0], [0], color="#555555", lw=2, label=f"edge weight (max {top:.2f})"),
+            Line2D([0], [0], marker="o", color="w", markerfacecolor=c, markersize=10, label=n)
+            for c, n in ((SHARED_COLOR, "shared"), (ROUTED_COLOR, "routed"))
         ],
         loc="upper center",
         bbox_to_anchor=(0.5, -0.02),
-        ncol=3,
+        ncol=2,
         fontsize=8,
         frameon=False,
     )
-    ax.set_title(title or "head graph (node size = usage)")
+    shown = "all edges" if keep >= total else f"strongest {keep} of {total} edges"
+    size = "node area = usage" if usage is not None else "equal node sizes"
+    ax.set_title(title or "head graph", pad=18)
+    ax.text(
+        0.5, 1.01, f"{shown}; {size}", transform=ax.transAxes, ha="center", va="bottom", fontsize=8
+    )
     ax.set_axis_off()
     ax.margins(0.15)
     return fig
@@ -121,21 +135,28 @@ def plot_routing(
     num_shared: int = 0,
     ax: Axes | None = None,
     title: str | None = None,
+    colorbar: bool = True,
+    vmax: float | None = None,
 ) -> Figure:
-    """A tokens x heads heatmap of one sequence's gates (0 = head unused)."""
+    """A tokens x heads heatmap of one sequence's gates (0 = head unused). Panels side
+    by side can share one colour scale: pass the same ``vmax``, ``colorbar=False``, and
+    add one bar for all (``fig.colorbar(ax.images[0], ax=axes)``)."""
     gates = gates.detach().float().cpu()
     if gates.dim() != 2:
         raise ValueError(f"plot_routing: gates must be (tokens, heads), got {tuple(gates.shape)}")
     t, h = gates.shape
     fig, ax = _axes(ax, (1.2 + 0.45 * h, 1.2 + 0.28 * t))
-    image = ax.imshow(gates.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    image = ax.imshow(
+        gates.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0, vmax=vmax
+    )
     ax.set_xticks(range(h), [f"{'s' if i < num_shared else 'r'}{i}" for i in range(h)], fontsize=8)
     ax.set_yticks(
         range(t), list(tokens) if tokens is not None else [str(i) for i in range(t)], fontsize=7
     )
     ax.set_xlabel("head (s = shared, r = routed)")
     ax.set_ylabel("token")
-    fig.colorbar(image, ax=ax, label="gate")
+    if colorbar:
+        fig.colorbar(image, ax=ax, label="gate")
     ax.set_title(title or "routing")
     return fig
 
@@ -208,7 +229,7 @@ def plot_task_accuracy(
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("token accuracy")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # never over a bar
     ax.set_title("evaluation accuracy per task")
     return fig
 

@@ -268,7 +268,7 @@ def test_generate_and_eval_commands_use_the_trained_model(default_run, capsys):
 
 def test_split_at_separator_gives_source_and_shifted_decoder_rows():
     from graphheads.data import IGNORE_INDEX, PAD, SEP, TaskSuite
-    from graphheads.train.trainer import split_at_separator
+    from graphheads.train.evaluation import split_at_separator
 
     suite = TaskSuite(["copy", "modadd"], length=3)
     batch = suite.sample(16, torch.Generator().manual_seed(0))
@@ -337,7 +337,7 @@ def test_encoder_decoder_model_trains_evaluates_and_generates(tmp_path, capsys):
 
 def test_head_usage_reads_the_decoder_blocks_even_at_equal_lengths():
     from graphheads import ModelConfig, Transformer
-    from graphheads.train.trainer import scored_routing
+    from graphheads.train.evaluation import scored_routing
 
     model = Transformer(
         ModelConfig(vocab_size=20, d_model=16, num_heads=4, attention="moh", num_shared=1)

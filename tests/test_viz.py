@@ -84,3 +84,36 @@ def test_figures_carry_labels_and_legends(tmp_path):
     assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 1]
     drawn = viz.draw_coactivation(viz.coactivation_graph(torch.rand(10, 4) > 0.5)).axes[0]
     assert drawn.get_title().startswith("head co-activation")
+
+
+def test_head_graph_shows_learned_weights_and_only_the_strongest_edges():
+    from matplotlib.collections import LineCollection
+
+    graph = HeadGraph.complete(6, learnable="edge")
+    with torch.no_grad():  # weights that moved a little from equal starts
+        graph.raw_weight.copy_(torch.linspace(0.50, 0.56, graph.num_edges))
+    fig = viz.draw_head_graph(graph)
+    ax = fig.axes[0]
+    lines = [c for c in ax.collections if isinstance(c, LineCollection)]
+    widths = sorted(
+        [w for c in lines for w in c.get_linewidths()] + [p.get_linewidth() for p in ax.patches]
+    )
+    assert len(widths) == 12 and widths[-1] > 3 * widths[0]  # 2 per head; a visible spread
+    assert "strongest 12 of 30 edges; equal node sizes" in [t.get_text() for t in ax.texts]
+    bar = fig.axes[1]
+    low, high = bar.get_ylim()
+    weights = graph.edge_weight.detach()
+    assert high == pytest.approx(float(weights.max()), rel=1e-6)
+    assert low == pytest.approx(float(weights.sort(descending=True).values[11]), rel=1e-6)
+    every = viz.draw_head_graph(graph, strongest=30, usage=[0.5] * 6).axes[0]
+    assert "all edges; node area = usage" in [t.get_text() for t in every.texts]
+    with pytest.raises(ValueError, match="strongest must be >= 0, got -1"):
+        viz.draw_head_graph(graph, strongest=-1)
+
+
+def test_accuracy_legend_sits_outside_the_bars():
+    fig = viz.plot_task_accuracy({"copy": 0.9, "modadd": 0.95}, {"copy": 0.1, "modadd": 0.09})
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1  # to the right of the plotting area
