@@ -8,10 +8,12 @@ The modules, in the order data flows (a module imports only modules above it):
 
 from graphheads.attention import MultiHeadAttention, scaled_dot_product_attention
 from graphheads.blocks import TransformerBlock, TransformerStack
+from graphheads.builders import set_top_k
 from graphheads.config import ModelConfig
 from graphheads.gnn import HeadGCNConv, HeadMessagePassing
-from graphheads.goh import GoHAttention, GraphRouter
+from graphheads.goh import GoHAttention, GraphRouter, record_routing
 from graphheads.graph import HeadGraph
+from graphheads.integrations.pytorch import RoutedMultiheadAttention, route_heads
 from graphheads.moh import MoHAttention, MoHRouter
 from graphheads.routed import RoutedAttention
 from graphheads.transformer import (
@@ -49,11 +51,15 @@ __all__ = [
     "ModelOutput",
     "MultiHeadAttention",
     "RoutedAttention",
+    "RoutedMultiheadAttention",
     "RoutingOutput",
     "SinusoidalPositionalEncoding",
     "Transformer",
     "TransformerBlock",
     "TransformerStack",
     "__version__",
+    "record_routing",
+    "route_heads",
     "scaled_dot_product_attention",
+    "set_top_k",
 ]

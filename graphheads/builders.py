@@ -9,6 +9,7 @@ Leaf modules never read a config: only this module does.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 from torch import nn
@@ -16,11 +17,19 @@ from torch import nn
 from graphheads.attention import MultiHeadAttention
 from graphheads.blocks import FeedForward, TransformerBlock, TransformerStack
 from graphheads.config import ModelConfig
-from graphheads.goh import GoHAttention
+from graphheads.gates import check_routing_config
+from graphheads.goh import GoHAttention, routers_of
 from graphheads.graph import HeadGraph
 from graphheads.moh import MoHAttention
 
-__all__ = ["GraphSource", "build_attention", "build_stack", "graph_source", "make_head_graph"]
+__all__ = [
+    "GraphSource",
+    "build_attention",
+    "build_stack",
+    "graph_source",
+    "make_head_graph",
+    "set_top_k",
+]
 
 GraphSource = Callable[[], "HeadGraph | None"]
 
@@ -118,3 +127,23 @@ def build_stack(
     ]
     norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else None
     return TransformerStack(blocks, norm=norm, carry_head_states=carry)
+
+
+def set_top_k(model: nn.Module, top_k: int) -> int:
+    """Route every token to ``top_k`` routed heads in every router of ``model`` (a
+    graphheads model, a converted Hugging Face model, a model after
+    :func:`~graphheads.integrations.pytorch.route_heads`): for schedules that change how
+    many heads are active during tuning. A graphheads model's ``config`` follows, so a
+    checkpoint rebuilds it. Checked for every router before any changes (ValueError
+    naming the value); returns the number of routers changed."""
+    routers = routers_of(model)
+    if not routers:
+        raise ValueError(f"set_top_k: {type(model).__name__} has no routers")
+    for router in routers:
+        check_routing_config("set_top_k", router.num_heads, router.num_shared, top_k)
+    for router in routers:
+        router.top_k = top_k
+    config = getattr(model, "config", None)
+    if isinstance(config, ModelConfig):
+        setattr(model, "config", dataclasses.replace(config, top_k=top_k))  # noqa: B010
+    return len(routers)

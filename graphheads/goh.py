@@ -28,6 +28,9 @@ Shape legend: b batch, t tokens, h heads, f node features, d model width.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +43,7 @@ from graphheads.moh import MoHRouter
 from graphheads.routed import Execution, RoutedAttention
 from graphheads.types import RoutingOutput
 
-__all__ = ["GoHAttention", "GraphRouter", "collect_head_graphs"]
+__all__ = ["GoHAttention", "GraphRouter", "collect_head_graphs", "record_routing", "routers_of"]
 
 
 class GraphRouter(nn.Module):
@@ -143,6 +146,30 @@ class GraphRouter(nn.Module):
             self.type_gate.reset_parameters()
         if self.carry_proj is not None:
             nn.init.zeros_(self.carry_proj.weight)  # starts as a router without carry
+
+    @classmethod
+    def starting_uniform(
+        cls,
+        d_model: int,
+        num_heads: int,
+        num_shared: int,
+        top_k: int,
+        graph: HeadGraph | None = None,
+        *,
+        prior_step: float = 0.01,
+        **kwargs: Any,
+    ) -> GraphRouter:
+        """A router for the heads of a pretrained model: uniform routing
+        (:meth:`reset_to_uniform`), so with every head on the model computes what it did
+        before; with fewer heads on, router head i starts with the score prior
+        ``-i * prior_step`` (gates near 1, the lowest router indices preferred).
+        ``kwargs`` go to the constructor."""
+        router = cls(d_model, num_heads, num_shared, top_k, graph, **kwargs)
+        router.reset_to_uniform()
+        if top_k < num_heads - num_shared:
+            with torch.no_grad():
+                router.score_bias.copy_(-prior_step * torch.arange(num_heads, dtype=torch.float32))
+        return router
 
     @torch.no_grad()
     def reset_to_uniform(self) -> None:
@@ -317,6 +344,35 @@ class GoHAttention(RoutedAttention):
             fused_attention=fused_attention,
             execution=execution,
         )
+
+
+def routers_of(model: nn.Module) -> list[MoHRouter | GraphRouter]:
+    """Every router (:class:`~graphheads.moh.MoHRouter`, :class:`GraphRouter`) in
+    ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoHRouter | GraphRouter)]
+
+
+@contextmanager
+def record_routing(model: nn.Module) -> Iterator[list[RoutingOutput]]:
+    """Collect the :class:`~graphheads.types.RoutingOutput` of every router in ``model``
+    during the forward passes inside the ``with`` block, in call order (forward hooks,
+    removed on exit; nothing is stored on the modules)::
+
+        with record_routing(model) as routing:
+            out = model(**batch)
+        aux = sum(r.load_balance_loss for r in routing) / len(routing)
+    """
+    records: list[RoutingOutput] = []
+
+    def hook(_module: nn.Module, _inputs: Any, output: RoutingOutput) -> None:
+        records.append(output)
+
+    handles = [router.register_forward_hook(hook) for router in routers_of(model)]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def collect_head_graphs(model: nn.Module) -> list[HeadGraph]:

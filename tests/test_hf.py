@@ -277,16 +277,15 @@ def test_tuning_keeps_the_callers_frozen_parameters_frozen():
 def test_a_missing_extra_is_named(monkeypatch, capsys):
     import sys
 
-    from graphheads.cli import main
-
     import graphheads.integrations
+    from graphheads.cli import main
 
     for name in [m for m in sys.modules if m.startswith("graphheads.integrations.hf")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.delattr(graphheads.integrations, "hf", raising=False)
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(ModuleNotFoundError, match=r"needs the 'hf' extra \(transformers is"):
-        import graphheads.integrations.hf  # noqa: F401
+        import graphheads.integrations.hf
     argv = ["convert", "--model", "m", "--text", "t", "--out", "o"]
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--num-shared", "1", "--top-k", "1"])

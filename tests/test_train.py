@@ -362,7 +362,7 @@ def test_a_refused_run_changes_nothing_in_the_folder(tmp_path):
     with pytest.raises(CheckpointError, match=r"another configuration \(changed: model.num_heads"):
         Trainer(other, run, progress=False).fit()
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
-    with pytest.raises(CheckpointError, match="is at step 20, past train.steps=10"):
+    with pytest.raises(CheckpointError, match=r"is at step 20, past train\.steps=10"):
         Trainer(
             small_config("train.steps=10", "train.checkpoint_every=10"), run, progress=False
         ).fit()

@@ -7,16 +7,13 @@ Shape legend: b batch, t tokens, h heads, e head width.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from graphheads.goh import GraphRouter
+from graphheads.goh import GraphRouter, record_routing
 from graphheads.graph import HeadGraph
-from graphheads.types import RoutingOutput
 
 __all__ = [
     "ATTENTION_NAME",
@@ -141,7 +138,6 @@ def convert_to_goh(
             f"convert_to_goh: head_importance has shape {tuple(head_importance.shape)}, "
             f"expected (layers, heads) = ({len(modules)}, {num_heads})"
         )
-    all_on = top_k == num_heads - num_shared
     _register_kernel()
     classes: dict[type, type] = {}
     for layer, module in enumerate(modules):
@@ -151,19 +147,16 @@ def convert_to_goh(
             if graph is not None
             else HeadGraph.complete(num_heads, learnable="edge")
         )
-        router = GraphRouter(
+        router = GraphRouter.starting_uniform(
             d_model,
             num_heads,
             num_shared,
             top_k,
             template,
+            prior_step=prior_step,
             feature_dim=feature_dim,
             num_layers=num_layers,
         )
-        router.reset_to_uniform()
-        if not all_on:
-            with torch.no_grad():
-                router.score_bias.copy_(-prior_step * torch.arange(num_heads, dtype=torch.float32))
         order = (
             torch.argsort(head_importance[layer], descending=True, stable=True)
             if head_importance is not None
@@ -174,25 +167,3 @@ def convert_to_goh(
         module.register_buffer("head_position", torch.argsort(order).to(param.device))
     model.set_attn_implementation(ATTENTION_NAME)  # type: ignore[operator]
     return model
-
-
-@contextmanager
-def record_routing(model: nn.Module) -> Iterator[list[RoutingOutput]]:
-    """Collect the :class:`~graphheads.moh.RoutingOutput` of every routed module during
-    the forward passes inside the ``with`` block, in call order::
-
-        with record_routing(model) as routing:
-            out = model(**batch)
-        aux = sum(r.load_balance_loss for r in routing) / len(routing)
-    """
-    records: list[RoutingOutput] = []
-
-    def hook(_module: nn.Module, _inputs: Any, output: RoutingOutput) -> None:
-        records.append(output)
-
-    handles = [m.router.register_forward_hook(hook) for m in converted_modules(model)]
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
