@@ -155,13 +155,14 @@ def test_errors_name_the_problem():
     model = tiny("bert")
     with pytest.raises(
         ValueError,
-        match=r"head_importance has shape \(3, 4\), expected \(layers, heads\) = \(2, 4\)",
+        match=r"head_importance has shape \(3, 4\), expected \(attention modules, heads\) = "
+        r"\(2, 4\)",
     ):
         convert_to_goh(model, num_shared=1, top_k=3, head_importance=torch.ones(3, 4))
     convert_to_goh(model, num_shared=1, top_k=3)
     with pytest.raises(ValueError, match="BertModel is already converted"):
         convert_to_goh(model, num_shared=1, top_k=3)
-    with pytest.raises(ValueError, match="Linear is not a supported model"):
+    with pytest.raises(ValueError, match="Linear is a model without attention modules that"):
         convert_to_goh(torch.nn.Linear(2, 2), num_shared=0, top_k=1)
 
 

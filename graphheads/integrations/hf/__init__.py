@@ -1,7 +1,9 @@
 """Graph-routed heads in Hugging Face ``transformers`` models (the ``hf`` extra).
 
-:func:`convert_to_goh` turns each attention module of a Llama, GPT-2 or BERT model into
-a routed one **in place**: the module keeps its class's code and its pretrained
+:func:`convert_to_goh` turns each attention module of a transformers model into a
+routed one **in place** (any family whose attention dispatches through transformers'
+attention registry: Llama, Mistral, Qwen, Gemma, Phi-3, GPT-2, BERT, RoBERTa, ViT,
+Whisper, T5, ...; the docs list those tested): the module keeps its class's code and its pretrained
 projections under their original names (``q_proj``/``k_proj``/``v_proj``/``o_proj``,
 ``c_attn``/``c_proj``, ``query``/``key``/``value``), gains a
 :class:`~graphheads.goh.GraphRouter` as ``router``, and scales each query head's output
@@ -35,10 +37,11 @@ except ImportError as err:
 
 from graphheads.integrations.hf.convert import (
     ATTENTION_NAME,
-    SUPPORTED_ATTENTION,
     RoutedHFAttention,
     convert_to_goh,
     converted_modules,
+    dispatches_through_registry,
+    head_layout,
     record_routing,
 )
 from graphheads.integrations.hf.io import (
@@ -51,12 +54,13 @@ from graphheads.integrations.hf.tuning import head_importance, mean_pool, tune
 
 __all__ = [
     "ATTENTION_NAME",
-    "SUPPORTED_ATTENTION",
     "RoutedHFAttention",
     "conversion_settings",
     "convert_to_goh",
     "converted_modules",
+    "dispatches_through_registry",
     "head_importance",
+    "head_layout",
     "load_converted",
     "load_pretrained",
     "mean_pool",

@@ -7,25 +7,29 @@ Shape legend: b batch, t tokens, h heads, e head width.
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from graphheads.gates import check_routing_config
 from graphheads.goh import GraphRouter, record_routing
 from graphheads.graph import HeadGraph
 
 __all__ = [
     "ATTENTION_NAME",
-    "SUPPORTED_ATTENTION",
     "RoutedHFAttention",
+    "attention_modules",
     "convert_to_goh",
     "converted_modules",
+    "dispatches_through_registry",
+    "head_layout",
     "record_routing",
 ]
 
 ATTENTION_NAME = "graphheads"
-SUPPORTED_ATTENTION = ("LlamaAttention", "GPT2Attention", "BertSelfAttention")
 
 
 def gated_sdpa_attention(
@@ -78,13 +82,73 @@ def _routed_class(base: type, made: dict[type, type]) -> type:
     return made[base]
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if any(c.__name__ in SUPPORTED_ATTENTION for c in type(m).__mro__)
-        and not isinstance(m, RoutedHFAttention)
-    ]
+def dispatches_through_registry(cls: type) -> bool:
+    """Whether attention class ``cls`` computes its attention through transformers'
+    kernel registry (``ALL_ATTENTION_FUNCTIONS``, the ``AttentionInterface``) and hands
+    its keyword arguments down to the kernel: what the conversion needs, whatever the
+    family."""
+    try:
+        source = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+    except (OSError, TypeError, AttributeError):
+        return False
+    calls = re.findall(r"attention_interface\((.*?)\n\s*\)", source, re.S)
+    return "ALL_ATTENTION_FUNCTIONS" in source and any("**kwargs" in c for c in calls)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The transformers attention modules :func:`convert_to_goh` routes, in module
+    order; ValueError naming any attention module
+    (a class named ``...Attention``) that cannot be routed."""
+    verdicts: dict[type, bool] = {}  # one source inspection per class
+
+    def dispatches(module: nn.Module) -> bool:
+        cls = type(module)
+        if cls not in verdicts:
+            verdicts[cls] = dispatches_through_registry(cls)
+        return verdicts[cls]
+
+    found, refused = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, RoutedHFAttention):
+            continue
+        if dispatches(m):
+            found.append(m)
+        elif type(m).__name__.endswith("Attention") and not any(
+            dispatches(c) or isinstance(c, RoutedHFAttention) for c in m.modules()
+        ):
+            refused.append(f"{name} ({type(m).__name__})")
+    if refused:
+        raise ValueError(
+            f"convert_to_goh: cannot route {', '.join(refused)}: only attention modules that "
+            "dispatch through transformers' attention registry (AttentionInterface, "
+            "passing **kwargs to the kernel) are supported"
+        )
+    return found
+
+
+def head_layout(module: nn.Module, config: Any) -> tuple[int, int]:
+    """(query heads, router input width) of a transformers attention module."""
+    heads = next(
+        (
+            getattr(module, a)
+            for a in ("num_heads", "num_attention_heads", "n_heads")
+            if isinstance(getattr(module, a, None), int)
+        ),
+        getattr(config, "num_attention_heads", None),
+    )
+    width = next(
+        (
+            getattr(module, a)
+            for a in ("embed_dim", "d_model", "hidden_size")
+            if isinstance(getattr(module, a, None), int)
+        ),
+        getattr(config, "hidden_size", None) or getattr(config, "d_model", None),
+    )
+    if not isinstance(heads, int) or not isinstance(width, int):
+        raise ValueError(
+            f"convert_to_goh: cannot read the head count and width of {type(module).__name__}"
+        )
+    return heads, width
 
 
 def converted_modules(model: nn.Module) -> list[RoutedHFAttention]:
@@ -106,9 +170,11 @@ def convert_to_goh(
     """Route the heads of every attention module of ``model`` (changed in place).
 
     Args:
-        model: a transformers ``LlamaForCausalLM``/``LlamaModel``, ``GPT2LMHeadModel``/
-            ``GPT2Model`` or ``BertModel`` (or another model built from those attention
-            classes).
+        model: a transformers model whose attention modules dispatch through the
+            attention registry (:func:`dispatches_through_registry`): decoders, encoders,
+            encoder-decoders (self- and cross-attention; a cross-attention module routes
+            on its queries), grouped-query attention (query heads are routed). The
+            families tested are listed in the docs ("Other models").
         num_shared: always-on heads per layer.
         top_k: routed heads per token; ``num_heads - num_shared`` keeps every head on and
             reproduces the original model exactly.
@@ -124,23 +190,32 @@ def convert_to_goh(
     Returns:
         ``model``, now using the ``"graphheads"`` attention kernel.
     """
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if not modules:
-        kind = "already converted" if converted_modules(model) else "not a supported model"
-        raise ValueError(
-            f"convert_to_goh: {type(model).__name__} is {kind}; supported attention classes: "
-            f"{list(SUPPORTED_ATTENTION)}"
+        kind = (
+            "already converted"
+            if converted_modules(model)
+            else "a model without attention modules that dispatch through transformers' "
+            "attention registry"
         )
+        raise ValueError(f"convert_to_goh: {type(model).__name__} is {kind}")
     config: Any = getattr(model, "config", None)
-    num_heads, d_model = int(config.num_attention_heads), int(config.hidden_size)
-    if head_importance is not None and tuple(head_importance.shape) != (len(modules), num_heads):
+    layouts = [head_layout(m, config) for m in modules]
+    num_heads = layouts[0][0]
+    for module, (heads, _) in zip(modules, layouts, strict=True):
+        check_routing_config(f"convert_to_goh ({type(module).__name__})", heads, num_shared, top_k)
+    if head_importance is not None and (
+        tuple(head_importance.shape) != (len(modules), num_heads)
+        or any(heads != num_heads for heads, _ in layouts)
+    ):
         raise ValueError(
             f"convert_to_goh: head_importance has shape {tuple(head_importance.shape)}, "
-            f"expected (layers, heads) = ({len(modules)}, {num_heads})"
+            f"expected (attention modules, heads) = ({len(modules)}, {num_heads}) and the "
+            "same head count in every module"
         )
     _register_kernel()
     classes: dict[type, type] = {}
-    for layer, module in enumerate(modules):
+    for layer, (module, (num_heads, d_model)) in enumerate(zip(modules, layouts, strict=True)):
         param = next(module.parameters())
         template = (
             copy.deepcopy(graph)

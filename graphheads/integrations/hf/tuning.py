@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphheads.integrations.hf.convert import convert_to_goh, converted_modules, record_routing
+from graphheads.integrations.hf.convert import (
+    attention_modules,
+    convert_to_goh,
+    converted_modules,
+    head_layout,
+    record_routing,
+)
 from graphheads.types import RoutingOutput
 
 __all__ = ["head_importance", "mean_pool", "tune"]
@@ -53,8 +59,13 @@ def head_importance(
     L2 norm when ``normalize``.
     """
     probe = copy.deepcopy(model)
-    config: Any = probe.config
-    num_heads = int(config.num_attention_heads)
+    config: Any = getattr(probe, "config", None)
+    counts = {head_layout(m, config)[0] for m in attention_modules(probe)}
+    if len(counts) != 1:
+        raise ValueError(
+            f"head_importance: attention modules with different head counts {sorted(counts)}"
+        )
+    (num_heads,) = counts
     convert_to_goh(probe, num_shared=0, top_k=num_heads, num_layers=0, feature_dim=1)
     probe.eval()
     modules = converted_modules(probe)
