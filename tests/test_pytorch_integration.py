@@ -18,11 +18,13 @@ def encoder(batch_first: bool) -> nn.TransformerEncoder:
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
 
 
+@pytest.mark.parametrize("router", ["goh", "moh"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("train", [True, False])
-def test_routed_encoder_with_all_heads_on_equals_the_original(batch_first, train):
+def test_routed_encoder_with_all_heads_on_equals_the_original(batch_first, train, router):
     original = encoder(batch_first).train(train)
-    routed = route_heads(encoder(batch_first), num_shared=1, top_k=H - 1).train(train)
+    routed = route_heads(encoder(batch_first), num_shared=1, top_k=H - 1, router=router)
+    routed.train(train)
     assert sum(isinstance(m, RoutedMultiheadAttention) for m in routed.modules()) == 2
     x = torch.randn(3, 7, D) if batch_first else torch.randn(7, 3, D)
     padding = torch.zeros(3, 7, dtype=torch.bool)
@@ -86,6 +88,8 @@ def test_route_heads_refuses_what_it_cannot_route_and_changes_nothing():
     with pytest.raises(ValueError, match=r"top_k \(9\) must be in \[1, routed heads \(3\)"):
         route_heads(model, num_shared=1, top_k=9)
     assert [type(m) for m in model.modules()] == before
+    with pytest.raises(ValueError, match="router must be 'goh' or 'moh', got 'mha'"):
+        route_heads(model, num_shared=1, top_k=1, router="mha")
     with pytest.raises(ValueError, match="add_bias_kv and add_zero_attn are not supported"):
         route_heads(nn.MultiheadAttention(D, H, add_bias_kv=True), num_shared=0, top_k=H)
 

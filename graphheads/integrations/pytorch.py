@@ -16,7 +16,7 @@ Shape legend: b batch, t query tokens, s key tokens, h heads, e head width, d wi
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +25,17 @@ from torch import Tensor, nn
 from graphheads.attention import self_attention_mask
 from graphheads.goh import GraphRouter
 from graphheads.graph import HeadGraph
+from graphheads.moh import MoHRouter
 
-__all__ = ["RoutedMultiheadAttention", "route_heads"]
+__all__ = ["RoutedMultiheadAttention", "RouterKind", "route_heads"]
+
+RouterKind = Literal["goh", "moh"]
 
 
 class RoutedMultiheadAttention(nn.MultiheadAttention):
     """A drop-in :class:`torch.nn.MultiheadAttention` whose heads are gated by a
-    :class:`~graphheads.goh.GraphRouter` (``self.router``, reading the query input).
+    :class:`~graphheads.goh.GraphRouter` or a :class:`~graphheads.moh.MoHRouter`
+    (``self.router``, reading the query input).
 
     Build it with :meth:`from_torch` (or :func:`route_heads`). ``forward`` takes
     ``nn.MultiheadAttention``'s arguments and returns ``(output, weights)`` as it does;
@@ -39,7 +43,7 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
     probabilities). ``add_bias_kv`` and ``add_zero_attn`` are not supported.
     """
 
-    router: GraphRouter
+    router: GraphRouter | MoHRouter
 
     @classmethod
     def from_torch(
@@ -50,10 +54,16 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
         top_k: int,
         graph: HeadGraph | None = None,
         prior_step: float = 0.01,
+        router: RouterKind = "goh",
         **router_kwargs: Any,
     ) -> RoutedMultiheadAttention:
-        """A routed copy of ``module`` (same weights, same device and dtype). Router
-        arguments as :meth:`GraphRouter.starting_uniform`."""
+        """A routed copy of ``module`` (same weights, same device and dtype). ``router``:
+        "goh" (:meth:`GraphRouter.starting_uniform`, the other arguments as there) or
+        "moh" (a :class:`~graphheads.moh.MoHRouter` reset to uniform routing)."""
+        if router not in ("goh", "moh"):
+            raise ValueError(
+                f"RoutedMultiheadAttention: router must be 'goh' or 'moh', got {router!r}"
+            )
         if module.bias_k is not None or module.add_zero_attn:
             raise ValueError(
                 "RoutedMultiheadAttention: add_bias_kv and add_zero_attn are not supported"
@@ -71,16 +81,21 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
             dtype=weight.dtype,
         )
         routed.load_state_dict(module.state_dict())
-        router = GraphRouter.starting_uniform(
-            module.embed_dim,
-            module.num_heads,
-            num_shared,
-            top_k,
-            copy.deepcopy(graph) if graph is not None else None,
-            prior_step=prior_step,
-            **router_kwargs,
-        )
-        routed.add_module("router", router.to(device=weight.device, dtype=weight.dtype))
+        gate: GraphRouter | MoHRouter
+        if router == "goh":
+            gate = GraphRouter.starting_uniform(
+                module.embed_dim,
+                module.num_heads,
+                num_shared,
+                top_k,
+                copy.deepcopy(graph) if graph is not None else None,
+                prior_step=prior_step,
+                **router_kwargs,
+            )
+        else:
+            gate = MoHRouter(module.embed_dim, module.num_heads, num_shared, top_k, **router_kwargs)
+            gate.reset_to_uniform()
+        routed.add_module("router", gate.to(device=weight.device, dtype=weight.dtype))
         # nn.TransformerEncoderLayer's inference fast path runs a fused kernel on the packed
         # weights instead of calling forward() (the routing would be skipped); it checks
         # this flag. The weights are used the same way either way.
@@ -162,6 +177,7 @@ def route_heads(
     top_k: int,
     graph: HeadGraph | None = None,
     prior_step: float = 0.01,
+    router: RouterKind = "goh",
     **router_kwargs: Any,
 ) -> nn.Module:
     """Replace every :class:`torch.nn.MultiheadAttention` inside ``model`` (changed in
@@ -176,8 +192,9 @@ def route_heads(
             learnable edge weights).
         prior_step: with fewer heads on, router head i starts with score prior
             ``-i * prior_step``.
-        router_kwargs: more :class:`~graphheads.goh.GraphRouter` arguments
-            (``feature_dim``, ``num_layers``, ...).
+        router: "goh" (graph-router, default) or "moh" (MoH's linear router; ``graph``
+            and ``prior_step`` do not apply).
+        router_kwargs: more router arguments (``feature_dim``, ``num_layers``, ...).
 
     Raises ValueError, before changing anything, when ``model`` holds no
     ``nn.MultiheadAttention`` or a setting does not fit one of them.
@@ -196,6 +213,7 @@ def route_heads(
             top_k=top_k,
             graph=graph,
             prior_step=prior_step,
+            router=router,
             **router_kwargs,
         )
         for name, m in targets
