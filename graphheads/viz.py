@@ -29,6 +29,7 @@ __all__ = [
     "draw_head_graph",
     "plot_head_usage",
     "plot_loss_curve",
+    "plot_patch_routing",
     "plot_routing",
     "plot_task_accuracy",
 ]
@@ -158,6 +159,53 @@ def plot_routing(
     if colorbar:
         fig.colorbar(image, ax=ax, label="gate")
     ax.set_title(title or "routing")
+    return fig
+
+
+def plot_patch_routing(
+    gates: Tensor,
+    grid: tuple[int, int],
+    *,
+    image: Tensor | None = None,
+    num_shared: int = 0,
+    title: str | None = None,
+) -> Figure:
+    """Routing over image patches: one panel per head, each patch coloured by the
+    head's gate (0 = the patch does not use the head), on one colour scale.
+
+    Args:
+        gates: (patches, heads) gates of one image, patches in row-major grid order (drop
+            a class token first).
+        grid: (rows, columns) of patches.
+        image: (H, W) the image itself, drawn first in grey (optional).
+        num_shared: shared heads (labelled ``s``; routed heads ``r``).
+    """
+    gates = gates.detach().float().cpu()
+    rows, cols = grid
+    if gates.dim() != 2 or gates.size(0) != rows * cols:
+        raise ValueError(
+            f"plot_patch_routing: gates must be (patches, heads) with {rows} x {cols} patches, "
+            f"got {tuple(gates.shape)}"
+        )
+    h = gates.size(1)
+    panels = h + (image is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(1.3 * panels + 1.0, 1.9), layout="constrained")
+    axes = list(axes) if panels > 1 else [axes]
+    if image is not None:
+        axes[0].imshow(image.detach().float().cpu().numpy(), cmap="gray_r")
+        axes[0].set_title("image", fontsize=8)
+    top = max(float(gates.max()), 1e-6)
+    shown = [
+        ax.imshow(gates[:, head].view(rows, cols).numpy(), cmap="viridis", vmin=0.0, vmax=top)
+        for head, ax in enumerate(axes[panels - h :])
+    ]
+    for head, ax in enumerate(axes[panels - h :]):
+        ax.set_title(f"{'s' if head < num_shared else 'r'}{head}", fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown[0], ax=axes, label="gate", shrink=0.8)
+    fig.suptitle(title or "heads used by each patch", fontsize=9)
     return fig
 
 

@@ -117,3 +117,15 @@ def test_accuracy_legend_sits_outside_the_bars():
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent()
     assert legend.x0 >= ax.get_window_extent().x1  # to the right of the plotting area
+
+
+def test_patch_routing_draws_one_panel_per_head_on_the_patch_grid():
+    gates = torch.zeros(16, 4)
+    gates[5, 2] = 0.7  # patch (1, 1) uses head 2
+    fig = viz.plot_patch_routing(gates, (4, 4), image=torch.rand(8, 8), num_shared=1)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["image", "s0", "r1", "r2", "r3"]
+    shown = panels[3].images[0].get_array()
+    assert shown.shape == (4, 4) and shown[1, 1] == pytest.approx(0.7) and shown.sum() == 0.7
+    with pytest.raises(ValueError, match=r"with 3 x 3 patches, got \(16, 4\)"):
+        viz.plot_patch_routing(gates, (3, 3))
