@@ -104,3 +104,49 @@ def test_set_top_k_keeps_a_graphheads_config_in_step():
     set_top_k(model, 3)
     assert model.config.top_k == 3
     assert DecoderOnlyLM(model.config).load_state_dict(model.state_dict())  # rebuilds
+
+
+class TorchvisionStyleViT(nn.Module):
+    """The structure of torchvision's VisionTransformer (which cannot be installed here:
+    its PyPI wheel needs the CUDA build of PyTorch): patch projection, class token,
+    pre-norm blocks whose self-attention is nn.MultiheadAttention(batch_first=True)
+    called as attention(x, x, x, need_weights=False)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(D), nn.LayerNorm(D)
+            self.self_attention = nn.MultiheadAttention(D, H, dropout=0.0, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(D, 64), nn.GELU(), nn.Linear(64, D))
+
+        def forward(self, x):
+            y = self.ln_1(x)
+            x = x + self.self_attention(y, y, y, need_weights=False)[0]
+            return x + self.mlp(self.ln_2(x))
+
+    def __init__(self):
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, D, kernel_size=4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, D))
+        self.blocks = nn.Sequential(self.Block(), self.Block())
+        self.heads = nn.Linear(D, 10)
+
+    def forward(self, images):
+        x = self.conv_proj(images).flatten(2).transpose(1, 2)  # (b, patches, D)
+        x = torch.cat([self.class_token.expand(x.size(0), -1, -1), x], dim=1)
+        return self.heads(self.blocks(x)[:, 0])
+
+
+@pytest.mark.parametrize("router", ["goh", "moh"])
+def test_routed_vision_transformer_equals_the_original(router):
+    torch.manual_seed(0)
+    original = TorchvisionStyleViT().eval()
+    routed = TorchvisionStyleViT()
+    routed.load_state_dict(original.state_dict())
+    route_heads(routed, num_shared=2, top_k=H - 2, router=router).eval()
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(routed(images), original(images), atol=1e-5, rtol=1e-5)
+        with record_routing(routed) as routing:
+            routed(images)
+    assert [tuple(r.gates.shape) for r in routing] == [(3, 17, H)] * 2  # class token + 16
