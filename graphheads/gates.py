@@ -105,6 +105,11 @@ def moh_gates(
         token_mask: (b, t) True at real tokens: only they enter the load-balance loss.
     """
     reference = gate_convention == "reference"
+    # routing in fp32 whatever the autocast dtype: logits, softmax, top-k and the
+    # load-balance loss (bf16 would round near-equal scores together)
+    routed_logits = routed_logits.float()
+    shared_logits = None if shared_logits is None else shared_logits.float()
+    type_logits = None if type_logits is None else type_logits.float()
     lead = routed_logits.shape[:-1]
     num_routed = routed_logits.size(-1)
     probs = routed_logits.softmax(dim=-1)  # (b, t, r)

@@ -50,8 +50,9 @@ def gcn_norm_dense(edge_index: Tensor, edge_weight: Tensor | None, num_nodes: in
     if edge_weight is None:
         edge_weight = torch.ones(src.numel(), device=edge_index.device)
     # 1 on the diagonal of every head without a self-loop (PyG's add_remaining_self_loops)
-    loops = torch.ones(num_nodes, dtype=edge_weight.dtype, device=edge_index.device)
-    loops = loops.index_fill(0, src[src == dst], 0.0)
+    is_loop = (src == dst).to(edge_weight.dtype)  # static shapes: no boolean indexing
+    has_loop = is_loop.new_zeros(num_nodes).index_add(0, src, is_loop)
+    loops = (has_loop == 0).to(edge_weight.dtype)
     incoming = torch.diag(loops).index_put((dst, src), edge_weight, accumulate=True)  # [i, j]
     deg = incoming.sum(dim=1)  # in-degree with self-loops
     inv_sqrt = deg.pow(-0.5).masked_fill(deg == 0, 0.0)

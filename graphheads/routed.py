@@ -157,5 +157,6 @@ class RoutedAttention(MultiHeadAttention):
         heads = self.attend(
             q, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
         )
-        gated = heads * routing.gates.transpose(1, 2).unsqueeze(-1)  # (b, h, t, e)
+        gates = routing.gates.transpose(1, 2).unsqueeze(-1).to(heads.dtype)
+        gated = heads * gates  # (b, h, t, e)
         return AttentionOutput(self.out_proj(self.merge_heads(gated)), routing, cache)

@@ -39,6 +39,15 @@ class TaskBatch:
     task_ids: Tensor | None = None  # (b,) index into the suite's tasks, when known
     padding: Tensor | None = None  # (b, t) True at padding positions, when there are any
 
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> TaskBatch:
+        """The batch with every tensor on ``device``."""
+        return TaskBatch(
+            *(
+                None if x is None else x.to(device, non_blocking=non_blocking)
+                for x in (self.inputs, self.targets, self.task_ids, self.padding)
+            )  # type: ignore[arg-type]
+        )
+
     def rows(self, index: slice) -> TaskBatch:
         """The batch restricted to rows ``index`` (every field that has rows)."""
         return TaskBatch(

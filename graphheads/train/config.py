@@ -32,6 +32,10 @@ class TrainConfig:
     log_every: int = 20  # steps between train-metric lines
     seed: int = 0
     model_type: str = "lm"  # "lm": DecoderOnlyLM; "seq2seq": encoder-decoder Transformer
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK / cuda when available, else cpu), "cpu", ...
+    precision: str = "fp32"  # "fp32", "bf16" (autocast; also on CPU), "fp16" (CUDA only)
+    compile: bool = False  # torch.compile the model
+    grad_accum: int = 1  # micro-batches per optimiser step (batch_size is the global batch)
 
     def __post_init__(self) -> None:
         if self.model_type not in ("lm", "seq2seq"):
@@ -46,10 +50,17 @@ class TrainConfig:
             "eval_batch_size",
             "checkpoint_every",
             "log_every",
+            "grad_accum",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(
+                f"TrainConfig: precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}"
+            )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"TrainConfig: compile must be true or false, got {self.compile!r}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:

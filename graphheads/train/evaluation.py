@@ -122,13 +122,14 @@ def evaluate(
     accuracy, exact-match rate, chance level and head usage (the fraction of scored
     tokens that use each head, per layer)."""
     was_training = model.training
+    device = next(model.parameters()).device  # batches go where the model is
     model.eval()
     gen = torch.Generator().manual_seed(10**9 + seed)
     result: dict[str, Any] = {}
     if isinstance(data, ByteTextDataset):
         total, count = 0.0, 0
         for _ in range(batches):
-            batch = data.sample(batch_size, gen, split="val")
+            batch = data.sample(batch_size, gen, split="val").to(device)
             total += lm_loss_sum(model(batch.inputs).logits, batch.targets).item()
             count += batch.targets.numel()
         result = {"loss": total / count, "bits_per_byte": bits_per_byte(total / count)}
@@ -139,7 +140,8 @@ def evaluate(
             loss_sum = 0.0
             use: Tensor | None = None
             for _ in range(batches):
-                out, targets = forward_batch(model, data.sample(batch_size, gen, task=task))
+                batch = data.sample(batch_size, gen, task=task).to(device)
+                out, targets = forward_batch(model, batch)
                 scored = targets != IGNORE_INDEX
                 hit = (out.logits.argmax(-1) == targets) & scored
                 correct += int(hit.sum())

@@ -13,11 +13,10 @@ that term only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from graphheads.data import IGNORE_INDEX, TaskBatch, TaskSuite
@@ -44,6 +43,13 @@ from graphheads.train.evaluation import (
     lm_loss_sum,
     load_run,
     scored_routing,
+)
+from graphheads.train.runtime import (
+    StopSignals,
+    autocast,
+    check_precision,
+    grad_scaler,
+    resolve_device,
 )
 
 __all__ = [
@@ -75,36 +81,9 @@ class TrainResult:
     interrupted: str | None = None  # the signal's name when SIGINT/SIGTERM stopped the run
 
 
-# settings a run may change when it continues from its checkpoint: more (or fewer) steps
-RESUMABLE_CHANGES = ("steps",)
-
-
-class _StopSignals:
-    """While active, SIGINT and SIGTERM set ``received`` (the loop stops at the next step
-    boundary) and restore the previous handlers, so a second signal acts at once. Only in
-    the main thread (Python delivers signals there); a no-op elsewhere."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-        self.restore()
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
+# settings a run may change when it continues from its checkpoint: more steps, and how
+# (not what) it computes
+RESUMABLE_CHANGES = ("steps", "device", "precision", "compile", "grad_accum")
 
 
 class Trainer:
@@ -129,26 +108,35 @@ class Trainer:
         self.progress = progress
         self.data = build_data(config.data)
         self.model_config = config.model_config(self.data.vocab_size, self.data.max_seq_len)
+        train = config.train
+        self.device = resolve_device(train.device)
+        check_precision(train.precision, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        train = config.train
-        if train.batch_size % self.world_size:
+        if train.batch_size % (self.world_size * train.grad_accum):
             raise ValueError(
                 f"Trainer: batch_size ({train.batch_size}) must be divisible by the number of "
-                f"processes ({self.world_size})"
+                f"processes ({self.world_size}) x grad_accum ({train.grad_accum})"
             )
         if train.model_type == "seq2seq" and not isinstance(self.data, TaskSuite):
             raise ValueError(
                 "Trainer: model_type 'seq2seq' needs the built-in task suite, not text"
             )
         torch.manual_seed(train.seed)
-        self.model = build_model(self.model_config, train.model_type)
+        self.model = build_model(self.model_config, train.model_type).to(self.device)
         self.wrapped: nn.Module = self.model
         if self.world_size > 1:
-            self.wrapped = nn.parallel.DistributedDataParallel(self.model)
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if train.compile:
+            self.wrapped = torch.compile(self.wrapped)  # type: ignore[assignment]
+        self.scaler = grad_scaler(train.precision, self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -206,13 +194,16 @@ class Trainer:
     def check_resume(self) -> dict[str, Any] | None:
         """The run folder's checkpoint if this configuration may continue it, ``None``
         if there is none; :class:`CheckpointError` (before anything is written) if the
-        checkpoint belongs to another configuration. Only ``train.steps`` may differ
-        (:data:`RESUMABLE_CHANGES`): a finished run is extended by asking for more steps."""
+        checkpoint belongs to another configuration. Only :data:`RESUMABLE_CHANGES` may
+        differ (``train.steps``: a finished run is extended by asking for more steps; the
+        device, precision, compile and grad_accum: how the run computes)."""
         path = self._path(CHECKPOINT_NAME)
         if path is None or not path.exists():
             return None
         state = load_checkpoint(path)
-        saved, given = state["run_config"], self.config.to_dict()
+        # through RunConfig: settings added since the checkpoint take their defaults
+        saved = RunConfig.from_dict(state["run_config"]).to_dict()
+        given = self.config.to_dict()
         for key in RESUMABLE_CHANGES:
             saved = {**saved, "train": {**saved["train"], key: given["train"][key]}}
         if saved != given:
@@ -225,7 +216,8 @@ class Trainer:
             raise CheckpointError(
                 f"{path} was written by a run with another configuration (changed: "
                 f"{', '.join(changed)}); use a new run folder, the same configuration, or "
-                "--restart. Only train.steps may change to continue a run."
+                f"--restart. Only train.{{{', '.join(RESUMABLE_CHANGES)}}} may change to "
+                "continue a run."
             )
         if int(state["step"]) > self.config.train.steps:
             raise CheckpointError(
@@ -261,7 +253,7 @@ class Trainer:
         kept = [line for line in metrics.read_text().splitlines() if _line_step(line) <= step]
         _write_atomically(metrics, "".join(line + "\n" for line in kept))
 
-    def _stop_requested(self, stop: _StopSignals) -> bool:
+    def _stop_requested(self, stop: StopSignals) -> bool:
         """Whether any rank received SIGINT/SIGTERM (all ranks then stop together)."""
         if self.world_size == 1:
             return stop.received is not None
@@ -272,36 +264,63 @@ class Trainer:
         return flag.item() > 0
 
     # -- training ---------------------------------------------------------------------
-    def train_step(self, batch: TaskBatch) -> dict[str, float]:
-        """One optimiser step on the global ``batch`` (this rank trains on its slice)."""
+    def train_step(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """One optimiser step on the global ``batch`` (this rank trains on its slice, in
+        ``grad_accum`` micro-batches). Returns the step's metrics as tensors on the
+        device: no host sync here (the loop reads them on log steps only)."""
         t = self.config.train
-        n_scored = (batch.targets != IGNORE_INDEX).sum().clamp_min(1)
+        n_scored = (batch.targets != IGNORE_INDEX).sum().clamp_min(1).to(self.device)
         per_rank = batch.inputs.size(0) // self.world_size
-        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        out, targets = forward_batch(self.wrapped, batch.rows(rows))
-        ce_sum = lm_loss_sum(out.logits, targets)
-        lm_loss = ce_sum * self.world_size / n_scored  # DDP averages: the global mean
-        aux = ce_sum.new_zeros(())
-        if out.routing and out.aux_loss is not None:
-            aux = out.aux_loss / len(out.routing)
-        loss = lm_loss + t.aux_loss_weight * aux
+        micro = per_rank // t.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        ce_total = torch.zeros((), device=self.device)
+        aux_total = torch.zeros((), device=self.device)
+        for i in range(t.grad_accum):
+            start = self.rank * per_rank + i * micro
+            part = batch.rows(slice(start, start + micro)).to(self.device, non_blocking=True)
+            last = i == t.grad_accum - 1
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if not last and isinstance(self.model_ddp, nn.parallel.DistributedDataParallel):
+                sync = self.model_ddp.no_sync()  # all-reduce once, after the last micro-batch
+            with sync:
+                with autocast(t.precision, self.device):
+                    out, targets = forward_batch(self.wrapped, part)
+                    ce_sum = lm_loss_sum(out.logits.float(), targets)
+                aux = ce_sum.new_zeros(())
+                if out.routing and out.aux_loss is not None:
+                    aux = out.aux_loss / len(out.routing)
+                # the global mean over scored tokens (DDP averages over ranks); the
+                # load-balance loss is averaged over micro-batches
+                loss = ce_sum * self.world_size / n_scored + t.aux_loss_weight * aux / t.grad_accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            ce_total += ce_sum.detach()
+            aux_total += aux.detach() / t.grad_accum
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = (
             nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             if t.grad_clip > 0
-            else torch.zeros(())
+            else torch.zeros((), device=self.device)
         )
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
-        logged = ce_sum.detach().clone()
+        return {"loss": ce_total / n_scored, "aux_loss": aux_total, "grad_norm": grad_norm}
+
+    def _read_metrics(self, metrics: dict[str, Tensor]) -> dict[str, float]:
+        """The step's metrics as numbers (one host sync; the loss summed over ranks)."""
+        loss = metrics["loss"].clone()
         if self.world_size > 1:
-            dist.all_reduce(logged)
-        return {
-            "loss": (logged / n_scored).item(),
-            "aux_loss": float(aux.detach()),
-            "grad_norm": float(grad_norm),
-        }
+            dist.all_reduce(loss)
+        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items() if k != "loss"}}
+
+    @property
+    def model_ddp(self) -> nn.Module:
+        """The DDP wrapper (or the model) under a possible ``torch.compile`` wrapper."""
+        return getattr(self.wrapped, "_orig_mod", self.wrapped)
 
     def fit(self, *, resume: bool = True) -> TrainResult:
         """Train to ``config.train.steps``, evaluating, logging and checkpointing.
@@ -329,10 +348,10 @@ class Trainer:
             self._load_state(state)
         else:
             self._keep_metrics_up_to(0)  # a fresh start: lines of an earlier attempt go
-        with _StopSignals() as stop:
+        with StopSignals() as stop:
             return self._loop(stop)
 
-    def _loop(self, stop: _StopSignals) -> TrainResult:
+    def _loop(self, stop: StopSignals) -> TrainResult:
         t = self.config.train
         self.model.train()
         start = time.perf_counter()
@@ -343,15 +362,21 @@ class Trainer:
             disable=not (self.progress and self.is_main),
             desc="train",
         )
+        tokens, since = 0, time.perf_counter()
         while self.step < t.steps:
             batch = self.data.sample(t.batch_size, _step_generator(t.seed, self.step))
             metrics = self.train_step(batch)
+            tokens += batch.inputs.numel()
             self.step += 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 lr = self.scheduler.get_last_lr()[0]
-                self.log({"kind": "train", "step": self.step, "lr": lr, **metrics})
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                values = self._read_metrics(metrics)
+                rate = tokens / max(time.perf_counter() - since, 1e-9)
+                record = {"kind": "train", "step": self.step, "lr": lr, **values}
+                self.log({**record, "tokens_per_s": round(rate, 1)})
+                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:.0f}")
+                tokens, since = 0, time.perf_counter()
             if self.step % t.eval_every == 0 or self.step == t.steps:
                 if self.is_main:
                     final = evaluate(

@@ -1,0 +1,98 @@
+"""Where and how the trainer computes: the device, the numeric precision, and stopping
+cleanly on SIGINT/SIGTERM.
+
+``train.device``: "auto" picks ``cuda:LOCAL_RANK`` under torchrun (``cuda`` otherwise)
+when CUDA is available, else the CPU; any explicit device ("cpu", "cuda", "cuda:1")
+is checked. ``train.precision``: "fp32"; "bf16" (``torch.autocast`` with bfloat16, on
+CPU too); "fp16" (autocast with float16 plus a ``GradScaler``; CUDA only). Routing
+(router logits, softmax, top-k, the load-balance loss) stays in fp32 whatever the
+precision (:func:`graphheads.gates.moh_gates`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Any
+
+import torch
+
+__all__ = [
+    "PRECISIONS",
+    "StopSignals",
+    "autocast",
+    "check_precision",
+    "grad_scaler",
+    "resolve_device",
+]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``train.device`` names; ValueError naming it when it cannot be used."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"train.device {name!r} is not a device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device {name!r}: this machine has no CUDA device; use 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device {name!r}: only 'auto', 'cpu' and 'cuda[:N]' are supported")
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"train.precision 'fp16' needs CUDA (loss scaling); on {device.type} use 'bf16'"
+        )
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The forward-pass context for ``precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 (``None`` otherwise: bf16 has fp32's exponent range)."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM set ``received`` (the loop stops at the next step
+    boundary) and restore the previous handlers, so a second signal acts at once. Only in
+    the main thread (Python delivers signals there); a no-op elsewhere."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        self.restore()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

@@ -1,0 +1,110 @@
+"""The trainer's devices, precision, compile and gradient accumulation."""
+
+import copy
+
+import pytest
+import torch
+
+from graphheads import DecoderOnlyLM, ModelConfig
+from graphheads.train import CheckpointError, RunConfig, Trainer, load_checkpoint, save_checkpoint
+from graphheads.train.runtime import autocast, resolve_device
+
+SMALL = [
+    "model.d_model=32",
+    "model.num_heads=4",
+    "model.num_shared=1",
+    "model.top_k=2",
+    "model.d_ff=64",
+    "data.tasks=copy,reverse",
+    "data.length=4",
+    "train.batch_size=16",
+    "train.eval_batches=1",
+    "train.eval_batch_size=16",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.checkpoint_every=1000",
+]
+
+
+def run(*extra: str, steps: int = 4) -> tuple[Trainer, list[float]]:
+    trainer = Trainer(
+        RunConfig.load(None, [*SMALL, f"train.steps={steps}", *extra]), None, progress=False
+    )
+    losses = []
+    for step in range(steps):
+        batch = trainer.data.sample(16, torch.Generator().manual_seed(step))
+        losses.append(trainer._read_metrics(trainer.train_step(batch))["loss"])
+    return trainer, losses
+
+
+def test_grad_accum_equals_the_whole_batch():
+    _, whole_losses = run("train.aux_loss_weight=0")
+    _, accum_losses = run("train.aux_loss_weight=0", "train.grad_accum=4")
+    assert accum_losses == pytest.approx(whole_losses, rel=1e-5)
+    whole, _ = run("train.aux_loss_weight=0", steps=1)  # the gradients of one step
+    accum, _ = run("train.aux_loss_weight=0", "train.grad_accum=4", steps=1)
+    for a, b in zip(accum.model.parameters(), whole.model.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"divisible by the number of processes \(1\) x grad_accum \(3\)"
+    ):
+        run("train.grad_accum=3")
+
+
+def test_bf16_trains_and_one_step_stays_close_to_fp32():
+    _, fp32 = run(steps=1)
+    _, bf16 = run("train.precision=bf16", steps=1)
+    assert bf16[0] == pytest.approx(fp32[0], rel=2e-2)  # bf16 keeps ~3 significant digits
+    _, losses = run("train.precision=bf16", steps=40)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_routing_stays_fp32_under_bf16_autocast():
+    model = DecoderOnlyLM(
+        ModelConfig(vocab_size=20, d_model=32, num_heads=4, attention="goh", num_shared=1, top_k=2)
+    )
+    with autocast("bf16", torch.device("cpu")):
+        out = model(torch.randint(0, 20, (2, 6)))
+    assert out.logits.dtype == torch.bfloat16
+    routing = out.routing[0]
+    assert routing.gates.dtype == routing.router_probs.dtype == torch.float32
+    assert routing.load_balance_loss.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_training_agree():
+    _, eager = run(steps=3)
+    _, compiled = run("train.compile=true", steps=3)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_devices_and_precisions_are_checked_by_name():
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=r"train\.device 'gpu0' is not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"train\.device 'cuda': this machine has no CUDA"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match=r"'fp16' needs CUDA .* on cpu use 'bf16'"):
+            run("train.precision=fp16")
+    with pytest.raises(ValueError, match="precision must be 'fp32', 'bf16' or 'fp16', got 'fp8'"):
+        RunConfig.load(None, ["train.precision=fp8"])
+
+
+def test_a_run_resumes_with_another_device_and_precision_and_old_checkpoints_load(tmp_path):
+    config = RunConfig.load(None, [*SMALL, "train.steps=4"])
+    Trainer(config, tmp_path, progress=False).fit()
+    # a checkpoint written before these settings existed: its config lacks them
+    state = load_checkpoint(tmp_path)
+    for key in ("device", "precision", "compile", "grad_accum"):
+        del state["run_config"]["train"][key]
+    state.pop("format")
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    more = RunConfig.load(
+        None, [*SMALL, "train.steps=6", "train.device=cpu", "train.precision=bf16"]
+    )
+    assert Trainer(more, tmp_path, progress=False).fit().step == 6
+    other = RunConfig.load(None, [*SMALL, "train.steps=8", "train.lr=0.1"])
+    with pytest.raises(CheckpointError, match=r"changed: train.lr\).*Only train.\{steps, device"):
+        Trainer(copy.deepcopy(other), tmp_path, progress=False).fit()
