@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphheads.masks import build_attention_bias, self_attention_mask
+from graphheads.rotary import RotaryEmbedding
 from graphheads.types import AttentionOutput, KVCache
 
 __all__ = [
@@ -95,107 +97,6 @@ def scaled_dot_product_attention(
     return weights @ value  # (..., t, e_v)
 
 
-def build_attention_bias(
-    *,
-    batch_size: int,
-    num_heads: int,
-    query_len: int,
-    key_len: int,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-    owner: str = "MultiHeadAttention",
-) -> Tensor | None:
-    """Merge the user-facing masks into one additive bias of shape (b or 1, h or 1, t, s).
-
-    ``attn_mask`` may be (t, s), (b * h, t, s) or 4-D (b or 1, h or 1, t or 1, s), the
-    size-1 axes broadcast: a bias this function returned can be passed back in, which is
-    how a stack builds its mask once and hands it to every layer.
-    Returns ``None`` when no mask applies. Raises ValueError for a mask of the wrong shape.
-    """
-    b, h, t, s = batch_size, num_heads, query_len, key_len
-    bias: Tensor | None = None
-
-    def as_bias(mask: Tensor) -> Tensor:
-        if mask.dtype == torch.bool:
-            return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
-                mask, float("-inf")
-            )
-        return mask.to(dtype)
-
-    if attn_mask is not None:
-        shape = tuple(attn_mask.shape)
-        if shape == (t, s):
-            bias = as_bias(attn_mask).view(1, 1, t, s)
-        elif shape == (b * h, t, s):
-            bias = as_bias(attn_mask).view(b, h, t, s)
-        elif (
-            len(shape) == 4
-            and shape[0] in (1, b)
-            and shape[1] in (1, h)
-            and shape[2] in (1, t)
-            and shape[3] == s
-        ):
-            bias = as_bias(attn_mask)
-        else:
-            raise ValueError(
-                f"{owner}: attn_mask has shape {shape}; expected ({t}, {s}), "
-                f"({b * h}, {t}, {s}) or ({b} or 1, {h} or 1, {t} or 1, {s})"
-            )
-    if key_padding_mask is not None:
-        if tuple(key_padding_mask.shape) != (b, s):
-            raise ValueError(
-                f"{owner}: key_padding_mask has shape {tuple(key_padding_mask.shape)}; "
-                f"expected (batch, key_len) = ({b}, {s})"
-            )
-        padding = as_bias(key_padding_mask).view(b, 1, 1, s)
-        bias = padding if bias is None else bias + padding
-    if is_causal and t > 1:  # one query at the end of the keys sees them all
-        offset = s - t  # keys already in the cache come before the first query
-        future = torch.ones(t, s, dtype=torch.bool, device=device).triu(diagonal=offset + 1)
-        causal = as_bias(future).view(1, 1, t, s)
-        bias = causal if bias is None else bias + causal
-    return bias
-
-
-def self_attention_mask(
-    *,
-    batch_size: int,
-    num_heads: int,
-    query_len: int,
-    key_len: int,
-    attn_mask: Tensor | None,
-    key_padding_mask: Tensor | None,
-    is_causal: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[Tensor | None, bool]:
-    """The self-attention mask of a whole stack, built once per forward.
-
-    Returns ``(attn_mask, is_causal)`` to pass to every layer: no mask, or plain causal
-    attention with as many queries as keys, stays as it is (``is_causal=True`` lets the
-    kernels use their own causal path, nothing materialised); anything else becomes one
-    additive bias (b or 1, h or 1, t, s) with ``is_causal=False``.
-    """
-    if attn_mask is None and key_padding_mask is None and (not is_causal or query_len == key_len):
-        return None, is_causal
-    bias = build_attention_bias(
-        batch_size=batch_size,
-        num_heads=num_heads,
-        query_len=query_len,
-        key_len=key_len,
-        attn_mask=attn_mask,
-        key_padding_mask=key_padding_mask,
-        is_causal=is_causal,
-        dtype=dtype,
-        device=device,
-        owner="self_attention_mask",
-    )
-    return bias, False
-
-
 class MultiHeadAttention(nn.Module):
     r"""Multi-head attention from "Attention Is All You Need"
     (https://arxiv.org/abs/1706.03762).
@@ -212,6 +113,10 @@ class MultiHeadAttention(nn.Module):
         bias: whether the four projections have a bias (default ``True``).
         fused_attention: use PyTorch's fused SDPA kernel (default ``True``); ``False``
             runs the plain math path. Both give the same result.
+        num_kv_heads: key/value heads for grouped-query attention (default: ``num_heads``);
+            must divide ``num_heads``.
+        rotary: rotary position embeddings applied to queries and keys (self-attention
+            with a cache: positions continue after the cached tokens).
 
     Shapes:
         - query (b, t, d); key and value (b, s, d), default to ``query`` (self-attention).
@@ -228,6 +133,8 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         fused_attention: bool = True,
+        num_kv_heads: int | None = None,
+        rotary: RotaryEmbedding | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -241,14 +148,22 @@ class MultiHeadAttention(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if kv_heads < 1 or num_heads % kv_heads:
+            raise ValueError(
+                f"{name}: num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})"
+            )
         self.d_model = d_model
         self.num_heads = num_heads
+        self.num_kv_heads = kv_heads
         self.head_dim = d_model // num_heads
         self.dropout = dropout
         self.fused_attention = fused_attention
+        self.rotary = rotary
+        kv_width = kv_heads * self.head_dim
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, kv_width, bias=bias)
+        self.v_proj = nn.Linear(d_model, kv_width, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.reset_parameters()
 
@@ -267,6 +182,8 @@ class MultiHeadAttention(nn.Module):
         """Take the weights of a :class:`torch.nn.MultiheadAttention` with the same width,
         heads and bias setting (packed ``in_proj_weight`` split into q, k, v)."""
         name = type(self).__name__
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"{name}.copy_from_torch: grouped-query attention has no torch twin")
         if module.embed_dim != self.d_model or module.num_heads != self.num_heads:
             raise ValueError(
                 f"{name}.copy_from_torch: module has embed_dim={module.embed_dim}, "
@@ -290,12 +207,13 @@ class MultiHeadAttention(nn.Module):
             self.out_proj.bias.copy_(module.out_proj.bias)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_heads={self.num_heads}, dropout={self.dropout}"
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return f"d_model={self.d_model}, num_heads={self.num_heads}{kv}, dropout={self.dropout}"
 
     # -- pieces shared with the routed subclasses -------------------------------------
     def split_heads(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, t, e)
+        b, t, width = x.shape
+        return x.view(b, t, width // self.head_dim, self.head_dim).transpose(1, 2)  # (b, h, t, e)
 
     def merge_heads(self, x: Tensor) -> Tensor:
         b, _, t, _ = x.shape
@@ -325,14 +243,28 @@ class MultiHeadAttention(nn.Module):
                 f"key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
 
-    def project_query(self, query: Tensor) -> Tensor:
-        return self.split_heads(self.q_proj(query))  # (b, h, t, e)
+    def project_query(self, query: Tensor, offset: int = 0) -> Tensor:
+        """Queries (b, h, t, e); rotated to positions ``offset ..`` with rotary."""
+        q = self.split_heads(self.q_proj(query))  # (b, h, t, e)
+        return q if self.rotary is None else self.rotary(q, offset)
 
     def project_kv(self, key: Tensor, value: Tensor, kv_cache: KVCache | None) -> KVCache:
-        """Keys and values (b, h, s, e) of ``kv_cache``'s tokens followed by these."""
-        k = self.split_heads(self.k_proj(key))  # (b, h, s_new, e)
-        v = self.split_heads(self.v_proj(value))  # (b, h, s_new, e)
+        """Keys and values (b, h_kv, s, e) of ``kv_cache``'s tokens followed by these
+        (keys rotated to their positions with rotary)."""
+        k = self.split_heads(self.k_proj(key))  # (b, h_kv, s_new, e)
+        v = self.split_heads(self.v_proj(value))  # (b, h_kv, s_new, e)
+        if self.rotary is not None:
+            k = self.rotary(k, kv_cache.length if kv_cache is not None else 0)
         return KVCache(k, v) if kv_cache is None else kv_cache.append(k, v)
+
+    def expand_kv(self, kv: KVCache) -> tuple[Tensor, Tensor]:
+        """Keys and values with one (shared) key/value head per query head (b, h, s, e):
+        query head i reads key/value head ``i // (h / h_kv)``, as in grouped-query
+        attention (Ainslie et al. 2023)."""
+        groups = self.num_heads // self.num_kv_heads
+        if groups == 1:
+            return kv.key, kv.value
+        return kv.key.repeat_interleave(groups, dim=1), kv.value.repeat_interleave(groups, dim=1)
 
     def attention_bias(
         self,
@@ -370,7 +302,7 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         """Per-head outputs (b, h, t, e) before ``out_proj`` for projected queries ``q``
         (b, h, t, e) over the keys and values in ``kv``."""
-        k, v = kv.key, kv.value  # (b, h, s, e)
+        k, v = self.expand_kv(kv)  # (b, h, s, e)
         t = q.size(-2)
         s = k.size(-2)
         dropout_p = self.dropout if self.training else 0.0
@@ -414,9 +346,10 @@ class MultiHeadAttention(nn.Module):
         if head_states is not None:
             raise ValueError(f"{type(self).__name__}: head_states is only used by GoH attention")
         key, value = self.resolve_inputs(query, key, value)
+        offset = kv_cache.length if kv_cache is not None else 0
         kv = self.project_kv(key, value, kv_cache)
         heads = self.attend(
-            self.project_query(query),
+            self.project_query(query, offset),
             kv,
             attn_mask=attn_mask,
             key_padding_mask=key_padding_mask,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphheads.attention import build_attention_bias, self_attention_mask
+from graphheads.masks import build_attention_bias, self_attention_mask
 from graphheads.types import AttentionOutput, KVCache
 
 __all__ = [

@@ -40,6 +40,7 @@ from graphheads.gates import GateConvention, check_routing_config, moh_gates, sp
 from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
 from graphheads.moh import MoHRouter
+from graphheads.rotary import RotaryEmbedding
 from graphheads.routed import Execution, RoutedAttention
 from graphheads.types import RoutingOutput
 
@@ -320,6 +321,8 @@ class GoHAttention(RoutedAttention):
         hard_gates: bool = False,
         graph_scale_init: float = 0.0,
         execution: Execution = "dense",
+        num_kv_heads: int | None = None,
+        rotary: RotaryEmbedding | None = None,
     ) -> None:
         router = GraphRouter(
             d_model,
@@ -343,6 +346,8 @@ class GoHAttention(RoutedAttention):
             bias=bias,
             fused_attention=fused_attention,
             execution=execution,
+            num_kv_heads=num_kv_heads,
+            rotary=rotary,
         )
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from graphheads.gates import GateConvention, check_routing_config, moh_gates, split_linear
+from graphheads.rotary import RotaryEmbedding
 from graphheads.routed import Execution, RoutedAttention
 from graphheads.types import RoutingOutput
 
@@ -189,6 +190,8 @@ class MoHAttention(RoutedAttention):
         hard_gates: bool = False,
         parameter_free: bool = False,
         execution: Execution = "dense",
+        num_kv_heads: int | None = None,
+        rotary: RotaryEmbedding | None = None,
     ) -> None:
         router = MoHRouter(
             d_model,
@@ -207,4 +210,6 @@ class MoHAttention(RoutedAttention):
             bias=bias,
             fused_attention=fused_attention,
             execution=execution,
+            num_kv_heads=num_kv_heads,
+            rotary=rotary,
         )

@@ -21,6 +21,7 @@ from typing import Literal, Protocol
 from torch import Tensor, nn
 
 from graphheads.attention import MultiHeadAttention
+from graphheads.rotary import RotaryEmbedding
 from graphheads.sparse import sparse_routed_attention
 from graphheads.types import AttentionOutput, KVCache, RoutingOutput
 
@@ -64,6 +65,8 @@ class RoutedAttention(MultiHeadAttention):
         fused_attention: use PyTorch's fused SDPA kernel.
         execution: ``"dense"`` (default) or ``"sparse"`` (see the module docstring).
         sparse_chunk_rows: rows per routed head per chunk on the sparse path.
+        num_kv_heads, rotary: grouped-query attention and rotary positions, as in
+            :class:`~graphheads.attention.MultiHeadAttention` (routing is over query heads).
     """
 
     def __init__(
@@ -77,9 +80,17 @@ class RoutedAttention(MultiHeadAttention):
         fused_attention: bool = True,
         execution: Execution = "dense",
         sparse_chunk_rows: int = 64,
+        num_kv_heads: int | None = None,
+        rotary: RotaryEmbedding | None = None,
     ) -> None:
         super().__init__(
-            d_model, num_heads, dropout=dropout, bias=bias, fused_attention=fused_attention
+            d_model,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            fused_attention=fused_attention,
+            num_kv_heads=num_kv_heads,
+            rotary=rotary,
         )
         name = type(self).__name__
         if execution not in ("dense", "sparse"):
@@ -115,7 +126,8 @@ class RoutedAttention(MultiHeadAttention):
         key, value = self.resolve_inputs(query, key, value)
         sparse = self.execution == "sparse"
         needs_queries = bool(getattr(self.router, "parameter_free", False))
-        q = self.project_query(query) if not sparse or needs_queries else None  # (b, h, t, e)
+        offset = kv_cache.length if kv_cache is not None else 0
+        q = self.project_query(query, offset) if not sparse or needs_queries else None
         routing: RoutingOutput = self.router(
             query,
             queries=None if q is None else q.transpose(1, 2),
@@ -135,10 +147,13 @@ class RoutedAttention(MultiHeadAttention):
                     key_padding_mask=key_padding_mask,
                     is_causal=is_causal,
                 )
+            if self.rotary is not None:
+                raise ValueError(f"{type(self).__name__}: sparse execution has no rotary path")
+            keys, values = self.expand_kv(kv)  # (b, h, s, e)
             output = sparse_routed_attention(
                 query,
-                kv.key,
-                kv.value,
+                keys,
+                values,
                 routing.gates,
                 routing.routed_mask,
                 q_weight=self.q_proj.weight,

@@ -188,15 +188,17 @@ def test_one_block_class_and_one_stack_class():
 
 def test_the_mask_is_built_once_per_forward_not_per_layer(monkeypatch):
     import graphheads.attention as attention_module
+    import graphheads.masks as masks_module
 
     calls = []
-    original = attention_module.build_attention_bias
+    original = masks_module.build_attention_bias
 
     def counting(**kwargs):
         calls.append(kwargs["attn_mask"] is None)  # True: built from the raw masks
         return original(**kwargs)
 
-    monkeypatch.setattr(attention_module, "build_attention_bias", counting)
+    for module in (attention_module, masks_module):  # the stack's and the layers' calls
+        monkeypatch.setattr(module, "build_attention_bias", counting)
     model = _lm(num_layers=3)
     tokens = torch.randint(0, 20, (2, 6))
     padding = torch.zeros(2, 6, dtype=torch.bool)
@@ -204,7 +206,7 @@ def test_the_mask_is_built_once_per_forward_not_per_layer(monkeypatch):
     expected = model(tokens, key_padding_mask=padding).logits
     assert sum(calls) == 1  # merged once by the stack; the layers only pass it through
     # the merged bias gives what per-layer masking gives: every real token as before
-    monkeypatch.setattr(attention_module, "build_attention_bias", original)
+    monkeypatch.undo()
     torch.testing.assert_close(expected[1], model(tokens[1:]).logits[0], atol=1e-5, rtol=1e-5)
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphheads.attention import self_attention_mask
 from graphheads.goh import GraphRouter
 from graphheads.graph import HeadGraph
+from graphheads.masks import self_attention_mask
 from graphheads.moh import MoHRouter
 
 __all__ = ["RoutedMultiheadAttention", "RouterKind", "route_heads"]
