@@ -29,8 +29,10 @@ __all__ = [
     "LayerOutput",
     "SinusoidalPositionalEncoding",
     "StackOutput",
+    "SwiGLUFeedForward",
     "TransformerBlock",
     "TransformerStack",
+    "make_norm",
 ]
 
 
@@ -91,6 +93,30 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(hidden))
 
 
+class SwiGLUFeedForward(nn.Module):
+    """Llama's FFN (Shazeer 2020, "GLU Variants Improve Transformer"):
+    ``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases; names as in transformers'
+    ``LlamaMLP``."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
+    """``"layer"``: LayerNorm; ``"rms"``: RMSNorm (Zhang & Sennrich 2019, Llama's)."""
+    if kind == "layer":
+        return nn.LayerNorm(d_model, eps=eps)
+    if kind == "rms":
+        return nn.RMSNorm(d_model, eps=eps)
+    raise ValueError(f"make_norm: kind must be 'layer' or 'rms', got {kind!r}")
+
+
 @dataclass
 class LayerOutput:
     """One block's hidden states and what its attention modules returned."""
@@ -115,7 +141,8 @@ class TransformerBlock(nn.Module):
         cross_attn: attention over the memory, or ``None``.
         dropout: dropout on each residual branch.
         norm_first: pre-LN instead of the paper's post-LN.
-        layer_norm_eps: LayerNorm epsilon.
+        layer_norm_eps: the norms' epsilon.
+        norm: ``"layer"`` (LayerNorm, the paper's) or ``"rms"`` (RMSNorm, Llama's).
 
     Submodules: ``self_attn``, ``self_attn_norm``, ``cross_attn`` and
     ``cross_attn_norm`` (with cross-attention), ``feed_forward``, ``ff_norm``.
@@ -131,16 +158,17 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         norm_first: bool = False,
         layer_norm_eps: float = 1e-5,
+        norm: str = "layer",
     ) -> None:
         super().__init__()
         self.self_attn = self_attn
-        self.self_attn_norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.self_attn_norm = make_norm(norm, d_model, layer_norm_eps)
         self.cross_attn = cross_attn
         self.cross_attn_norm = (
-            nn.LayerNorm(d_model, eps=layer_norm_eps) if cross_attn is not None else None
+            make_norm(norm, d_model, layer_norm_eps) if cross_attn is not None else None
         )
         self.feed_forward = feed_forward
-        self.ff_norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.ff_norm = make_norm(norm, d_model, layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 

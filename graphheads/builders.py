@@ -15,12 +15,19 @@ from collections.abc import Callable
 from torch import nn
 
 from graphheads.attention import MultiHeadAttention
-from graphheads.blocks import FeedForward, TransformerBlock, TransformerStack
+from graphheads.blocks import (
+    FeedForward,
+    SwiGLUFeedForward,
+    TransformerBlock,
+    TransformerStack,
+    make_norm,
+)
 from graphheads.config import ModelConfig
 from graphheads.gates import check_routing_config
 from graphheads.goh import GoHAttention, routers_of
 from graphheads.graph import HeadGraph
 from graphheads.moh import MoHAttention
+from graphheads.rotary import RotaryEmbedding
 
 __all__ = [
     "GraphSource",
@@ -45,27 +52,42 @@ def make_head_graph(config: ModelConfig) -> HeadGraph:
 
 
 def build_attention(
-    config: ModelConfig, *, graph: HeadGraph | None = None, carry: bool = False
+    config: ModelConfig, *, graph: HeadGraph | None = None, carry: bool = False, cross: bool = False
 ) -> nn.Module:
     """The attention module for one attention block of a stack.
 
     "mha" gives :class:`~graphheads.attention.MultiHeadAttention`, "moh"
     :class:`~graphheads.moh.MoHAttention` and "goh" :class:`~graphheads.goh.GoHAttention`
     over ``graph`` (default: a new ``config.graph`` preset); ``carry`` makes the
-    graph-router read the previous layer's head states.
+    graph-router read the previous layer's head states. With ``block="llama"`` the
+    projections have no biases and self-attention (not ``cross``) rotates queries and keys
+    (rotary positions); ``num_kv_heads`` gives grouped-query attention.
     """
+    llama = config.block == "llama"
+    shape = {
+        "dropout": config.dropout,
+        "bias": not llama,
+        "num_kv_heads": config.num_kv_heads,
+        "rotary": (
+            RotaryEmbedding(
+                config.d_model // config.num_heads, config.max_seq_len, config.rope_theta
+            )
+            if llama and not cross
+            else None
+        ),
+    }
     if config.attention == "mha":
-        return MultiHeadAttention(config.d_model, config.num_heads, dropout=config.dropout)
+        return MultiHeadAttention(config.d_model, config.num_heads, **shape)  # type: ignore[arg-type]
     if config.attention == "moh":
         return MoHAttention(
             config.d_model,
             config.num_heads,
             config.num_shared,
             config.routed_top_k,
-            dropout=config.dropout,
             gate_convention=config.gate_convention,
             hard_gates=config.hard_gates,
             execution=config.execution,
+            **shape,  # type: ignore[arg-type]
         )
     return GoHAttention(
         config.d_model,
@@ -73,7 +95,7 @@ def build_attention(
         config.num_shared,
         config.routed_top_k,
         graph if graph is not None else make_head_graph(config),
-        dropout=config.dropout,
+        **shape,  # type: ignore[arg-type]
         feature_dim=config.graph_feature_dim,
         num_layers=config.graph_layers,
         conv=config.graph_conv,
@@ -108,24 +130,36 @@ def graph_source(config: ModelConfig, graph: HeadGraph | None) -> GraphSource:
 def build_stack(
     config: ModelConfig, graphs: GraphSource, *, num_layers: int, cross_attention: bool
 ) -> TransformerStack:
-    """``num_layers`` blocks (with cross-attention for a decoder) and, for pre-LN, the
-    final LayerNorm."""
+    """``num_layers`` blocks (with cross-attention for a decoder) and, for pre-norm, the
+    final norm. ``block="llama"``: pre-norm RMSNorm blocks with a SwiGLU FFN."""
     carry = config.carry_head_states
+    llama = config.block == "llama"
+    norm_kind = "rms" if llama else "layer"
+    pre_norm = llama or config.norm_first
+
+    def feed_forward() -> nn.Module:
+        if llama:
+            return SwiGLUFeedForward(config.d_model, config.d_ff)
+        return FeedForward(
+            config.d_model, config.d_ff, dropout=config.dropout, activation=config.activation
+        )
+
     blocks = [
         TransformerBlock(
             self_attn=build_attention(config, graph=graphs(), carry=carry and i > 0),
-            cross_attn=build_attention(config, graph=graphs()) if cross_attention else None,
-            feed_forward=FeedForward(
-                config.d_model, config.d_ff, dropout=config.dropout, activation=config.activation
+            cross_attn=(
+                build_attention(config, graph=graphs(), cross=True) if cross_attention else None
             ),
+            feed_forward=feed_forward(),
             d_model=config.d_model,
             dropout=config.dropout,
-            norm_first=config.norm_first,
+            norm_first=pre_norm,
             layer_norm_eps=config.layer_norm_eps,
+            norm=norm_kind,
         )
         for i in range(num_layers)
     ]
-    norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else None
+    norm = make_norm(norm_kind, config.d_model, config.layer_norm_eps) if pre_norm else None
     return TransformerStack(blocks, norm=norm, carry_head_states=carry)
 
 

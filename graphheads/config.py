@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-__all__ = ["AttentionKind", "ModelConfig"]
+__all__ = ["LLAMA_PRESETS", "AttentionKind", "ModelConfig"]
 
 AttentionKind = Literal["mha", "moh", "goh"]
 _ATTENTION_KINDS = ("mha", "moh", "goh")
@@ -45,6 +45,10 @@ class ModelConfig:
     carry_head_states: bool = False  # feed each layer's head states into the next router
     graph_conv: str = "gcn"  # message-passing layer: gcn, lightgcn, graphconv
     graph_scale_init: float = 0.0  # initial weight of the graph branch (0: starts as MoH)
+    # --- the block ---
+    block: Literal["vaswani", "llama"] = "vaswani"  # llama: RMSNorm, SwiGLU, RoPE, pre-norm
+    num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = all
+    rope_theta: float = 10000.0  # rotary position base (block="llama")
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
@@ -70,6 +74,18 @@ class ModelConfig:
         if self.execution not in ("dense", "sparse"):
             raise ValueError(
                 f"ModelConfig: execution must be 'dense' or 'sparse', got {self.execution!r}"
+            )
+        if self.block not in ("vaswani", "llama"):
+            raise ValueError(f"ModelConfig: block must be 'vaswani' or 'llama', got {self.block!r}")
+        kv = self.num_kv_heads
+        if kv is not None and (not isinstance(kv, int) or kv < 1 or self.num_heads % kv):
+            raise ValueError(
+                f"ModelConfig: num_kv_heads ({kv!r}) must divide num_heads ({self.num_heads})"
+            )
+        if self.block == "llama" and (self.d_model // self.num_heads) % 2:
+            raise ValueError(
+                f"ModelConfig: rotary positions need an even head width, got "
+                f"d_model / num_heads = {self.d_model // self.num_heads}"
             )
         if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
             raise ValueError(
@@ -105,6 +121,25 @@ class ModelConfig:
         return self.top_k
 
     @classmethod
+    def llama(cls, preset: str, vocab_size: int, **overrides: object) -> ModelConfig:
+        """A Llama-style decoder (``block="llama"``, untied embeddings) of a named size:
+        see :data:`LLAMA_PRESETS` (parameter counts in the docs); ``overrides`` replace
+        any field (e.g. ``attention="goh"``)."""
+        if preset not in LLAMA_PRESETS:
+            raise ValueError(
+                f"ModelConfig.llama: unknown preset {preset!r}; choose from {list(LLAMA_PRESETS)}"
+            )
+        values: dict[str, object] = {
+            "vocab_size": vocab_size,
+            "block": "llama",
+            "tie_embeddings": False,
+            "layer_norm_eps": 1e-6,
+            **LLAMA_PRESETS[preset],
+            **overrides,
+        }
+        return cls.from_dict(values)
+
+    @classmethod
     def from_dict(cls, values: dict[str, object]) -> ModelConfig:
         """Build a config from a plain dict; an unknown key raises ValueError naming it."""
         known = {f.name for f in fields(cls)}
@@ -112,3 +147,24 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"ModelConfig: unknown key(s) {unknown}; known: {sorted(known)}")
         return cls(**values)  # type: ignore[arg-type]
+
+
+# Llama-style sizes (width, depth, heads, key/value heads, SwiGLU width, context)
+LLAMA_PRESETS: dict[str, dict[str, int]] = {
+    "llama-10m": {
+        "d_model": 320,
+        "num_layers": 8,
+        "num_heads": 8,
+        "num_kv_heads": 4,
+        "d_ff": 864,
+        "max_seq_len": 1024,
+    },
+    "llama-125m": {
+        "d_model": 768,
+        "num_layers": 12,
+        "num_heads": 12,
+        "num_kv_heads": 4,
+        "d_ff": 2048,
+        "max_seq_len": 2048,
+    },
+}

@@ -113,7 +113,8 @@ def _token_mask(key_padding_mask: Tensor | None, num_tokens: int) -> Tensor | No
 
 
 class TokenEmbedding(nn.Module):
-    """Token embedding times sqrt(d) plus sinusoidal positions, then dropout.
+    """Token embedding times sqrt(d) plus sinusoidal positions, then dropout (the paper's);
+    with ``block="llama"`` the embedding alone (positions are rotary, in attention).
 
     Ids are not range-checked here (that would sync with the host in every forward):
     :func:`~graphheads.generation.check_token_ids` checks them where they enter.
@@ -123,16 +124,22 @@ class TokenEmbedding(nn.Module):
         super().__init__()
         self.token = nn.Embedding(config.vocab_size, config.d_model)
         nn.init.normal_(self.token.weight, std=config.d_model**-0.5)
-        self.position = SinusoidalPositionalEncoding(config.d_model, config.max_seq_len)
+        # Llama-style blocks carry positions in the attention (rotary), unscaled tokens
+        self.position = (
+            SinusoidalPositionalEncoding(config.d_model, config.max_seq_len)
+            if config.block == "vaswani"
+            else None
+        )
         self.dropout = nn.Dropout(config.dropout)
-        self.scale = math.sqrt(config.d_model)
+        self.scale = math.sqrt(config.d_model) if config.block == "vaswani" else 1.0
 
     def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
         if tokens.dim() != 2:
             raise ValueError(
                 f"expected token ids of shape (batch, tokens), got {tuple(tokens.shape)}"
             )
-        return self.dropout(self.position(self.token(tokens) * self.scale, offset))
+        x = self.token(tokens) * self.scale
+        return self.dropout(x if self.position is None else self.position(x, offset))
 
 
 class DecoderOnlyLM(nn.Module):

@@ -119,14 +119,16 @@ def default_model_config(vocab_size: int, max_seq_len: int) -> ModelConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs: ``model`` (partial ModelConfig fields; vocab_size and
-    max_seq_len come from the data), ``data`` and ``train``."""
+    max_seq_len come from the data; ``preset`` starts from a Llama-style size of
+    :data:`~graphheads.config.LLAMA_PRESETS` instead of the default model), ``data`` and
+    ``train``."""
 
     model: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        known = {f.name for f in fields(ModelConfig)}
+        known = {f.name for f in fields(ModelConfig)} | {"preset"}
         unknown = sorted(set(self.model) - known)
         if unknown:
             raise ValueError(f"RunConfig: unknown model key(s) {[f'model.{k}' for k in unknown]}")
@@ -136,7 +138,10 @@ class RunConfig:
         given = self.model.get("vocab_size", vocab_size)
         if given != vocab_size:
             raise ValueError(f"RunConfig: model.vocab_size ({given}) != the data's ({vocab_size})")
-        overrides = {k: v for k, v in self.model.items() if k != "vocab_size"}
+        overrides = {k: v for k, v in self.model.items() if k not in ("vocab_size", "preset")}
+        if "preset" in self.model:  # a Llama-style size (ModelConfig.llama)
+            overrides.setdefault("max_seq_len", max_seq_len)
+            return ModelConfig.llama(str(self.model["preset"]), vocab_size, **overrides)
         return replace(default_model_config(vocab_size, max_seq_len), **overrides)
 
     def to_dict(self) -> dict[str, Any]:

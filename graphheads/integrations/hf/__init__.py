@@ -50,6 +50,7 @@ from graphheads.integrations.hf.io import (
     load_pretrained,
     save_converted,
 )
+from graphheads.integrations.hf.llama import from_llama, llama_config
 from graphheads.integrations.hf.tuning import head_importance, mean_pool, tune
 
 __all__ = [
@@ -59,8 +60,10 @@ __all__ = [
     "convert_to_goh",
     "converted_modules",
     "dispatches_through_registry",
+    "from_llama",
     "head_importance",
     "head_layout",
+    "llama_config",
     "load_converted",
     "load_pretrained",
     "mean_pool",
