@@ -1,9 +1,11 @@
 """CUDA correctness checks for a GPU machine (the test suite runs on CPU).
 
-Prints one line per check with the largest difference found; exits non-zero if any
-check fails. Run before `benchmarks/attention_speed.py --device cuda`:
+Prints one line per check with the largest difference found (SKIP for what the device
+cannot run); exits non-zero if any check fails. Passes on CPU too. Run before
+`benchmarks/attention_speed.py --device cuda`:
 
     PYTHONPATH=. python benchmarks/gpu_check.py --device cuda
+    PYTHONPATH=. python benchmarks/gpu_check.py --device cpu
 """
 
 from __future__ import annotations
@@ -147,6 +149,53 @@ def hf_conversion(device: str) -> None:
     check("converted Llama (all heads on) == original", diff < 1e-4, f"{diff:.2e}")
 
 
+def trainer_runtime(device: str) -> None:
+    """The Trainer on the device: fp32 vs bf16 (one step), compiled vs eager (3 steps),
+    DDP at world size 1 (NCCL on CUDA, gloo on CPU); fp16 only on CUDA."""
+    import os
+
+    import torch.distributed as dist
+
+    from graphheads.train import RunConfig, Trainer
+
+    small = ["model.d_model=32", "model.num_heads=4", "model.num_shared=1", "model.top_k=2"]
+    small += ["model.attention=goh", "train.batch_size=16", f"train.device={device}"]
+
+    def losses(*extra: str, steps: int = 3) -> list[float]:
+        trainer = Trainer(RunConfig.load(None, [*small, *extra]), None, progress=False)
+        out = []
+        for step in range(steps):
+            batch = trainer.data.sample(16, torch.Generator().manual_seed(step))
+            out.append(trainer._read_metrics(trainer.train_step(batch))["loss"])
+        return out
+
+    fp32 = losses()
+    bf16 = losses("train.precision=bf16", steps=1)
+    check(
+        "trainer bf16 vs fp32",
+        abs(bf16[0] - fp32[0]) < 2e-2 * fp32[0],
+        f"{bf16[0]:.4f} vs {fp32[0]:.4f}",
+    )
+    if device == "cuda":
+        fp16 = losses("train.precision=fp16", steps=1)
+        check("trainer fp16 vs fp32", abs(fp16[0] - fp32[0]) < 2e-2 * fp32[0], f"{fp16[0]:.4f}")
+    else:
+        print("SKIP  trainer fp16: CUDA only")
+    compiled = losses("train.compile=true")
+    diff = max(abs(a - b) for a, b in zip(compiled, fp32, strict=True))
+    check("trainer compiled vs eager", diff < 1e-3, f"max loss difference {diff:.2e}")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        ddp = losses()
+    finally:
+        dist.destroy_process_group()
+        os.environ["WORLD_SIZE"] = "1"
+    diff = max(abs(a - b) for a, b in zip(ddp, fp32, strict=True))
+    check("trainer DDP world size 1 vs single process", diff < 1e-5, f"{diff:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -157,7 +206,7 @@ def main() -> None:
     print()
     torch.backends.cuda.matmul.allow_tf32 = False  # compare in true float32
     torch.backends.cudnn.allow_tf32 = False
-    for fn in (mha_vs_torch, sparse_vs_dense, lm_training, hf_conversion):
+    for fn in (mha_vs_torch, sparse_vs_dense, lm_training, hf_conversion, trainer_runtime):
         try:
             fn(args.device)
         except Exception as err:  # report and go on to the next check

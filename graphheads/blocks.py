@@ -14,12 +14,15 @@ attention and feed-forward submodules: they never read a config
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from graphheads.masks import build_attention_bias, self_attention_mask
 from graphheads.types import AttentionOutput, KVCache
@@ -253,6 +256,9 @@ class TransformerStack(nn.Module):
         norm: final normalisation (pre-LN stacks need one; the paper's post-LN has none).
         carry_head_states: pass each block's graph-router head states to the next block's
             router.
+
+    Set ``activation_checkpointing = True`` to recompute each block in the backward pass
+    (less memory, about one more forward of compute; the gradients are the same).
     """
 
     def __init__(
@@ -266,6 +272,9 @@ class TransformerStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.carry_head_states = carry_head_states
+        # recompute each block's activations in the backward pass instead of keeping them
+        # (torch.utils.checkpoint, non-reentrant; training only): memory for compute
+        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -319,7 +328,10 @@ class TransformerStack(nn.Module):
         outputs: list[LayerOutput] = []
         for i, layer in enumerate(self.layers):
             previous = outputs[-1].self_attn.routing if outputs else None
-            out = layer(
+            run: Callable[..., LayerOutput] = layer
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                run = functools.partial(checkpoint, layer, use_reentrant=False)
+            out = run(
                 x,
                 memory,
                 attn_mask=self_mask,

@@ -108,3 +108,13 @@ def test_a_run_resumes_with_another_device_and_precision_and_old_checkpoints_loa
     other = RunConfig.load(None, [*SMALL, "train.steps=8", "train.lr=0.1"])
     with pytest.raises(CheckpointError, match=r"changed: train.lr\).*Only train.\{steps, device"):
         Trainer(copy.deepcopy(other), tmp_path, progress=False).fit()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    plain, plain_losses = run(steps=1)
+    ckpt, ckpt_losses = run("train.activation_checkpointing=true", steps=1)
+    assert ckpt.model.decoder.activation_checkpointing and ckpt_losses == pytest.approx(
+        plain_losses
+    )
+    for a, b in zip(ckpt.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)

@@ -36,6 +36,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32", "bf16" (autocast; also on CPU), "fp16" (CUDA only)
     compile: bool = False  # torch.compile the model
     grad_accum: int = 1  # micro-batches per optimiser step (batch_size is the global batch)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
 
     def __post_init__(self) -> None:
         if self.model_type not in ("lm", "seq2seq"):
@@ -59,8 +60,11 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig: precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}"
             )
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"TrainConfig: compile must be true or false, got {self.compile!r}")
+        for flag in ("compile", "activation_checkpointing"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(
+                    f"TrainConfig: {flag} must be true or false, got {getattr(self, flag)!r}"
+                )
         if self.lr <= 0:
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:

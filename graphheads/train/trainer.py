@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from graphheads.blocks import TransformerStack
 from graphheads.data import IGNORE_INDEX, TaskBatch, TaskSuite
 from graphheads.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -83,7 +84,14 @@ class TrainResult:
 
 # settings a run may change when it continues from its checkpoint: more steps, and how
 # (not what) it computes
-RESUMABLE_CHANGES = ("steps", "device", "precision", "compile", "grad_accum")
+RESUMABLE_CHANGES = (
+    "steps",
+    "device",
+    "precision",
+    "compile",
+    "grad_accum",
+    "activation_checkpointing",
+)
 
 
 class Trainer:
@@ -129,6 +137,9 @@ class Trainer:
             )
         torch.manual_seed(train.seed)
         self.model = build_model(self.model_config, train.model_type).to(self.device)
+        for stack in self.model.modules():
+            if isinstance(stack, TransformerStack):
+                stack.activation_checkpointing = train.activation_checkpointing
         self.wrapped: nn.Module = self.model
         if self.world_size > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(
