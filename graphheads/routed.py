@@ -65,8 +65,10 @@ class RoutedAttention(MultiHeadAttention):
         fused_attention: use PyTorch's fused SDPA kernel.
         execution: ``"dense"`` (default) or ``"sparse"`` (see the module docstring).
         sparse_chunk_rows: rows per routed head per chunk on the sparse path.
-        num_kv_heads, rotary: grouped-query attention and rotary positions, as in
-            :class:`~graphheads.attention.MultiHeadAttention` (routing is over query heads).
+        num_kv_heads: key/value heads (grouped-query attention), as in
+            :class:`~graphheads.attention.MultiHeadAttention`; routing is over query heads.
+        rotary: rotary position embeddings, as in
+            :class:`~graphheads.attention.MultiHeadAttention`.
     """
 
     def __init__(
