@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from graphheads.data import SEP, ByteTextDataset
+from graphheads.data import SEP, ByteTextDataset, TokenShardDataset
 from graphheads.train import CheckpointError, RunConfig, Trainer, evaluate, load_run
 from graphheads.transformer import Transformer
 
@@ -24,6 +24,8 @@ EXAMPLES = """examples:
   graphheads train --out runs/default
   graphheads train --out runs/moh --set model.attention=moh --set train.steps=500
   graphheads train --config run.yaml --out runs/mine
+  graphheads prepare --input corpus/ --tokenizer bytes --out shards/
+  graphheads train --out runs/lm --set data.tokens='"shards/"' --set model.preset=llama-10m
   graphheads eval --run runs/default
   graphheads generate --run runs/default --task reverse --num 3
   graphheads generate --run runs/default --task sort --prompt "5 2 9 1 7 3"
@@ -86,7 +88,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     model, _, data, _ = load_run(args.run)
     gen = torch.Generator().manual_seed(args.seed)
-    if isinstance(data, ByteTextDataset):
+    if isinstance(data, TokenShardDataset) and not data.bytes_level:
+        raise ValueError("generate: runs on Hugging Face-tokenised shards are not supported yet")
+    if isinstance(data, ByteTextDataset | TokenShardDataset):
         return _generate_text(args, model, data, gen)
     if args.max_new_tokens is not None:
         raise ValueError("--max-new-tokens is for text runs; a task's answer length is fixed")
@@ -117,14 +121,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_text(
-    args: argparse.Namespace, model: torch.nn.Module, data: ByteTextDataset, gen: torch.Generator
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    data: ByteTextDataset | TokenShardDataset,
+    gen: torch.Generator,
 ) -> int:
     """Continue a byte-level prompt (``--prompt``, default: the start of the held-out text)."""
     if args.task is not None:
         raise ValueError("--task is for task-suite runs; this run trained on text")
     text = args.prompt
     if text is None:
-        text = bytes(data.val[:48].tolist()).decode("utf-8", errors="ignore")
+        held_out = data.val if isinstance(data, ByteTextDataset) else data.splits["val"]
+        text = bytes(held_out[:48].tolist()).decode("utf-8", errors="ignore")
     prompt = list(text.encode("utf-8"))
     if not prompt:
         raise ValueError("--prompt is empty: give at least one character")
@@ -139,6 +147,16 @@ def _generate_text(
         torch.tensor([prompt]), n, temperature=args.temperature, generator=gen
     )
     print(text + bytes(out[0, len(prompt) :].tolist()).decode("utf-8", errors="replace"))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from graphheads.data import prepare_tokens
+
+    header = prepare_tokens(
+        args.input, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction
+    )
+    print(json.dumps({"out": str(args.out), **header}, indent=2))
     return 0
 
 
@@ -315,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--seed", type=int, default=0, help="sentence sampling seed")
     conv.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
     conv.set_defaults(func=_convert)
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenise a text corpus into memory-mapped shards (train with data.tokens=DIR)",
+        formatter_class=_HelpWithDefaults,
+    )
+    prep.add_argument("--input", type=Path, required=True, help="UTF-8 file or folder")
+    prep.add_argument(
+        "--tokenizer", default="bytes", help="'bytes' or a local Hugging Face tokenizer folder"
+    )
+    prep.add_argument("--out", type=Path, required=True, help="new folder for the shards")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail")
+    prep.set_defaults(func=_prepare)
     gen = sub.add_parser(
         "generate",
         help="continue a prompt with a trained model (task prompts or text)",

@@ -1,5 +1,6 @@
 """Built-in data: generated sequence tasks and byte-level text (no downloads)."""
 
+from graphheads.data.shards import TokenShardDataset, prepare_tokens
 from graphheads.data.tasks import IGNORE_INDEX, PAD, SEP, TASKS, TaskBatch, TaskSuite, copy_task
 from graphheads.data.text import ByteTextDataset, bits_per_byte
 
@@ -11,6 +12,8 @@ __all__ = [
     "ByteTextDataset",
     "TaskBatch",
     "TaskSuite",
+    "TokenShardDataset",
     "bits_per_byte",
     "copy_task",
+    "prepare_tokens",
 ]

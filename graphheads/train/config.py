@@ -88,13 +88,16 @@ class DataConfig:
     num_symbols: int = 16
     modulus: int = 11
     text: str | None = None  # a UTF-8 file or folder: byte-level LM instead of tasks
-    seq_len: int = 128  # window length for text
+    tokens: str | None = None  # a folder from `graphheads prepare`: token shards (memmap)
+    seq_len: int = 128  # window length for text and tokens
 
     def __post_init__(self) -> None:
         tasks = self.tasks
         if isinstance(tasks, str):  # "copy,sort" or "copy" (from --set or a YAML scalar)
             tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
         object.__setattr__(self, "tasks", tuple(tasks))
+        if self.text is not None and self.tokens is not None:
+            raise ValueError("DataConfig: set data.text or data.tokens, not both")
         if not self.tasks:
             raise ValueError(f"DataConfig: tasks must name at least one task of {list(TASKS)}")
         unknown = [t for t in self.tasks if t not in TASKS]

@@ -17,6 +17,7 @@ from graphheads.data import (
     ByteTextDataset,
     TaskBatch,
     TaskSuite,
+    TokenShardDataset,
     bits_per_byte,
 )
 from graphheads.train.checkpoint import load_checkpoint
@@ -36,12 +37,14 @@ __all__ = [
     "split_at_separator",
 ]
 
-Data = TaskSuite | ByteTextDataset
+Data = TaskSuite | ByteTextDataset | TokenShardDataset
 
 
 def build_data(config: DataConfig) -> Data:
     if config.text is not None:
         return ByteTextDataset(config.text, seq_len=config.seq_len)
+    if config.tokens is not None:
+        return TokenShardDataset(config.tokens, seq_len=config.seq_len)
     return TaskSuite(
         config.tasks, length=config.length, num_symbols=config.num_symbols, modulus=config.modulus
     )
@@ -126,13 +129,15 @@ def evaluate(
     model.eval()
     gen = torch.Generator().manual_seed(10**9 + seed)
     result: dict[str, Any] = {}
-    if isinstance(data, ByteTextDataset):
+    if isinstance(data, ByteTextDataset | TokenShardDataset):
         total, count = 0.0, 0
         for _ in range(batches):
             batch = data.sample(batch_size, gen, split="val").to(device)
             total += lm_loss_sum(model(batch.inputs).logits, batch.targets).item()
             count += batch.targets.numel()
-        result = {"loss": total / count, "bits_per_byte": bits_per_byte(total / count)}
+        result = {"loss": total / count}
+        if isinstance(data, ByteTextDataset) or data.bytes_level:  # a token is a byte
+            result["bits_per_byte"] = bits_per_byte(total / count)
     else:
         accuracy, exact, usage, losses = {}, {}, {}, []
         for task in data.tasks:

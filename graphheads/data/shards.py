@@ -1,0 +1,170 @@
+"""Tokenised corpora as memory-mapped token shards.
+
+:func:`prepare_tokens` (``graphheads prepare``) reads UTF-8 text (a file or a folder),
+tokenises it (``"bytes"``, or a local Hugging Face tokenizer folder) and writes::
+
+    DIR/header.json   format, tokenizer, vocab_size, dtype, token counts
+    DIR/train.bin     the first (1 - val_fraction) of the tokens
+    DIR/val.bin       the rest
+
+as raw ``uint16`` when the vocabulary fits, else ``uint32``. Everything is written to a
+temporary folder next to ``DIR`` and renamed at the end: an interrupted or refused
+command leaves no ``DIR`` at all. :class:`TokenShardDataset` (``data.tokens=DIR``)
+samples training windows from the memory maps without reading the corpus into RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graphheads.data.tasks import TaskBatch
+
+__all__ = ["SHARD_FORMAT", "TokenShardDataset", "prepare_tokens", "read_text_files"]
+
+SHARD_FORMAT = "graphheads-tokens-v1"
+
+
+def read_text_files(path: str | Path) -> list[tuple[Path, str]]:
+    """(file, text) for a UTF-8 file, or for every non-hidden file below a folder (sorted
+    by path); ValueError naming a file that is not UTF-8, or a path without text."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
+        )
+    )
+    texts = []
+    for f in files:
+        try:
+            texts.append((f, f.read_bytes().decode("utf-8")))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{f} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not any(text.strip() for _, text in texts):
+        raise ValueError(f"{path} holds no text")
+    return texts
+
+
+def _tokenizer(name: str) -> tuple[Any, int, int | None]:
+    """(encode function, vocabulary size, end-of-document id)."""
+    if name == "bytes":
+        return (lambda text: list(text.encode("utf-8"))), 256, 10  # documents end in "\n"
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "a Hugging Face tokenizer needs the 'hf' extra: pip install 'graphheads[hf]'",
+            name=err.name,
+        ) from err
+    if not Path(name).is_dir():
+        raise ValueError(f"--tokenizer must be 'bytes' or a local tokenizer folder, got {name!r}")
+    tok = AutoTokenizer.from_pretrained(name)
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode, len(tok), tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
+
+def prepare_tokens(
+    source: str | Path, out: str | Path, *, tokenizer: str = "bytes", val_fraction: float = 0.05
+) -> dict[str, Any]:
+    """Tokenise ``source`` into shards in ``out`` (see the module docstring); returns the
+    header. ``out`` must not exist yet (a ValueError names it otherwise)."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} already exists; choose a new --out (nothing was written)")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    texts = read_text_files(source)
+    encode, vocab_size, eos = _tokenizer(tokenizer)
+    if vocab_size > 2**32:
+        raise ValueError(f"a vocabulary of {vocab_size} tokens does not fit uint32")
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    ids: list[int] = []
+    for _, text in texts:
+        ids.extend(encode(text))
+        if eos is not None:
+            ids.append(eos)
+    tokens = np.asarray(ids, dtype=np.int64)
+    split = int(len(tokens) * (1 - val_fraction))
+    header = {
+        "format": SHARD_FORMAT,
+        "tokenizer": tokenizer if tokenizer == "bytes" else str(Path(tokenizer).resolve()),
+        "vocab_size": vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": split,
+        "val_tokens": len(tokens) - split,
+        "files": len(texts),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokens[:split].astype(dtype).tofile(tmp / "train.bin")
+        tokens[split:].astype(dtype).tofile(tmp / "val.bin")
+        (tmp / "header.json").write_text(json.dumps(header, indent=2))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return header
+
+
+class TokenShardDataset:
+    """Windows of ``seq_len + 1`` tokens sampled from prepared shards (memory-mapped).
+
+    Args:
+        path: a folder written by :func:`prepare_tokens`.
+        seq_len: tokens per training window.
+    """
+
+    def __init__(self, path: str | Path, *, seq_len: int = 128) -> None:
+        path = Path(path)
+        header_file = path / "header.json"
+        if not header_file.exists():
+            raise FileNotFoundError(
+                f"TokenShardDataset: no header.json in {path} (graphheads prepare)"
+            )
+        header = json.loads(header_file.read_text())
+        if header.get("format") != SHARD_FORMAT:
+            raise ValueError(f"TokenShardDataset: {path} is not a {SHARD_FORMAT} folder")
+        self.header = header
+        self.vocab_size = int(header["vocab_size"])
+        self.seq_len = seq_len
+        self.bytes_level = header["tokenizer"] == "bytes"
+        self.splits = {
+            split: np.memmap(path / f"{split}.bin", dtype=header["dtype"], mode="r")
+            for split in ("train", "val")
+        }
+        short = [s for s, data in self.splits.items() if len(data) <= seq_len + 1]
+        if short:
+            raise ValueError(
+                f"TokenShardDataset: the {short} split of {path} has too few tokens for "
+                f"seq_len={seq_len}"
+            )
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.seq_len
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator, *, split: str = "train"
+    ) -> TaskBatch:
+        """Random windows -> (inputs, next-token targets), as ``ByteTextDataset.sample``."""
+        if split not in self.splits:
+            raise ValueError(f"TokenShardDataset: split must be 'train' or 'val', got {split!r}")
+        data = self.splits[split]
+        starts = torch.randint(0, len(data) - self.seq_len - 1, (batch_size,), generator=generator)
+        windows = np.stack([data[s : s + self.seq_len + 1] for s in starts.tolist()])
+        tokens = torch.from_numpy(windows.astype(np.int64))
+        return TaskBatch(tokens[:, :-1], tokens[:, 1:])
