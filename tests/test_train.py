@@ -148,13 +148,15 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_single_process(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_a_single_process(tmp_path, parallel):
     args = [
         *SMALL,
         "train.steps=30",
         "train.log_every=5",
         "train.eval_every=30",
         "train.aux_loss_weight=0",
+        f"train.parallel={parallel}",
     ]
     overrides = [x for a in args for x in ("--set", a)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

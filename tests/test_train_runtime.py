@@ -106,7 +106,9 @@ def test_a_run_resumes_with_another_device_and_precision_and_old_checkpoints_loa
     )
     assert Trainer(more, tmp_path, progress=False).fit().step == 6
     other = RunConfig.load(None, [*SMALL, "train.steps=8", "train.lr=0.1"])
-    with pytest.raises(CheckpointError, match=r"changed: train.lr\).*Only train.\{steps, device"):
+    with pytest.raises(
+        CheckpointError, match=r"changed: train.lr\).*Only train.\{steps, parallel, device"
+    ):
         Trainer(copy.deepcopy(other), tmp_path, progress=False).fit()
 
 

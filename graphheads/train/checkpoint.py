@@ -3,16 +3,35 @@ running code from the file (``weights_only=True``)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-__all__ = ["CHECKPOINT_NAME", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CheckpointError",
+    "full_state",
+    "load_checkpoint",
+    "load_full_state",
+    "metric_line_step",
+    "save_checkpoint",
+    "write_text_atomically",
+]
 
 CHECKPOINT_FORMAT = "graphheads-checkpoint-v2"  # v2: one-block layout (0.2)
 CHECKPOINT_NAME = "checkpoint.pt"
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class CheckpointError(RuntimeError):
@@ -55,3 +74,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a graphheads checkpoint")
     return state
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"model": ..., "optimizer": ...}``: full (unsharded) state dicts on the CPU,
+    through torch.distributed.checkpoint's state-dict API (optimizer state keyed by
+    parameter names). Under FSDP every rank must call it: it gathers the shards."""
+    return {
+        "model": get_model_state_dict(model, options=FULL_STATE),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL_STATE),
+    }
+
+
+def load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load what :func:`full_state` wrote (each rank keeps its shard under FSDP); an
+    optimizer state keyed by parameter index (checkpoints of 0.2) loads as it was saved."""
+    load = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=load)
+    if all(isinstance(k, int) for k in state["optimizer"]["state"]):
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=load)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def metric_line_step(line: str) -> int:
+    """The step of a ``metrics.jsonl`` line (a torn line sorts last)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line: drop it

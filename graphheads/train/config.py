@@ -37,6 +37,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     grad_accum: int = 1  # micro-batches per optimiser step (batch_size is the global batch)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    parallel: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp" (FSDP2 shards)
 
     def __post_init__(self) -> None:
         if self.model_type not in ("lm", "seq2seq"):
@@ -56,6 +57,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(
+                f"TrainConfig: parallel must be 'ddp' or 'fsdp', got {self.parallel!r}"
+            )
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(
                 f"TrainConfig: precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}"

@@ -25,15 +25,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from graphheads.blocks import TransformerStack
+from graphheads.blocks import TransformerBlock, TransformerStack
 from graphheads.data import IGNORE_INDEX, TaskBatch, TaskSuite
 from graphheads.train.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
+    full_state,
     load_checkpoint,
+    load_full_state,
+    metric_line_step,
     save_checkpoint,
+    write_text_atomically,
 )
 from graphheads.train.config import RunConfig
 from graphheads.train.evaluation import (
@@ -86,6 +92,7 @@ class TrainResult:
 # (not what) it computes
 RESUMABLE_CHANGES = (
     "steps",
+    "parallel",
     "device",
     "precision",
     "compile",
@@ -141,7 +148,13 @@ class Trainer:
             if isinstance(stack, TransformerStack):
                 stack.activation_checkpointing = train.activation_checkpointing
         self.wrapped: nn.Module = self.model
-        if self.world_size > 1:
+        self.fsdp = self.world_size > 1 and train.parallel == "fsdp"
+        if self.fsdp:  # FSDP2: each block's parameters sharded, then the rest
+            for block in self.model.modules():
+                if isinstance(block, TransformerBlock):
+                    fully_shard(block)
+            fully_shard(self.model)
+        elif self.world_size > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -187,10 +200,11 @@ class Trainer:
             fh.flush()
 
     def state(self) -> dict[str, Any]:
+        """The full (unsharded, CPU) training state through torch.distributed.checkpoint's
+        state-dict API: under FSDP every rank must call it (it gathers the shards)."""
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **full_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "run_config": self.config.to_dict(),
@@ -199,8 +213,11 @@ class Trainer:
 
     def save(self) -> None:
         path = self._path(CHECKPOINT_NAME)
-        if path is not None and self.is_main:
-            save_checkpoint(path, self.state())
+        if path is None:
+            return
+        state = self.state() if self.is_main or self.fsdp else None  # FSDP: a collective
+        if state is not None and self.is_main:
+            save_checkpoint(path, state)
 
     def check_resume(self) -> dict[str, Any] | None:
         """The run folder's checkpoint if this configuration may continue it, ``None``
@@ -248,8 +265,7 @@ class Trainer:
         return True
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
@@ -261,8 +277,8 @@ class Trainer:
         metrics = self._path(METRICS_NAME)
         if not self.is_main or metrics is None or not metrics.exists():
             return
-        kept = [line for line in metrics.read_text().splitlines() if _line_step(line) <= step]
-        _write_atomically(metrics, "".join(line + "\n" for line in kept))
+        kept = [line for line in metrics.read_text().splitlines() if metric_line_step(line) <= step]
+        write_text_atomically(metrics, "".join(line + "\n" for line in kept))
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         """Whether any rank received SIGINT/SIGTERM (all ranks then stop together)."""
@@ -293,6 +309,8 @@ class Trainer:
             sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if not last and isinstance(self.model_ddp, nn.parallel.DistributedDataParallel):
                 sync = self.model_ddp.no_sync()  # all-reduce once, after the last micro-batch
+            if self.fsdp:  # reduce-scatter once, after the last micro-batch
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             with sync:
                 with autocast(t.precision, self.device):
                     out, targets = forward_batch(self.wrapped, part)
@@ -326,7 +344,8 @@ class Trainer:
         loss = metrics["loss"].clone()
         if self.world_size > 1:
             dist.all_reduce(loss)
-        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items() if k != "loss"}}
+        values = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in metrics.items()}
+        return {"loss": loss.item(), **{k: v.item() for k, v in values.items() if k != "loss"}}
 
     @property
     def model_ddp(self) -> nn.Module:
@@ -349,7 +368,7 @@ class Trainer:
                 stale = self.out_dir / CHECKPOINT_NAME
                 if stale.exists():  # --restart: the old checkpoint no longer describes the run
                     stale.unlink()
-            _write_atomically(
+            write_text_atomically(
                 self.out_dir / "config.json",
                 json.dumps(
                     {"run": self.config.to_dict(), "model": asdict(self.model_config)}, indent=2
@@ -389,7 +408,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:.0f}")
                 tokens, since = 0, time.perf_counter()
             if self.step % t.eval_every == 0 or self.step == t.steps:
-                if self.is_main:
+                if self.is_main or self.fsdp:  # FSDP: every rank runs the forward passes
                     final = evaluate(
                         self.model,
                         self.data,
@@ -397,7 +416,7 @@ class Trainer:
                         batch_size=t.eval_batch_size,
                         seed=t.seed,
                     )
-                    self.log({"kind": "eval", "step": self.step, **final})
+                    self.log({"kind": "eval", "step": self.step, **final})  # rank 0 writes
             saved = self.step % t.checkpoint_every == 0 or self.step == t.steps
             if saved:
                 self.save()
@@ -409,7 +428,7 @@ class Trainer:
                     self.step, {}, time.perf_counter() - start, interrupted=stop.received
                 )
         bar.close()
-        if not final and self.is_main:  # resumed at the end: report the final state
+        if not final and (self.is_main or self.fsdp):  # resumed at the end: report it
             final = evaluate(
                 self.model,
                 self.data,
@@ -418,16 +437,3 @@ class Trainer:
                 seed=t.seed,
             )
         return TrainResult(self.step, final, time.perf_counter() - start)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _line_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # a torn last line: drop it
