@@ -120,3 +120,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
     )
     for a, b in zip(ckpt.model.parameters(), plain.model.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_model_flops_follow_palms_count_and_cpu_reports_no_utilisation():
+    from graphheads.train.runtime import model_flops_per_token, peak_flops
+
+    # 6 N + 12 L d T: 6 * 1e6 + 12 * 2 * 64 * 128
+    assert model_flops_per_token(10**6, 2, 64, 128) == 6e6 + 196608
+    assert peak_flops(torch.device("cpu"), "bf16") is None

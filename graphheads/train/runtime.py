@@ -25,6 +25,8 @@ __all__ = [
     "autocast",
     "check_precision",
     "grad_scaler",
+    "model_flops_per_token",
+    "peak_flops",
     "resolve_device",
 ]
 
@@ -96,3 +98,22 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+# dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, for model FLOPs utilisation
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def model_flops_per_token(num_params: int, num_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's count (Chowdhery et al. 2022, appendix B):
+    ``6 N`` for the weights (forward + backward) plus ``12 L d T`` for attention scores."""
+    return 6.0 * num_params + 12.0 * num_layers * d_model * seq_len
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's dense bf16/fp16 peak from :data:`PEAK_FLOPS`, or ``None`` (CPU, fp32,
+    an unknown GPU): then no utilisation is reported."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)

@@ -56,6 +56,8 @@ from graphheads.train.runtime import (
     autocast,
     check_precision,
     grad_scaler,
+    model_flops_per_token,
+    peak_flops,
     resolve_device,
 )
 
@@ -393,6 +395,10 @@ class Trainer:
             desc="train",
         )
         tokens, since = 0, time.perf_counter()
+        peak, c = peak_flops(self.device, t.precision), self.model_config
+        layers = c.num_layers + (c.num_decoder_layers or c.num_layers) * (t.model_type != "lm")
+        params = sum(p.numel() for p in self.model.parameters())
+        flops_per_token = model_flops_per_token(params, layers, c.d_model, self.data.max_seq_len)
         while self.step < t.steps:
             batch = self.data.sample(t.batch_size, _step_generator(t.seed, self.step))
             metrics = self.train_step(batch)
@@ -404,6 +410,8 @@ class Trainer:
                 values = self._read_metrics(metrics)
                 rate = tokens / max(time.perf_counter() - since, 1e-9)
                 record = {"kind": "train", "step": self.step, "lr": lr, **values}
+                if peak is not None:  # model FLOPs utilisation (CUDA, bf16/fp16)
+                    record["mfu"] = round(rate * flops_per_token / peak, 4)
                 self.log({**record, "tokens_per_s": round(rate, 1)})
                 bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{rate:.0f}")
                 tokens, since = 0, time.perf_counter()
