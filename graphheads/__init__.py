@@ -1,9 +1,9 @@
 """graphheads: attention heads as nodes of a learnable graph.
 
 The modules, in the order data flows (a module imports only modules above it):
-``types`` -> ``graph``, ``gnn`` -> ``attention`` -> ``sparse`` -> ``routed`` ->
-``gates`` -> ``moh``, ``goh`` -> ``config``, ``blocks``, ``generation`` -> ``builders``
--> ``transformer``.
+``types`` -> ``graph``, ``gnn``, ``masks``, ``rotary`` -> ``attention`` -> ``sparse``
+-> ``routed`` -> ``gates`` -> ``moh``, ``goh`` -> ``config``, ``blocks``, ``generation``
+-> ``builders`` -> ``transformer``.
 """
 
 from graphheads.attention import MultiHeadAttention, scaled_dot_product_attention
