@@ -79,6 +79,10 @@ def load_balance_loss(
     return num_routed * (p_mean * f_mean).sum()
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def moh_gates(
     routed_logits: Tensor,
     shared_logits: Tensor | None,
@@ -105,11 +109,11 @@ def moh_gates(
         token_mask: (b, t) True at real tokens: only they enter the load-balance loss.
     """
     reference = gate_convention == "reference"
-    # routing in fp32 whatever the autocast dtype: logits, softmax, top-k and the
-    # load-balance loss (bf16 would round near-equal scores together)
-    routed_logits = routed_logits.float()
-    shared_logits = None if shared_logits is None else shared_logits.float()
-    type_logits = None if type_logits is None else type_logits.float()
+    # routing in at least fp32 whatever the autocast dtype: logits, softmax, top-k and the
+    # load-balance loss (bf16 would round near-equal scores together); fp64 stays fp64
+    routed_logits = _at_least_fp32(routed_logits)
+    shared_logits = None if shared_logits is None else _at_least_fp32(shared_logits)
+    type_logits = None if type_logits is None else _at_least_fp32(type_logits)
     lead = routed_logits.shape[:-1]
     num_routed = routed_logits.size(-1)
     probs = routed_logits.softmax(dim=-1)  # (b, t, r)

@@ -114,7 +114,9 @@ class Trainer:
         progress: show a tqdm progress bar (rank 0 only).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins the process group (gloo on
-    CPU, NCCL on CUDA) and wraps the model in DistributedDataParallel.
+    CPU, NCCL on CUDA) and wraps the model in DistributedDataParallel, or shards it with
+    FSDP2 (``train.parallel="fsdp"``). Device, precision, compile, gradient accumulation
+    and activation checkpointing: :mod:`graphheads.train.runtime` and the docs.
     """
 
     def __init__(
