@@ -27,35 +27,31 @@ import torch
 
 from graphheads.data.tasks import TaskBatch
 
-__all__ = ["SHARD_FORMAT", "TokenShardDataset", "prepare_tokens", "read_text_files"]
+__all__ = ["SHARD_FORMAT", "TokenShardDataset", "prepare_tokens", "read_text", "text_files"]
 
 SHARD_FORMAT = "graphheads-tokens-v1"
 
 
-def read_text_files(path: str | Path) -> list[tuple[Path, str]]:
-    """(file, text) for a UTF-8 file, or for every non-hidden file below a folder (sorted
-    by path); ValueError naming a file that is not UTF-8, or a path without text."""
+def text_files(path: str | Path) -> list[Path]:
+    """A UTF-8 file, or every non-hidden file below a folder (sorted by path)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
-        )
+    if path.is_file():
+        return [path]
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
     )
-    texts = []
-    for f in files:
-        try:
-            texts.append((f, f.read_bytes().decode("utf-8")))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{f} is not UTF-8 text ({err.reason} at byte {err.start})") from err
-    if not any(text.strip() for _, text in texts):
-        raise ValueError(f"{path} holds no text")
-    return texts
+
+
+def read_text(path: Path) -> str:
+    """A file's text; ValueError naming it when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 def _tokenizer(name: str) -> tuple[Any, int, int | None]:
@@ -80,38 +76,45 @@ def prepare_tokens(
     source: str | Path, out: str | Path, *, tokenizer: str = "bytes", val_fraction: float = 0.05
 ) -> dict[str, Any]:
     """Tokenise ``source`` into shards in ``out`` (see the module docstring); returns the
-    header. ``out`` must not exist yet (a ValueError names it otherwise)."""
+    header. ``out`` must not exist yet (a ValueError names it otherwise). Documents are
+    read, tokenised and written one at a time: memory holds one document, not the corpus."""
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; choose a new --out (nothing was written)")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    texts = read_text_files(source)
     encode, vocab_size, eos = _tokenizer(tokenizer)
     if vocab_size > 2**32:
         raise ValueError(f"a vocabulary of {vocab_size} tokens does not fit uint32")
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    ids: list[int] = []
-    for _, text in texts:
-        ids.extend(encode(text))
-        if eos is not None:
-            ids.append(eos)
-    tokens = np.asarray(ids, dtype=np.int64)
-    split = int(len(tokens) * (1 - val_fraction))
-    header = {
-        "format": SHARD_FORMAT,
-        "tokenizer": tokenizer if tokenizer == "bytes" else str(Path(tokenizer).resolve()),
-        "vocab_size": vocab_size,
-        "dtype": np.dtype(dtype).name,
-        "train_tokens": split,
-        "val_tokens": len(tokens) - split,
-        "files": len(texts),
-    }
+    files = text_files(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tokens[:split].astype(dtype).tofile(tmp / "train.bin")
-        tokens[split:].astype(dtype).tofile(tmp / "val.bin")
+        total, with_text = 0, 0
+        with open(tmp / "train.bin", "wb") as fh:  # every token, one document at a time
+            for f in files:
+                text = read_text(f)
+                with_text += bool(text.strip())
+                ids = encode(text) + ([eos] if eos is not None else [])
+                np.asarray(ids, dtype=dtype).tofile(fh)
+                total += len(ids)
+        if not with_text:
+            raise ValueError(f"{source} holds no text")
+        split = int(total * (1 - val_fraction))
+        tokens = np.memmap(tmp / "train.bin", dtype=dtype, mode="r")
+        tokens[split:].tofile(tmp / "val.bin")  # the tail, then cut it off the train file
+        del tokens
+        os.truncate(tmp / "train.bin", split * np.dtype(dtype).itemsize)
+        header = {
+            "format": SHARD_FORMAT,
+            "tokenizer": tokenizer if tokenizer == "bytes" else str(Path(tokenizer).resolve()),
+            "vocab_size": vocab_size,
+            "dtype": np.dtype(dtype).name,
+            "train_tokens": split,
+            "val_tokens": total - split,
+            "files": len(files),
+        }
         (tmp / "header.json").write_text(json.dumps(header, indent=2))
         os.replace(tmp, out)
     finally:
