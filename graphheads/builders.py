@@ -87,6 +87,7 @@ def build_attention(
             gate_convention=config.gate_convention,
             hard_gates=config.hard_gates,
             execution=config.execution,
+            balance_bias=config.balance != "aux_loss",
             **shape,  # type: ignore[arg-type]
         )
     return GoHAttention(
@@ -104,6 +105,7 @@ def build_attention(
         gate_convention=config.gate_convention,
         hard_gates=config.hard_gates,
         execution=config.execution,
+        balance_bias=config.balance != "aux_loss",
     )
 
 

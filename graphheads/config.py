@@ -36,6 +36,8 @@ class ModelConfig:
     gate_convention: Literal["reference", "paper"] = "reference"  # see graphheads.moh
     hard_gates: bool = False  # 0/1 gates with a straight-through estimator
     execution: Literal["dense", "sparse"] = "dense"  # sparse: compute active heads only
+    balance: Literal["aux_loss", "bias", "both"] = "aux_loss"  # how routed heads are balanced
+    balance_rate: float = 1e-3  # bias step per optimiser step (balance "bias"/"both")
     # --- Graph-of-Heads (attention="goh") ---
     graph: str = "complete"  # head-graph preset: complete, ring, star, grid, empty
     graph_learnable: Literal["fixed", "edge", "dense"] = "edge"  # edge-weight parametrisation
@@ -74,6 +76,10 @@ class ModelConfig:
         if self.execution not in ("dense", "sparse"):
             raise ValueError(
                 f"ModelConfig: execution must be 'dense' or 'sparse', got {self.execution!r}"
+            )
+        if self.balance not in ("aux_loss", "bias", "both"):
+            raise ValueError(
+                f"ModelConfig: balance must be 'aux_loss', 'bias' or 'both', got {self.balance!r}"
             )
         if self.block not in ("vaswani", "llama"):
             raise ValueError(f"ModelConfig: block must be 'vaswani' or 'llama', got {self.block!r}")

@@ -36,6 +36,7 @@ __all__ = [
     "load_balance_loss",
     "moh_gates",
     "split_linear",
+    "update_balance_bias",
 ]
 
 GateConvention = Literal["reference", "paper"]
@@ -93,6 +94,7 @@ def moh_gates(
     gate_convention: GateConvention = "reference",
     hard_gates: bool = False,
     token_mask: Tensor | None = None,
+    selection_bias: Tensor | None = None,
 ) -> RoutingOutput:
     """The MoH gate from router logits.
 
@@ -107,6 +109,9 @@ def moh_gates(
         gate_convention: "reference" (released code) or "paper" (equations 5-6).
         hard_gates: forward 0/1 gates, backward through the soft gates (straight-through).
         token_mask: (b, t) True at real tokens: only they enter the load-balance loss.
+        selection_bias: (r,) added to the routed heads' probabilities for the top-k
+            choice only (balancing without an auxiliary loss, DeepSeek-V3); the gate
+            values come from the unbiased probabilities. See :func:`update_balance_bias`.
     """
     reference = gate_convention == "reference"
     # routing in at least fp32 whatever the autocast dtype: logits, softmax, top-k and the
@@ -118,7 +123,8 @@ def moh_gates(
     num_routed = routed_logits.size(-1)
     probs = routed_logits.softmax(dim=-1)  # (b, t, r)
     if num_routed > 0:
-        top_idx = torch.topk(probs, top_k, dim=-1).indices  # (b, t, k)
+        scores = probs if selection_bias is None else probs + selection_bias.to(probs.dtype)
+        top_idx = torch.topk(scores, top_k, dim=-1).indices  # (b, t, k)
         mask = torch.zeros_like(probs).scatter(-1, top_idx, 1.0)  # (b, t, r), no one-hot
         chosen = probs * mask
         if reference:
@@ -178,3 +184,20 @@ def check_routing_config(owner: str, num_heads: int, num_shared: int, top_k: int
             f"{owner}: top_k ({top_k}) must be 0 when every head is shared "
             f"(num_shared == num_heads == {num_heads})"
         )
+
+
+@torch.no_grad()
+def update_balance_bias(
+    bias: Tensor, routed_mask: Tensor, rate: float, token_mask: Tensor | None = None
+) -> Tensor:
+    """Balancing without an auxiliary loss (DeepSeek-V3, Liu et al. 2024): after an
+    optimiser step, each routed head's selection bias moves by ``rate`` towards balance,
+    ``b_i += rate * sign(mean_j f_j - f_i)`` with ``f_i`` the fraction of (real) tokens
+    that chose head i in ``routed_mask`` (..., r). Changes ``bias`` (r,) in place (it is
+    a buffer, outside autograd) and returns the loads ``f``."""
+    chosen = routed_mask.reshape(-1, routed_mask.size(-1)).float()
+    if token_mask is not None:
+        chosen = chosen[token_mask.reshape(-1)]
+    load = chosen.mean(dim=0)  # (r,)
+    bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
+    return load

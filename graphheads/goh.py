@@ -28,7 +28,7 @@ Shape legend: b batch, t tokens, h heads, f node features, d model width.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphheads.gates import GateConvention, check_routing_config, moh_gates, split_linear
+from graphheads.gates import (
+    GateConvention,
+    check_routing_config,
+    moh_gates,
+    split_linear,
+    update_balance_bias,
+)
 from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
 from graphheads.moh import MoHRouter
@@ -66,6 +72,8 @@ class GraphRouter(nn.Module):
         hard_gates: 0/1 gates with a straight-through estimator.
         graph_scale_init: initial ``alpha`` of every head (default 0: the router starts
             as a linear MoH router).
+        balance_bias: keep a top-k selection bias (buffer ``selection_bias``) for
+            balancing without an auxiliary loss (:func:`~graphheads.gates.update_balance_bias`).
 
     Submodules: ``linear_gate`` (W_l, d -> H), ``in_proj`` (A, d -> F), ``head_proj``
     (B, F -> H F), ``head_embedding`` (E, H x F), ``message_passing``, ``score``
@@ -92,6 +100,7 @@ class GraphRouter(nn.Module):
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
         graph_scale_init: float = 0.0,
+        balance_bias: bool = False,
     ) -> None:
         super().__init__()
         check_routing_config(type(self).__name__, num_heads, num_shared, top_k)
@@ -135,6 +144,11 @@ class GraphRouter(nn.Module):
         self.carry_proj = (
             nn.Linear(feature_dim, feature_dim, bias=False) if carry_head_states else None
         )
+        self.selection_bias: Tensor | None
+        if balance_bias:  # DeepSeek-V3 balancing: a bias on the routed heads' top-k choice
+            self.register_buffer("selection_bias", torch.zeros(num_heads - num_shared))
+        else:
+            self.selection_bias = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -288,6 +302,7 @@ class GraphRouter(nn.Module):
             gate_convention=self.gate_convention,
             hard_gates=self.hard_gates,
             token_mask=token_mask,
+            selection_bias=self.selection_bias,
         )
         return dataclasses.replace(routing, head_states=z)
 
@@ -320,6 +335,7 @@ class GoHAttention(RoutedAttention):
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
         graph_scale_init: float = 0.0,
+        balance_bias: bool = False,
         execution: Execution = "dense",
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
@@ -337,6 +353,7 @@ class GoHAttention(RoutedAttention):
             gate_convention=gate_convention,
             hard_gates=hard_gates,
             graph_scale_init=graph_scale_init,
+            balance_bias=balance_bias,
         )
         super().__init__(
             d_model,
@@ -355,6 +372,20 @@ def routers_of(model: nn.Module) -> list[MoHRouter | GraphRouter]:
     """Every router (:class:`~graphheads.moh.MoHRouter`, :class:`GraphRouter`) in
     ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, MoHRouter | GraphRouter)]
+
+
+def update_routing_balance(model: nn.Module, routed_masks: Sequence[Tensor], rate: float) -> None:
+    """After an optimiser step: move the selection bias of every router of ``model`` that
+    keeps one (``balance_bias``) towards balance, from the routed masks (tokens, r) of
+    that step, one per router in module order (``ModelOutput.routing`` order)."""
+    routers = [r for r in routers_of(model) if r.selection_bias is not None]
+    if len(routers) != len(routed_masks):
+        raise ValueError(
+            f"update_routing_balance: {len(routed_masks)} routed masks for {len(routers)} routers"
+        )
+    for router, mask in zip(routers, routed_masks, strict=True):
+        assert router.selection_bias is not None
+        update_balance_bias(router.selection_bias, mask, rate)
 
 
 @contextmanager

@@ -37,6 +37,8 @@ class MoHRouter(nn.Module):
         parameter_free: the MoH-LLaMA3 router: routed scores are the L2 norms of the
             routed heads' queries divided by their per-token standard deviation over routed
             heads; shared and two-stage weights are equal. Needs ``queries`` in forward.
+        balance_bias: keep a top-k selection bias (buffer ``selection_bias``) for
+            balancing without an auxiliary loss (:func:`~graphheads.gates.update_balance_bias`).
 
     Submodules (public names, one-to-one with other implementations' weights):
         ``routed_gate`` (d -> H - h_s, no bias), ``shared_gate`` (d -> h_s, no bias; only
@@ -55,6 +57,7 @@ class MoHRouter(nn.Module):
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
         parameter_free: bool = False,
+        balance_bias: bool = False,
     ) -> None:
         super().__init__()
         check_routing_config(type(self).__name__, num_heads, num_shared, top_k)
@@ -85,6 +88,11 @@ class MoHRouter(nn.Module):
             if learned and num_shared > 0 and self.num_routed > 0
             else None
         )
+        self.selection_bias: Tensor | None
+        if balance_bias:  # DeepSeek-V3 balancing: a bias on the routed heads' top-k choice
+            self.register_buffer("selection_bias", torch.zeros(num_heads - num_shared))
+        else:
+            self.selection_bias = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -153,6 +161,7 @@ class MoHRouter(nn.Module):
             gate_convention=self.gate_convention,
             hard_gates=self.hard_gates,
             token_mask=token_mask,
+            selection_bias=self.selection_bias,
         )
 
 
@@ -172,6 +181,8 @@ class MoHAttention(RoutedAttention):
         gate_convention: "reference" or "paper" (see :class:`MoHRouter`).
         hard_gates: 0/1 gates with a straight-through estimator.
         parameter_free: the MoH-LLaMA3 router (see :class:`MoHRouter`).
+        balance_bias: the router keeps a top-k selection bias for balancing without an
+            auxiliary loss (:func:`~graphheads.gates.update_balance_bias`).
         execution: "dense" (default) or "sparse" (see
             :class:`~graphheads.routed.RoutedAttention`).
     """
@@ -189,6 +200,7 @@ class MoHAttention(RoutedAttention):
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
         parameter_free: bool = False,
+        balance_bias: bool = False,
         execution: Execution = "dense",
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
@@ -201,6 +213,7 @@ class MoHAttention(RoutedAttention):
             gate_convention=gate_convention,
             hard_gates=hard_gates,
             parameter_free=parameter_free,
+            balance_bias=balance_bias,
         )
         super().__init__(
             d_model,

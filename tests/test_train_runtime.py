@@ -128,3 +128,51 @@ def test_model_flops_follow_palms_count_and_cpu_reports_no_utilisation():
     # 6 N + 12 L d T: 6 * 1e6 + 12 * 2 * 64 * 128
     assert model_flops_per_token(10**6, 2, 64, 128) == 6e6 + 196608
     assert peak_flops(torch.device("cpu"), "bf16") is None
+
+
+def test_the_bias_update_follows_deepseek_v3s_rule():
+    from graphheads.gates import update_balance_bias
+
+    bias = torch.zeros(3)
+    chosen = torch.tensor([[1, 0, 1], [1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.float32)
+    load = update_balance_bias(bias, chosen, 0.1)  # loads 0.75, 0.25, 0.5; mean 0.5
+    torch.testing.assert_close(load, torch.tensor([0.75, 0.25, 0.5]))
+    torch.testing.assert_close(bias, torch.tensor([-0.1, 0.1, 0.0]))  # sign(mean - load)
+
+
+def test_the_selection_bias_picks_heads_but_gates_come_from_the_scores():
+    from graphheads.gates import moh_gates
+
+    logits = torch.tensor([[[2.0, 1.0, 0.0]]])  # (1, 1, 3) routed heads, top-1
+    plain = moh_gates(logits, None, None, num_shared=0, top_k=1)
+    biased = moh_gates(
+        logits, None, None, num_shared=0, top_k=1, selection_bias=torch.tensor([0.0, 0.0, 1.0])
+    )
+    assert plain.top_k_indices.item() == 0 and biased.top_k_indices.item() == 2
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(biased.router_probs, probs)  # unbiased probabilities
+    assert biased.gates[0, 0, 2] > 0 and biased.gates[0, 0, :2].eq(0).all()
+
+
+def head_load_spread(balance: str) -> float:
+    """Mean over layers of the coefficient of variation of routed-head loads after 150
+    steps without the auxiliary loss, on copy and sort."""
+    sets = [
+        "model.d_model=32", "model.num_heads=8", "model.num_shared=2", "model.top_k=2",
+        "model.attention=moh", "train.batch_size=32", "train.aux_loss_weight=0",
+        f"model.balance={balance}", "model.balance_rate=0.01", "data.tasks=copy,sort",
+    ]  # fmt: skip
+    trainer = Trainer(RunConfig.load(None, sets), None, progress=False)
+    for step in range(150):
+        trainer.train_step(trainer.data.sample(32, torch.Generator().manual_seed(step)))
+    batch = trainer.data.sample(256, torch.Generator().manual_seed(999))
+    with torch.no_grad():
+        out = trainer.model.eval()(batch.inputs, key_padding_mask=batch.padding)
+    loads = [r.routed_mask[~batch.padding].float().mean(0) for r in out.routing]
+    return sum(float(load.std() / load.mean()) for load in loads) / len(loads)
+
+
+@pytest.mark.slow
+def test_bias_balancing_evens_out_head_loads_without_an_auxiliary_loss():
+    none, bias = head_load_spread("aux_loss"), head_load_spread("bias")  # aux weight 0 in both
+    assert bias < 0.5 * none, (bias, none)

@@ -18,9 +18,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from graphheads.train.config import RunConfig
+
 __all__ = [
     "CHECKPOINT_NAME",
+    "RESUMABLE_CHANGES",
     "CheckpointError",
+    "check_resumable",
     "full_state",
     "load_checkpoint",
     "load_full_state",
@@ -32,6 +36,18 @@ __all__ = [
 CHECKPOINT_FORMAT = "graphheads-checkpoint-v2"  # v2: one-block layout (0.2)
 CHECKPOINT_NAME = "checkpoint.pt"
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+# settings a run may change when it continues from its checkpoint: more steps, and how
+# (not what) it computes
+RESUMABLE_CHANGES = (
+    "steps",
+    "parallel",
+    "device",
+    "precision",
+    "compile",
+    "grad_accum",
+    "activation_checkpointing",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -73,6 +89,40 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a graphheads checkpoint")
+    return state
+
+
+def check_resumable(path: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if a run with ``config`` may continue it, ``None`` if
+    there is none; :class:`CheckpointError` (before anything is written) if it belongs to
+    another configuration. Only :data:`RESUMABLE_CHANGES` may differ (``train.steps``: a
+    finished run is extended by asking for more steps; the rest: how the run computes)."""
+    if not path.exists():
+        return None
+    state = load_checkpoint(path)
+    # through RunConfig: settings added since the checkpoint take their defaults
+    saved = RunConfig.from_dict(state["run_config"]).to_dict()
+    given = config.to_dict()
+    for key in RESUMABLE_CHANGES:
+        saved = {**saved, "train": {**saved["train"], key: given["train"][key]}}
+    if saved != given:
+        changed = [
+            f"{section}.{key}"
+            for section in given
+            for key in sorted(set(given[section]) | set(saved.get(section, {})))
+            if given[section].get(key) != saved.get(section, {}).get(key)
+        ]
+        raise CheckpointError(
+            f"{path} was written by a run with another configuration (changed: "
+            f"{', '.join(changed)}); use a new run folder, the same configuration, or "
+            f"--restart. Only train.{{{', '.join(RESUMABLE_CHANGES)}}} may change to "
+            "continue a run."
+        )
+    if int(state["step"]) > config.train.steps:
+        raise CheckpointError(
+            f"{path} is at step {state['step']}, past train.steps="
+            f"{config.train.steps}; ask for at least {state['step']} steps"
+        )
     return state
 
 

@@ -31,9 +31,11 @@ from tqdm import tqdm
 
 from graphheads.blocks import TransformerBlock, TransformerStack
 from graphheads.data import IGNORE_INDEX, TaskBatch, TaskSuite
+from graphheads.goh import update_routing_balance
 from graphheads.train.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
+    check_resumable,
     full_state,
     load_checkpoint,
     load_full_state,
@@ -88,19 +90,6 @@ class TrainResult:
     final_eval: dict[str, Any]  # empty when interrupted
     seconds: float
     interrupted: str | None = None  # the signal's name when SIGINT/SIGTERM stopped the run
-
-
-# settings a run may change when it continues from its checkpoint: more steps, and how
-# (not what) it computes
-RESUMABLE_CHANGES = (
-    "steps",
-    "parallel",
-    "device",
-    "precision",
-    "compile",
-    "grad_accum",
-    "activation_checkpointing",
-)
 
 
 class Trainer:
@@ -224,39 +213,10 @@ class Trainer:
             save_checkpoint(path, state)
 
     def check_resume(self) -> dict[str, Any] | None:
-        """The run folder's checkpoint if this configuration may continue it, ``None``
-        if there is none; :class:`CheckpointError` (before anything is written) if the
-        checkpoint belongs to another configuration. Only :data:`RESUMABLE_CHANGES` may
-        differ (``train.steps``: a finished run is extended by asking for more steps; the
-        device, precision, compile and grad_accum: how the run computes)."""
+        """The run folder's checkpoint if this configuration may continue it (see
+        :func:`~graphheads.train.checkpoint.check_resumable`), ``None`` if there is none."""
         path = self._path(CHECKPOINT_NAME)
-        if path is None or not path.exists():
-            return None
-        state = load_checkpoint(path)
-        # through RunConfig: settings added since the checkpoint take their defaults
-        saved = RunConfig.from_dict(state["run_config"]).to_dict()
-        given = self.config.to_dict()
-        for key in RESUMABLE_CHANGES:
-            saved = {**saved, "train": {**saved["train"], key: given["train"][key]}}
-        if saved != given:
-            changed = [
-                f"{section}.{key}"
-                for section in given
-                for key in sorted(set(given[section]) | set(saved.get(section, {})))
-                if given[section].get(key) != saved.get(section, {}).get(key)
-            ]
-            raise CheckpointError(
-                f"{path} was written by a run with another configuration (changed: "
-                f"{', '.join(changed)}); use a new run folder, the same configuration, or "
-                f"--restart. Only train.{{{', '.join(RESUMABLE_CHANGES)}}} may change to "
-                "continue a run."
-            )
-        if int(state["step"]) > self.config.train.steps:
-            raise CheckpointError(
-                f"{path} is at step {state['step']}, past train.steps="
-                f"{self.config.train.steps}; ask for at least {state['step']} steps"
-            )
-        return state
+        return None if path is None else check_resumable(path, self.config)
 
     def try_resume(self) -> bool:
         """Continue from the run folder's checkpoint, if there is one (see
@@ -306,6 +266,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ce_total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
+        balance = self.model_config.balance
+        aux_weight = t.aux_loss_weight if balance != "bias" else 0.0
+        masks: list[list[Tensor]] = []  # per micro-batch, per router: (tokens, r)
         for i in range(t.grad_accum):
             start = self.rank * per_rank + i * micro
             part = batch.rows(slice(start, start + micro)).to(self.device, non_blocking=True)
@@ -324,8 +287,11 @@ class Trainer:
                     aux = out.aux_loss / len(out.routing)
                 # the global mean over scored tokens (DDP averages over ranks); the
                 # load-balance loss is averaged over micro-batches
-                loss = ce_sum * self.world_size / n_scored + t.aux_loss_weight * aux / t.grad_accum
+                loss = ce_sum * self.world_size / n_scored + aux_weight * aux / t.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if balance != "aux_loss":  # real tokens' choices, for the bias update below
+                real = None if part.padding is None else ~part.padding
+                masks.append([_chosen(r.routed_mask, real) for r in out.routing])
             ce_total += ce_sum.detach()
             aux_total += aux.detach() / t.grad_accum
         if self.scaler is not None:
@@ -341,6 +307,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if masks:  # balancing without an auxiliary loss (DeepSeek-V3), after the step
+            per_router = [torch.cat(ms) for ms in zip(*masks, strict=True)]
+            update_routing_balance(self.model, per_router, self.model_config.balance_rate)
         return {"loss": ce_total / n_scored, "aux_loss": aux_total, "grad_norm": grad_norm}
 
     def _read_metrics(self, metrics: dict[str, Tensor]) -> dict[str, float]:
@@ -447,3 +416,10 @@ class Trainer:
                 seed=t.seed,
             )
         return TrainResult(self.step, final, time.perf_counter() - start)
+
+
+def _chosen(routed_mask: Tensor, real: Tensor | None) -> Tensor:
+    """(tokens, r) choices of the real tokens (all tokens where the mask does not fit)."""
+    if real is not None and real.shape == routed_mask.shape[:-1]:
+        return routed_mask[real]
+    return routed_mask.flatten(0, -2)
