@@ -55,6 +55,7 @@ def _train(args: argparse.Namespace) -> int:
                 f"to {args.out}; run the same command again to continue",
                 file=sys.stderr,
             )
+        _leave_process_group()
         return 130 if result.interrupted == "SIGINT" else 143
     if trainer.is_main:
         summary = {
@@ -69,9 +70,16 @@ def _train(args: argparse.Namespace) -> int:
             from graphheads.report import make_report
 
             print(f"report: {make_report(args.out)}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Every rank tears the group down together: a rank that left while rank 0 still
+    evaluated was seen to abort in gloo's teardown (SIGABRT at exit)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> int:
