@@ -34,9 +34,17 @@ from graphheads.types import AttentionOutput, KVCache
 __all__ = [
     "MultiHeadAttention",
     "build_attention_bias",
+    "repeat_kv",
     "scaled_dot_product_attention",
     "self_attention_mask",
 ]
+
+
+def repeat_kv(x: Tensor, num_heads: int) -> Tensor:
+    """(..., h_kv, s, e) -> (..., h, s, e): query head i reads key/value head
+    ``i // (h / h_kv)``, as in grouped-query attention (Ainslie et al. 2023)."""
+    groups = num_heads // x.size(-3)
+    return x if groups == 1 else x.repeat_interleave(groups, dim=-3)
 
 
 def scaled_dot_product_attention(
@@ -54,8 +62,9 @@ def scaled_dot_product_attention(
 
     Args:
         query: (..., t, e).
-        key: (..., s, e).
-        value: (..., s, e_v).
+        key: (..., s, e); with (..., h_kv, s, e) and fewer heads than the query's, each
+            key/value head serves ``h / h_kv`` query heads (grouped-query attention).
+        value: (..., s, e_v), heads as ``key``.
         attn_mask: broadcastable to (..., t, s); boolean ``True`` = may attend, or a float
             bias added to the scores (PyTorch SDPA convention).
         dropout_p: dropout probability on the attention weights.
@@ -70,6 +79,7 @@ def scaled_dot_product_attention(
     """
     if is_causal and attn_mask is not None:
         raise ValueError("scaled_dot_product_attention: pass either attn_mask or is_causal=True")
+    grouped = query.dim() >= 3 and key.size(-3) != query.size(-3)  # fewer key/value heads
     if fused_attention:
         return F.scaled_dot_product_attention(
             query,
@@ -79,7 +89,10 @@ def scaled_dot_product_attention(
             dropout_p=dropout_p,
             is_causal=is_causal,
             scale=scale,
+            enable_gqa=grouped,  # shared key/value heads read in place, not copied
         )
+    if grouped:
+        key, value = repeat_kv(key, query.size(-3)), repeat_kv(value, query.size(-3))
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., t, s)
     if is_causal:
@@ -258,13 +271,9 @@ class MultiHeadAttention(nn.Module):
         return KVCache(k, v) if kv_cache is None else kv_cache.append(k, v)
 
     def expand_kv(self, kv: KVCache) -> tuple[Tensor, Tensor]:
-        """Keys and values with one (shared) key/value head per query head (b, h, s, e):
-        query head i reads key/value head ``i // (h / h_kv)``, as in grouped-query
-        attention (Ainslie et al. 2023)."""
-        groups = self.num_heads // self.num_kv_heads
-        if groups == 1:
-            return kv.key, kv.value
-        return kv.key.repeat_interleave(groups, dim=1), kv.value.repeat_interleave(groups, dim=1)
+        """Keys and values with one key/value head per query head (b, h, s, e), for
+        kernels without grouped-query support (the sparse path): :func:`repeat_kv`."""
+        return repeat_kv(kv.key, self.num_heads), repeat_kv(kv.value, self.num_heads)
 
     def attention_bias(
         self,
@@ -302,7 +311,7 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         """Per-head outputs (b, h, t, e) before ``out_proj`` for projected queries ``q``
         (b, h, t, e) over the keys and values in ``kv``."""
-        k, v = self.expand_kv(kv)  # (b, h, s, e)
+        k, v = kv.key, kv.value  # (b, h_kv, s, e): the kernel shares them across groups
         t = q.size(-2)
         s = k.size(-2)
         dropout_p = self.dropout if self.training else 0.0

@@ -77,6 +77,8 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: execution must be 'dense' or 'sparse', got {self.execution!r}"
             )
+        if self.balance_rate < 0:
+            raise ValueError(f"ModelConfig: balance_rate must be >= 0, got {self.balance_rate}")
         if self.balance not in ("aux_loss", "bias", "both"):
             raise ValueError(
                 f"ModelConfig: balance must be 'aux_loss', 'bias' or 'both', got {self.balance!r}"

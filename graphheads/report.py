@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from graphheads import viz
-from graphheads.data import PAD, SEP, TASKS, TaskSuite
+from graphheads.data import TaskSuite
 from graphheads.train.trainer import METRICS_NAME, load_run
 from graphheads.transformer import DecoderOnlyLM
 
@@ -29,20 +29,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
-
-
-def _token_names(suite: TaskSuite, ids: list[int]) -> list[str]:
-    names = []
-    for i in ids:
-        if i == PAD:
-            names.append("pad")
-        elif i == SEP:
-            names.append("SEP")
-        elif i < suite.first_symbol:
-            names.append(f"<{TASKS[i - 2]}>")
-        else:
-            names.append(str(i - suite.first_symbol))
-    return names
 
 
 def _save(fig: plt.Figure, path: Path) -> str:
@@ -124,7 +110,7 @@ def make_report(run_dir: str | Path) -> Path:
                 gates = routings[task][layer].gates[0, :length]
                 viz.plot_routing(
                     gates,
-                    tokens=_token_names(data, x[0, :length].tolist()),
+                    tokens=data.token_names(x[0, :length].tolist()),
                     num_shared=config.num_shared,
                     ax=ax,
                     title=task,

@@ -95,3 +95,20 @@ def test_a_run_config_can_start_from_a_preset():
     )
     with pytest.raises(ValueError, match="unknown preset 'big'"):
         RunConfig.load(None, ["model.preset=big"]).model_config(256, 128)
+
+
+def test_grouped_query_attention_reads_shared_heads_in_both_kernels():
+    from graphheads import MultiHeadAttention
+    from graphheads.attention import scaled_dot_product_attention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(32, 4, num_kv_heads=2)
+    x = torch.randn(2, 5, 32)
+    fused = attn(x, is_causal=True).output
+    attn.fused_attention = False  # the plain math path repeats the key/value heads
+    torch.testing.assert_close(attn(x, is_causal=True).output, fused, atol=1e-5, rtol=1e-5)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    by_hand = scaled_dot_product_attention(  # query head i reads key/value head i // 2
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    )
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v), by_hand)

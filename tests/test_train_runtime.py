@@ -4,21 +4,16 @@ import copy
 
 import pytest
 import torch
+from test_train import SMALL as TRAIN_SMALL
 
 from graphheads import DecoderOnlyLM, ModelConfig
 from graphheads.train import CheckpointError, RunConfig, Trainer, load_checkpoint, save_checkpoint
 from graphheads.train.runtime import autocast, resolve_device
 
-SMALL = [
-    "model.d_model=32",
-    "model.num_heads=4",
-    "model.num_shared=1",
-    "model.top_k=2",
-    "model.d_ff=64",
+SMALL = [  # test_train's small model, with shorter tasks and per-step logs
+    *TRAIN_SMALL,
     "data.tasks=copy,reverse",
     "data.length=4",
-    "train.batch_size=16",
-    "train.eval_batches=1",
     "train.eval_batch_size=16",
     "train.log_every=1",
     "train.eval_every=1000",

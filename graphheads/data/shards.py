@@ -26,32 +26,11 @@ import numpy as np
 import torch
 
 from graphheads.data.tasks import TaskBatch
+from graphheads.data.text import read_text, sample_windows, text_files
 
-__all__ = ["SHARD_FORMAT", "TokenShardDataset", "prepare_tokens", "read_text", "text_files"]
+__all__ = ["SHARD_FORMAT", "TokenShardDataset", "prepare_tokens"]
 
 SHARD_FORMAT = "graphheads-tokens-v1"
-
-
-def text_files(path: str | Path) -> list[Path]:
-    """A UTF-8 file, or every non-hidden file below a folder (sorted by path)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.is_file():
-        return [path]
-    return sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
-    )
-
-
-def read_text(path: Path) -> str:
-    """A file's text; ValueError naming it when it is not UTF-8."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
 
 
 def _tokenizer(name: str) -> tuple[Any, int, int | None]:
@@ -166,8 +145,4 @@ class TokenShardDataset:
         """Random windows -> (inputs, next-token targets), as ``ByteTextDataset.sample``."""
         if split not in self.splits:
             raise ValueError(f"TokenShardDataset: split must be 'train' or 'val', got {split!r}")
-        data = self.splits[split]
-        starts = torch.randint(0, len(data) - self.seq_len - 1, (batch_size,), generator=generator)
-        windows = np.stack([data[s : s + self.seq_len + 1] for s in starts.tolist()])
-        tokens = torch.from_numpy(windows.astype(np.int64))
-        return TaskBatch(tokens[:, :-1], tokens[:, 1:])
+        return sample_windows(self.splits[split], self.seq_len, batch_size, generator)

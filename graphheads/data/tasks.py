@@ -207,20 +207,33 @@ class TaskSuite:
         the first queried key)."""
         return {"mqar": 2 * self.length + 3, "modadd": 4}.get(task, self.length + 2)
 
-    def render(self, tokens: Sequence[int]) -> str:
-        """Tokens as a person reads them: the task's name, data symbols as their numbers
-        (0 .. num_symbols - 1), ``|`` for SEP; padding dropped."""
-        words = []
+    def token_names(
+        self,
+        tokens: Sequence[int],
+        *,
+        sep: str = "SEP",
+        pad: str | None = "pad",
+        task: str = "<{}>",
+    ) -> list[str]:
+        """A name per token: data symbols as their numbers (0 .. num_symbols - 1),
+        ``sep`` for SEP, the task's name in ``task``, ``pad`` for padding (dropped when
+        ``None``)."""
+        names = []
         for tok in tokens:
             if tok == PAD:
-                continue
-            if tok == SEP:
-                words.append("|")
+                if pad is not None:
+                    names.append(pad)
+            elif tok == SEP:
+                names.append(sep)
             elif tok < self.first_symbol:
-                words.append(f"{TASKS[tok - 2]}:")
+                names.append(task.format(TASKS[tok - 2]))
             else:
-                words.append(str(tok - self.first_symbol))
-        return " ".join(words)
+                names.append(str(tok - self.first_symbol))
+        return names
+
+    def render(self, tokens: Sequence[int]) -> str:
+        """Tokens as a person reads them: ``copy: 3 1 4 | 3 1 4`` (padding dropped)."""
+        return " ".join(self.token_names(tokens, sep="|", pad=None, task="{}:"))
 
     def encode_prompt(self, task: str, text: str) -> tuple[Tensor, int]:
         """A prompt written as symbol numbers -> ((1, t) tokens up to the answer, answer

@@ -3,13 +3,53 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from graphheads.data.tasks import TaskBatch
 
-__all__ = ["ByteTextDataset", "bits_per_byte"]
+__all__ = ["ByteTextDataset", "bits_per_byte", "read_text", "sample_windows", "text_files"]
+
+
+def text_files(path: str | Path) -> list[Path]:
+    """A file, or every non-hidden file below a folder, sorted by path (hidden is judged
+    below the folder given, not above it); FileNotFoundError when ``path`` is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_file():
+        return [path]
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
+    )
+
+
+def read_text(path: Path) -> str:
+    """A file's text; ValueError naming the file when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def sample_windows(
+    data: Sequence[int] | Tensor | np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> TaskBatch:
+    """Random windows of ``seq_len + 1`` tokens of ``data`` (a tensor or a memory map) ->
+    (inputs, next-token targets), the starts drawn from ``generator``."""
+    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+    rows = [np.asarray(data[s : s + seq_len + 1], dtype=np.int64) for s in starts.tolist()]
+    windows = torch.from_numpy(np.stack(rows))
+    return TaskBatch(windows[:, :-1], windows[:, 1:])
 
 
 def bits_per_byte(loss_nats: float) -> float:
@@ -31,29 +71,10 @@ class ByteTextDataset:
 
     def __init__(self, path: str | Path, *, seq_len: int = 128, val_fraction: float = 0.1) -> None:
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"ByteTextDataset: {path} does not exist")
-        files = (
-            [path]
-            if path.is_file()
-            else sorted(  # hidden files: judged below the folder given, not above it
-                p
-                for p in path.rglob("*")
-                if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
-            )
-        )
+        files = text_files(path)
         if not files:
             raise ValueError(f"ByteTextDataset: the folder {path} holds no (non-hidden) files")
-        chunks = []
-        for f in files:
-            raw = f.read_bytes()
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"ByteTextDataset: {f} is not UTF-8 text ({err.reason} at byte {err.start})"
-                ) from err
-            chunks.append(raw)
+        chunks = [read_text(f).encode("utf-8") for f in files]
         data = torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8).long()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"ByteTextDataset: val_fraction must be in (0, 1), got {val_fraction}")
@@ -76,7 +97,6 @@ class ByteTextDataset:
         """Random windows of ``seq_len + 1`` bytes -> (inputs, next-byte targets)."""
         if split not in ("train", "val"):
             raise ValueError(f"ByteTextDataset: split must be 'train' or 'val', got {split!r}")
-        data = self.train if split == "train" else self.val
-        starts = torch.randint(0, len(data) - self.seq_len - 1, (batch_size,), generator=generator)
-        windows = torch.stack([data[s : s + self.seq_len + 1] for s in starts.tolist()])
-        return TaskBatch(windows[:, :-1], windows[:, 1:])
+        return sample_windows(
+            self.train if split == "train" else self.val, self.seq_len, batch_size, generator
+        )
