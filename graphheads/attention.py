@@ -223,6 +223,12 @@ class MultiHeadAttention(nn.Module):
         kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
         return f"d_model={self.d_model}, num_heads={self.num_heads}{kv}, dropout={self.dropout}"
 
+    @property
+    def merged_masks(self) -> bool:
+        """Whether a stack should hand this module its masks merged into one additive
+        bias, built once per forward (True: the kernels take one bias)."""
+        return True
+
     # -- pieces shared with the routed subclasses -------------------------------------
     def split_heads(self, x: Tensor) -> Tensor:
         b, t, width = x.shape
@@ -269,6 +275,22 @@ class MultiHeadAttention(nn.Module):
         if self.rotary is not None:
             k = self.rotary(k, kv_cache.length if kv_cache is not None else 0)
         return KVCache(k, v) if kv_cache is None else kv_cache.append(k, v)
+
+    def keys_values(
+        self, key: Tensor, value: Tensor, kv_cache: KVCache | None, memory_kv: KVCache | None
+    ) -> KVCache:
+        """The keys and values to attend to: ``memory_kv`` as it is (a fixed memory
+        projected once, :meth:`project_kv` of it), else :meth:`project_kv`."""
+        if memory_kv is None:
+            return self.project_kv(key, value, kv_cache)
+        if kv_cache is not None:
+            raise ValueError(f"{type(self).__name__}: pass either kv_cache or memory_kv")
+        if memory_kv.key.size(0) != key.size(0) or memory_kv.key.size(1) != self.num_kv_heads:
+            raise ValueError(
+                f"{type(self).__name__}: memory_kv has keys {tuple(memory_kv.key.shape)}, "
+                f"expected (batch {key.size(0)}, {self.num_kv_heads} heads, tokens, head width)"
+            )
+        return memory_kv
 
     def expand_kv(self, kv: KVCache) -> tuple[Tensor, Tensor]:
         """Keys and values with one key/value head per query head (b, h, s, e), for
@@ -341,6 +363,7 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         kv_cache: KVCache | None = None,
         use_cache: bool = False,
+        memory_kv: KVCache | None = None,
         head_states: Tensor | None = None,
         token_mask: Tensor | None = None,
     ) -> AttentionOutput:
@@ -348,15 +371,18 @@ class MultiHeadAttention(nn.Module):
 
         ``kv_cache`` holds keys and values of earlier tokens (self-attention decoding);
         with ``use_cache=True`` the returned :class:`AttentionOutput` carries the cache
-        extended by this call's tokens. ``head_states`` and ``token_mask`` belong to the
-        interface of routed attention: ``head_states`` must be ``None`` here and
-        ``token_mask`` (which only the load-balance loss reads) is ignored.
+        extended by this call's tokens. ``memory_kv`` are keys and values projected once
+        from a fixed memory (cross-attention while decoding, :meth:`project_kv`): they
+        are used as they are and ``key``/``value`` are not read. ``head_states`` and
+        ``token_mask`` belong to the interface of routed attention: ``head_states`` must
+        be ``None`` here and ``token_mask`` (which only the load-balance loss reads) is
+        ignored.
         """
         if head_states is not None:
             raise ValueError(f"{type(self).__name__}: head_states is only used by GoH attention")
         key, value = self.resolve_inputs(query, key, value)
         offset = kv_cache.length if kv_cache is not None else 0
-        kv = self.project_kv(key, value, kv_cache)
+        kv = self.keys_values(key, value, kv_cache, memory_kv)
         heads = self.attend(
             self.project_query(query, offset),
             kv,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from graphheads.attention import MultiHeadAttention
 from graphheads.masks import build_attention_bias, self_attention_mask
 from graphheads.types import AttentionOutput, KVCache
 
@@ -194,13 +195,15 @@ class TransformerBlock(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
         use_cache: bool = False,
+        memory_kv: KVCache | None = None,
         head_states: Tensor | None = None,
         token_mask: Tensor | None = None,
     ) -> LayerOutput:
         """x (b, t, d), memory (b, s, d) -> :class:`LayerOutput`. Masks as in
         :class:`~graphheads.attention.MultiHeadAttention`; ``memory_mask`` and
-        ``memory_key_padding_mask`` are the cross-attention's. ``token_mask`` (b, t) is
-        True at real tokens (routed attention balances only those)."""
+        ``memory_key_padding_mask`` are the cross-attention's, ``memory_kv`` its keys and
+        values of ``memory`` projected once (decoding). ``token_mask`` (b, t) is True at
+        real tokens (routed attention balances only those)."""
         if (memory is None) != (self.cross_attn is None):
             raise ValueError(
                 "TransformerBlock: memory must be given exactly when the block has "
@@ -221,10 +224,10 @@ class TransformerBlock(nn.Module):
         if self.cross_attn is not None and self.cross_attn_norm is not None:
             ca = self.cross_attn(
                 self._input(x, self.cross_attn_norm),
-                memory,
-                memory,
+                None if memory_kv is not None else memory,
                 attn_mask=memory_mask,
                 key_padding_mask=memory_key_padding_mask,
+                memory_kv=memory_kv,
                 token_mask=token_mask,
             )
             x = self._residual(x, ca.output, self.cross_attn_norm)
@@ -276,6 +279,47 @@ class TransformerStack(nn.Module):
         # (torch.utils.checkpoint, non-reentrant; training only): memory for compute
         self.activation_checkpointing = False
 
+    def empty_cache(
+        self,
+        batch_size: int,
+        capacity: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[KVCache, ...]:
+        """One empty :class:`~graphheads.types.KVCache` per block with room for
+        ``capacity`` tokens (decoding writes into it instead of concatenating)."""
+        caches = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            if not isinstance(attn, MultiHeadAttention):
+                raise ValueError(
+                    f"TransformerStack.empty_cache: {type(attn).__name__} keeps no KVCache"
+                )
+            caches.append(
+                KVCache.empty(
+                    batch_size,
+                    attn.num_kv_heads,
+                    capacity,
+                    attn.head_dim,
+                    dtype=dtype,
+                    device=device,
+                )
+            )
+        return tuple(caches)
+
+    def memory_kv(self, memory: Tensor) -> tuple[KVCache, ...]:
+        """Every block's cross-attention keys and values of ``memory`` (b, s, d): pass
+        them as ``memory_kv`` to decode without projecting the memory at every step."""
+        caches = []
+        for layer in self.layers:
+            if not isinstance(layer.cross_attn, MultiHeadAttention):
+                raise ValueError(
+                    "TransformerStack.memory_kv: the blocks have no graphheads cross-attention"
+                )
+            caches.append(layer.cross_attn.project_kv(memory, memory, None))
+        return tuple(caches)
+
     def forward(
         self,
         x: Tensor,
@@ -287,30 +331,39 @@ class TransformerStack(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         cache: tuple[KVCache, ...] | None = None,
         use_cache: bool = False,
+        memory_kv: tuple[KVCache, ...] | None = None,
         token_mask: Tensor | None = None,
     ) -> StackOutput:
         """x (b, t, d) -> :class:`StackOutput`. ``cache`` holds one
         :class:`~graphheads.types.KVCache` per block (the tokens before x);
-        ``key_padding_mask`` (b, past + t) then covers the cached keys too. The masks
-        are merged once here and every block gets the same bias."""
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(
-                f"TransformerStack: cache has {len(cache)} layers, stack has {len(self.layers)}"
-            )
+        ``key_padding_mask`` (b, past + t) then covers the cached keys too.
+        ``memory_kv`` holds every block's cross-attention keys and values of ``memory``
+        (:meth:`memory_kv`), computed once per generation. The masks are merged once
+        here and every block gets the same bias (blocks whose self-attention takes the
+        masks as they are, the sparse path, get them unmerged)."""
+        for label, per_layer in (("cache", cache), ("memory_kv", memory_kv)):
+            if per_layer is not None and len(per_layer) != len(self.layers):
+                raise ValueError(
+                    f"TransformerStack: {label} has {len(per_layer)} layers, stack has "
+                    f"{len(self.layers)}"
+                )
         b, t = x.shape[:2]
         past = cache[0].length if cache else 0
         num_heads = int(getattr(self.layers[0].self_attn, "num_heads", 1)) if self.layers else 1
-        self_mask, causal = self_attention_mask(
-            batch_size=b,
-            num_heads=num_heads,
-            query_len=t,
-            key_len=past + t,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            dtype=x.dtype,
-            device=x.device,
-        )
+        self_mask, padding, causal = attn_mask, key_padding_mask, is_causal
+        if all(getattr(layer.self_attn, "merged_masks", True) for layer in self.layers):
+            padding = None
+            self_mask, causal = self_attention_mask(
+                batch_size=b,
+                num_heads=num_heads,
+                query_len=t,
+                key_len=past + t,
+                attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask,
+                is_causal=is_causal,
+                dtype=x.dtype,
+                device=x.device,
+            )
         memory_mask = None
         if memory is not None and memory_key_padding_mask is not None:
             memory_mask = build_attention_bias(
@@ -335,10 +388,12 @@ class TransformerStack(nn.Module):
                 x,
                 memory,
                 attn_mask=self_mask,
+                key_padding_mask=padding,
                 is_causal=causal,
                 memory_mask=memory_mask,
                 kv_cache=None if cache is None else cache[i],
                 use_cache=use_cache,
+                memory_kv=None if memory_kv is None else memory_kv[i],
                 head_states=(
                     previous.head_states
                     if self.carry_head_states and previous is not None

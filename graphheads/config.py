@@ -35,7 +35,7 @@ class ModelConfig:
     top_k: int | None = None  # routed heads each token uses; None = half of the routed heads
     gate_convention: Literal["reference", "paper"] = "reference"  # see graphheads.moh
     hard_gates: bool = False  # 0/1 gates with a straight-through estimator
-    execution: Literal["dense", "sparse"] = "dense"  # sparse: compute active heads only
+    execution: Literal["auto", "dense", "sparse"] = "auto"  # see graphheads.routed
     balance: Literal["aux_loss", "bias", "both"] = "aux_loss"  # how routed heads are balanced
     balance_rate: float = 1e-3  # bias step per optimiser step (balance "bias"/"both")
     # --- Graph-of-Heads (attention="goh") ---
@@ -73,9 +73,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: activation must be 'relu' or 'gelu', got {self.activation!r}"
             )
-        if self.execution not in ("dense", "sparse"):
+        if self.execution not in ("auto", "dense", "sparse"):
             raise ValueError(
-                f"ModelConfig: execution must be 'dense' or 'sparse', got {self.execution!r}"
+                "ModelConfig: execution must be 'auto', 'dense' or 'sparse', "
+                f"got {self.execution!r}"
             )
         if self.balance_rate < 0:
             raise ValueError(f"ModelConfig: balance_rate must be >= 0, got {self.balance_rate}")

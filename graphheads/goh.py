@@ -336,7 +336,7 @@ class GoHAttention(RoutedAttention):
         hard_gates: bool = False,
         graph_scale_init: float = 0.0,
         balance_bias: bool = False,
-        execution: Execution = "dense",
+        execution: Execution = "auto",
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
     ) -> None:

@@ -183,7 +183,7 @@ class MoHAttention(RoutedAttention):
         parameter_free: the MoH-LLaMA3 router (see :class:`MoHRouter`).
         balance_bias: the router keeps a top-k selection bias for balancing without an
             auxiliary loss (:func:`~graphheads.gates.update_balance_bias`).
-        execution: "dense" (default) or "sparse" (see
+        execution: "auto" (default), "dense" or "sparse" (see
             :class:`~graphheads.routed.RoutedAttention`).
     """
 
@@ -201,7 +201,7 @@ class MoHAttention(RoutedAttention):
         hard_gates: bool = False,
         parameter_free: bool = False,
         balance_bias: bool = False,
-        execution: Execution = "dense",
+        execution: Execution = "auto",
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
     ) -> None:

@@ -6,10 +6,13 @@ Data flows one way::
 
     x -> router(x) -> gates (b, t, h) -> heads (b, h, t, e) * gates -> out_proj
 
-Two execution paths give equal outputs and gradients: ``"dense"`` computes every head
-and multiplies by the gates (static shapes: ``torch.compile``, DDP, FSDP);
-``"sparse"`` computes only the active (token, head) pairs
-(:func:`graphheads.sparse.sparse_routed_attention`).
+Execution paths give equal outputs (and, under autograd, gradients) up to rounding:
+``"dense"`` computes every head and multiplies by the gates (static shapes:
+``torch.compile``, DDP, FSDP); ``"sparse"`` computes only the active (token, head) pairs
+(:func:`graphheads.sparse.sparse_routed_attention`); ``"auto"`` (the default) runs dense
+except for one-token inference steps (decoding with a cache), which read only the
+active heads' caches (:func:`graphheads.sparse.routed_decode_attention`), as
+``"sparse"`` does too.
 
 Shape legend: b batch, t query tokens, s key tokens, h heads, e head width, d model width.
 """
@@ -18,16 +21,17 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from graphheads.attention import MultiHeadAttention
 from graphheads.rotary import RotaryEmbedding
-from graphheads.sparse import sparse_routed_attention
+from graphheads.sparse import routed_decode_attention, sparse_routed_attention
 from graphheads.types import AttentionOutput, KVCache, RoutingOutput
 
 __all__ = ["Execution", "RoutedAttention", "Router"]
 
-Execution = Literal["dense", "sparse"]
+Execution = Literal["auto", "dense", "sparse"]
 
 
 class Router(Protocol):
@@ -63,7 +67,8 @@ class RoutedAttention(MultiHeadAttention):
         dropout: dropout on the attention weights.
         bias: whether the projections have a bias.
         fused_attention: use PyTorch's fused SDPA kernel.
-        execution: ``"dense"`` (default) or ``"sparse"`` (see the module docstring).
+        execution: ``"auto"`` (default), ``"dense"`` or ``"sparse"`` (see the module
+            docstring).
         sparse_chunk_rows: rows per routed head per chunk on the sparse path.
         num_kv_heads: key/value heads (grouped-query attention), as in
             :class:`~graphheads.attention.MultiHeadAttention`; routing is over query heads.
@@ -80,7 +85,7 @@ class RoutedAttention(MultiHeadAttention):
         dropout: float = 0.0,
         bias: bool = True,
         fused_attention: bool = True,
-        execution: Execution = "dense",
+        execution: Execution = "auto",
         sparse_chunk_rows: int = 64,
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
@@ -95,8 +100,10 @@ class RoutedAttention(MultiHeadAttention):
             rotary=rotary,
         )
         name = type(self).__name__
-        if execution not in ("dense", "sparse"):
-            raise ValueError(f"{name}: execution must be 'dense' or 'sparse', got {execution!r}")
+        if execution not in ("auto", "dense", "sparse"):
+            raise ValueError(
+                f"{name}: execution must be 'auto', 'dense' or 'sparse', got {execution!r}"
+            )
         if sparse_chunk_rows < 1:
             raise ValueError(f"{name}: sparse_chunk_rows must be >= 1, got {sparse_chunk_rows}")
         if getattr(router, "num_heads", None) != num_heads:
@@ -107,6 +114,22 @@ class RoutedAttention(MultiHeadAttention):
         self.execution: Execution = execution
         self.sparse_chunk_rows = sparse_chunk_rows
         self.router = router
+
+    @property
+    def merged_masks(self) -> bool:
+        """Whether a stack should hand this module its masks merged into one bias (the
+        dense kernels want that); the sparse path reads the padding mask per sequence and
+        keeps the causal limit itself, so it takes the masks as they are."""
+        return self.execution != "sparse"
+
+    def _decodes(self, query: Tensor) -> bool:
+        """One query token per sequence, inference: the decoding path applies."""
+        return (
+            self.execution != "dense"
+            and query.size(1) == 1
+            and not torch.is_grad_enabled()
+            and not (self.training and self.dropout > 0)
+        )
 
     def forward(
         self,
@@ -119,6 +142,7 @@ class RoutedAttention(MultiHeadAttention):
         is_causal: bool = False,
         kv_cache: KVCache | None = None,
         use_cache: bool = False,
+        memory_kv: KVCache | None = None,
         head_states: Tensor | None = None,
         token_mask: Tensor | None = None,
     ) -> AttentionOutput:
@@ -126,29 +150,58 @@ class RoutedAttention(MultiHeadAttention):
         layer's graph-router states, GoH with carry only) and ``token_mask`` (b, t): True
         at real query tokens, the only ones the load-balance loss counts."""
         key, value = self.resolve_inputs(query, key, value)
-        sparse = self.execution == "sparse"
+        decoding = self._decodes(query)
+        sparse = self.execution == "sparse" and not decoding
         needs_queries = bool(getattr(self.router, "parameter_free", False))
         offset = kv_cache.length if kv_cache is not None else 0
-        q = self.project_query(query, offset) if not sparse or needs_queries else None
+        q = None
+        if needs_queries or not (sparse or decoding):
+            q = self.project_query(query, offset)
         routing: RoutingOutput = self.router(
             query,
             queries=None if q is None else q.transpose(1, 2),
             head_states=head_states,
             token_mask=token_mask,
         )
-        kv = self.project_kv(key, value, kv_cache)
+        kv = self.keys_values(key, value, kv_cache, memory_kv)
         cache = kv if use_cache else None
-        if sparse:
-            simple_causal = is_causal and attn_mask is None and key_padding_mask is None
+        if decoding or sparse:
+            s = kv.key.size(-2)
             bias = None
-            if not simple_causal:
+            if attn_mask is not None or key_padding_mask is not None:
                 bias = self.attention_bias(
                     query,
-                    key_len=kv.key.size(-2),
+                    key_len=s,
                     attn_mask=attn_mask,
                     key_padding_mask=key_padding_mask,
-                    is_causal=is_causal,
+                    is_causal=False,  # the causal part stays a flag (a key limit per chunk)
                 )
+            weights = {
+                "q_weight": self.q_proj.weight,
+                "q_bias": self.q_proj.bias,
+                "out_weight": self.out_proj.weight,
+                "out_bias": self.out_proj.bias,
+            }
+        if decoding:  # one token with a causal cache sees every key: no causal mask
+            rotate = None
+            if self.rotary is not None:
+                rotary = self.rotary
+                rotate = lambda x: rotary(x, offset)  # noqa: E731
+            output = routed_decode_attention(
+                query,
+                kv.key,
+                kv.value,
+                routing.gates,
+                routing.active_heads,
+                **weights,
+                attn_bias=bias,
+                num_shared=routing.num_shared,
+                rotate=rotate,
+                queries=q,
+                fused_attention=self.fused_attention,
+            )
+            return AttentionOutput(output, routing, cache)
+        if sparse:
             if self.rotary is not None:
                 raise ValueError(f"{type(self).__name__}: sparse execution has no rotary path")
             keys, values = self.expand_kv(kv)  # (b, h, s, e)
@@ -158,12 +211,9 @@ class RoutedAttention(MultiHeadAttention):
                 values,
                 routing.gates,
                 routing.routed_mask,
-                q_weight=self.q_proj.weight,
-                q_bias=self.q_proj.bias,
-                out_weight=self.out_proj.weight,
-                out_bias=self.out_proj.bias,
+                **weights,
                 attn_bias=bias,
-                is_causal=simple_causal,
+                is_causal=is_causal and query.size(1) > 1,
                 dropout_p=self.dropout if self.training else 0.0,
                 fused_attention=self.fused_attention,
                 queries=q,

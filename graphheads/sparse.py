@@ -1,39 +1,53 @@
-r"""The sparse execution path of routed attention: compute only active (token, head) pairs.
+r"""The sparse execution paths of routed attention: compute only active (token, head) pairs.
 
 A token's inactive heads need no query projection, no attention row and no slice of the
 output projection; keys and values are still computed for every head. Shared heads are
-on for every token, so they run as ordinary dense attention. For the routed heads the
-active tokens of each (sequence, head) are gathered, in position order, into a padded
-block of ``m`` rows (``m`` = the largest count of active tokens of any routed head in the
-batch), and only (sequence, head) pairs with at least one active token take part, so
-batched attention calls cover every routed head, a chunk of rows at a time:
+on for every token, so they run as ordinary dense attention.
 
-    x_g  (p, m, d)  = the active tokens' inputs, for the p (sequence, head) pairs with work
-    q    (p, m, e)  = x_g W_q[head]^T + b_q[head]             # only active queries
-    o    (p, m, e)  = attention of those rows over the keys of their head
-    y   += index_add over tokens of  (g * o) W_o[:, head]^T     # only active slices
+:func:`sparse_routed_attention` (many query tokens): the active tokens of each (routed
+head, sequence) are gathered, in position order, into a padded block of ``m`` rows
+(``m`` = the largest count of active tokens of any routed head in the batch), laid out
+head-major so every projection is one batched GEMM against a *view* of the weights (no
+per-pair weight copies), a chunk of rows at a time:
 
-The result equals the dense masked path (outputs and gradients) up to rounding. It is a
-function of tensors (inputs, keys, values, gates, weights), not of a module, so any
-attention module can call it (:class:`~graphheads.routed.RoutedAttention` does). The path
-reads the active counts (one host sync), so it is meant for inference and long sequences;
-training uses the static-shape dense path (``torch.compile``, DDP and FSDP friendly).
+    x_g  (r, b, m, d)  = the active tokens' inputs
+    q    (r, b, m, e)  = x_g W_q[head]^T + b_q[head]             # only active queries
+    o    (r, b, m, e)  = attention of those rows over the keys of their head
+    y   += index_add over tokens of  (g * o) W_o[:, head]^T        # only active slices
+
+A padding mask is read per sequence (never expanded over heads), and a causal chunk
+reads only the keys up to its last row's position, also with padding.
+
+:func:`routed_decode_attention` (one query token per sequence, inference): decoding with
+a long key/value cache is bound by memory traffic, and a token that does not use head h
+need not read head h's cache. Each active (sequence, head) pair attends over a *view* of
+its cache (nothing copied), with the query and output projections of that head's slice
+of the weights only.
+
+Both equal the dense masked path up to rounding (the chunked path also in its gradients).
+They are functions of tensors (inputs, keys, values, gates, weights), not of a module, so
+any attention module can call them (:class:`~graphheads.routed.RoutedAttention` does).
+Both read which heads are active (one host sync per call), so they are meant for
+inference and long sequences; training uses the static-shape dense path
+(``torch.compile``, DDP and FSDP friendly).
 
 Shape legend: b batch, t query tokens, s key tokens, h heads, r routed heads, m gathered
-rows per routed head, e head width, d model width.
+rows per routed head, c rows per chunk, e head width, d model width.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from graphheads.attention import scaled_dot_product_attention
 
-__all__ = ["sparse_routed_attention"]
+__all__ = ["routed_decode_attention", "sparse_routed_attention"]
 
 
 def sparse_routed_attention(
@@ -66,8 +80,9 @@ def sparse_routed_attention(
         q_bias: its bias (h e,), or ``None``.
         out_weight: the output projection's weight (d, h e).
         out_bias: its bias (d,), or ``None``.
-        attn_bias: additive mask (b or 1, h or 1, t, s), or ``None``.
-        is_causal: bottom-right causal attention (only with ``attn_bias=None``).
+        attn_bias: additive mask (b or 1, h or 1, t or 1, s), or ``None``; a padding
+            bias (b, 1, 1, s) is read per sequence, never expanded.
+        is_causal: bottom-right causal attention; with ``attn_bias`` both apply.
         dropout_p: dropout on the attention weights.
         fused_attention: PyTorch's SDPA kernel (else the plain math path).
         queries: (b, h, t, e) all projected queries when the caller already has them
@@ -76,96 +91,140 @@ def sparse_routed_attention(
             last position, and under autograd each chunk is recomputed in the backward
             pass instead of keeping its (rows x keys) mask.
     """
-    if is_causal and attn_bias is not None:
-        raise ValueError("sparse_routed_attention: pass either attn_bias or is_causal=True")
     b, t, d = query.shape
     h, s, e = key.size(1), key.size(-2), key.size(-1)
     r = routed_mask.size(-1)
     h_s = h - r
-    k, v = key, value
-    w_q, w_o, b_q = q_weight, out_weight, q_bias  # (h e, d), (d, h e), (h e,)
-    q = queries
     bias = attn_bias
+    if bias is not None and (bias.dim() != 4 or bias.size(1) not in (1, h)):
+        raise ValueError(
+            f"sparse_routed_attention: attn_bias must be (b or 1, {h} or 1, t or 1, s), "
+            f"got {tuple(bias.shape)}"
+        )
     out = query.new_zeros(b, t, d)
     if h_s > 0:  # shared heads: every token, dense
-        if q is not None:
-            q_s = q[:, :h_s]
+        if queries is not None:
+            q_s = queries[:, :h_s]
         else:
-            q_s = query @ w_q[: h_s * e].T
-            if b_q is not None:
-                q_s = q_s + b_q[: h_s * e]
+            b_s = None if q_bias is None else q_bias[: h_s * e]
+            q_s = F.linear(query, q_weight[: h_s * e], b_s)
             q_s = q_s.view(b, t, h_s, e).transpose(1, 2)  # (b, h_s, t, e)
-        if is_causal and t == s:
-            o_s = scaled_dot_product_attention(
-                q_s,
-                k[:, :h_s],
-                v[:, :h_s],
-                is_causal=True,
-                dropout_p=dropout_p,
-                fused_attention=fused_attention,
-            )
-        else:
-            mask = _causal_allowed(t, s, query.device) if is_causal else bias
-            if mask is not None and mask.dim() == 4 and mask.size(1) == h:
-                mask = mask[:, :h_s]
-            o_s = scaled_dot_product_attention(
-                q_s,
-                k[:, :h_s],
-                v[:, :h_s],
-                attn_mask=mask,
-                dropout_p=dropout_p,
-                fused_attention=fused_attention,
-            )
+        shared_mask = None if bias is None else bias[:, :h_s]
+        causal_kernel = is_causal and t == s and shared_mask is None
+        if is_causal and not causal_kernel:
+            causal = _causal_bias(t, s, query)
+            shared_mask = causal if shared_mask is None else shared_mask + causal
+        o_s = scaled_dot_product_attention(
+            q_s,
+            key[:, :h_s],
+            value[:, :h_s],
+            attn_mask=shared_mask,
+            is_causal=causal_kernel,
+            dropout_p=dropout_p,
+            fused_attention=fused_attention,
+        )
         o_s = o_s * gates[..., :h_s].transpose(1, 2).unsqueeze(-1)  # (b, h_s, t, e)
-        out = out + o_s.transpose(1, 2).reshape(b, t, h_s * e) @ w_o[:, : h_s * e].T
+        out = out + o_s.transpose(1, 2).reshape(b, t, h_s * e) @ out_weight[:, : h_s * e].T
     if r > 0:
-        active = routed_mask > 0  # (b, t, r)
-        counts = active.sum(dim=1).reshape(b * r)  # active tokens per (sequence, routed head)
-        pairs = counts.nonzero().squeeze(1)  # (p,) the (sequence, head) pairs with work
-        m = int(counts.max())  # rows per pair (host syncs: this path is for inference)
-        n_pairs = pairs.numel()
-        if n_pairs:
-            # per pair, its active tokens first, in position order (stable sort of "inactive")
-            order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices[:, :m]
-            idx = order.transpose(1, 2).reshape(b * r, m)[pairs]  # (p, m) token positions
-            valid = torch.arange(m, device=query.device) < counts[pairs].unsqueeze(-1)  # (p, m)
-            g = gates[..., h_s:].transpose(1, 2).reshape(b * r, t)[pairs].gather(1, idx)  # (p, m)
-            seq, head = pairs // r, pairs % r  # (p,)
-            k_r = k[:, h_s:].reshape(b * r, s, e)  # (b r, s, e), a view
-            v_r = v[:, h_s:].reshape(b * r, s, e)
-            if n_pairs < b * r:  # only the pairs with work (e.g. decoding one token)
-                k_r, v_r = k_r[pairs], v_r[pairs]  # (p, s, e)
-            if bias is not None:
-                bias = bias.expand(b, h, t, s)[:, h_s:].reshape(b * r, t, s)[pairs]
-            chunk = functools.partial(
-                _routed_chunk,
-                query=query,
-                seq=seq,
-                w_q=w_q[h_s * e :].view(r, e, d)[head],  # (p, e, d)
-                b_q=None if b_q is None else b_q[h_s * e :].view(r, 1, e)[head],  # (p, 1, e)
-                w_o=w_o[:, h_s * e :].view(d, r, e).permute(1, 2, 0)[head],  # (p, e, d)
-                q_all=None if q is None else q[:, h_s:].reshape(b * r, t, e)[pairs],
-                bias=bias,
-                causal_offset=s - t if is_causal else None,
-                dropout_p=dropout_p,
-                fused_attention=fused_attention,
-            )
-            flat_out = out.view(b * t, d)
-            for start in range(0, m, chunk_rows):
-                rows = slice(start, min(m, start + chunk_rows))
-                idx_c = idx[:, rows]  # (p, c)
-                # causal: this chunk's rows see keys up to its last position, no further
-                limit = int(idx_c.max()) + s - t + 1 if is_causal else s
-                args = (idx_c, valid[:, rows], g[:, rows], k_r[:, :limit], v_r[:, :limit])
-                if torch.is_grad_enabled():  # recompute in backward: no (rows x keys) mask is kept
-                    y = checkpoint(chunk, *args, use_reentrant=False)
-                else:
-                    y = chunk(*args)
-                # in place: autograd needs only the indices
-                flat_out.index_add_(0, (seq.unsqueeze(1) * t + idx_c).reshape(-1), y.reshape(-1, d))
+        _add_routed_heads(
+            out,
+            query,
+            key[:, h_s:].transpose(0, 1),  # (r, b, s, e): views, head-major
+            value[:, h_s:].transpose(0, 1),
+            gates[..., h_s:],
+            routed_mask > 0,
+            w_q=q_weight[h_s * e :].view(r, e, d),  # views of the weights, no copies
+            b_q=None if q_bias is None else q_bias[h_s * e :].view(r, 1, e),
+            w_o=out_weight[:, h_s * e :].view(d, r, e).permute(1, 2, 0),  # (r, e, d)
+            q_all=None if queries is None else queries[:, h_s:].transpose(0, 1),
+            bias=bias,
+            num_shared=h_s,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            fused_attention=fused_attention,
+            chunk_rows=chunk_rows,
+        )
     if out_bias is not None:
         out = out + out_bias
     return out
+
+
+def _add_routed_heads(
+    out: Tensor,
+    query: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: Tensor,
+    active: Tensor,
+    *,
+    w_q: Tensor,
+    b_q: Tensor | None,
+    w_o: Tensor,
+    q_all: Tensor | None,
+    bias: Tensor | None,
+    num_shared: int,
+    is_causal: bool,
+    dropout_p: float,
+    fused_attention: bool,
+    chunk_rows: int,
+) -> None:
+    """Add the routed heads' contributions to ``out`` (b, t, d) in place; keys and
+    values (r, b, s, e), gates (b, t, r), ``active`` (b, t, r) bool."""
+    b, t, d = query.shape
+    s = k.size(-2)
+    # per (sequence, head) its active tokens first, in position order (a stable sort)
+    order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices  # (b, t, r)
+    idx_all = order.permute(2, 0, 1)  # (r, b, t) token positions
+    counts = active.sum(dim=1).T  # (r, b) active tokens per (head, sequence)
+    rows = torch.arange(t, device=query.device)
+    valid_all = rows < counts.unsqueeze(-1)  # (r, b, t)
+    # one host sync for the row count m and every chunk's last visible key
+    n_chunks = -(-t // chunk_rows)
+    last = torch.where(valid_all, idx_all, -1).amax(dim=(0, 1))  # (t,) by row
+    last = F.pad(last, (0, n_chunks * chunk_rows - t), value=-1).view(n_chunks, chunk_rows)
+    host = torch.cat([counts.max().view(1), last.amax(dim=1)]).tolist()
+    m, chunk_last = int(host[0]), host[1:]
+    if m == 0:
+        return
+    g = gates.permute(2, 0, 1).gather(2, idx_all[..., :m])  # (r, b, m)
+    row_bias: Tensor | None = None  # the mask rows of every routed row, when not per row
+    if bias is not None and bias.size(2) == 1:  # padding only: (b|1, 1|h, 1, s)
+        per_head = bias[:, num_shared:] if bias.size(1) > 1 else bias
+        row_bias = per_head.transpose(0, 1)  # (r|1, b|1, 1, s), a view
+    chunk = functools.partial(
+        _routed_chunk,
+        query=query,
+        w_q=w_q,
+        b_q=b_q,
+        w_o=w_o,
+        q_all=q_all,
+        bias=bias if row_bias is None else None,
+        num_shared=num_shared,
+        causal_offset=s - t if is_causal else None,
+        dropout_p=dropout_p,
+        fused_attention=fused_attention,
+    )
+    seq = torch.arange(b, device=query.device).view(1, b, 1)
+    flat_out = out.view(b * t, d)
+    for i, start in enumerate(range(0, m, chunk_rows)):
+        sl = slice(start, min(m, start + chunk_rows))
+        idx_c = idx_all[..., sl]  # (r, b, c)
+        # causal: this chunk's rows see keys up to the last position among them
+        limit = max(int(chunk_last[i]) + s - t + 1, 1) if is_causal else s
+        args = (
+            idx_c,
+            valid_all[..., sl],
+            g[..., sl],
+            k[:, :, :limit],
+            v[:, :, :limit],
+            None if row_bias is None else row_bias[..., :limit],
+        )
+        if torch.is_grad_enabled():  # recompute in backward: no (rows x keys) mask is kept
+            y = checkpoint(chunk, *args, use_reentrant=False)
+        else:
+            y = chunk(*args)
+        # in place: autograd needs only the indices
+        flat_out.index_add_(0, (seq * t + idx_c).reshape(-1), y.reshape(-1, d))
 
 
 def _routed_chunk(
@@ -174,50 +233,151 @@ def _routed_chunk(
     gates: Tensor,
     k: Tensor,
     v: Tensor,
+    row_bias: Tensor | None,
     *,
     query: Tensor,
-    seq: Tensor,
     w_q: Tensor,
     b_q: Tensor | None,
     w_o: Tensor,
     q_all: Tensor | None,
     bias: Tensor | None,
+    num_shared: int,
     causal_offset: int | None,
     dropout_p: float,
     fused_attention: bool,
 ) -> Tensor:
-    """Output-projection contributions (p, c, d) of c gathered rows for each of p
-    (sequence, routed head) pairs: token positions ``idx`` (p, c), their gates (p, c),
-    the pairs' keys and values (p, s', e), their sequences ``seq`` (p,) and weight slices
-    ``w_q``, ``w_o`` (p, e, d)."""
-    e = k.size(-1)
-    if q_all is not None:
-        q = q_all.gather(1, idx.unsqueeze(-1).expand(*idx.shape, e))  # (p, c, e)
+    """Output-projection contributions (r, b c, d) of c gathered rows of every (routed
+    head, sequence): token positions ``idx`` (r, b, c), ``valid`` rows, their gates
+    (r, b, c), keys and values (r, b, s', e), a broadcast mask ``row_bias`` (r|1, b|1, 1,
+    s') or per-row rows of ``bias`` (b|1, h|1, t, s), weight views ``w_q`` (r, e, d),
+    ``w_o`` (r, e, d)."""
+    r, b, c = idx.shape
+    s_c, e = k.size(-2), k.size(-1)
+    seq = torch.arange(b, device=idx.device).view(1, b, 1)
+    if q_all is not None:  # (r, b, t, e)
+        q = q_all.gather(2, idx.unsqueeze(-1).expand(r, b, c, e))
     else:
-        x = query[seq.unsqueeze(1), idx]  # (p, c, d): only the active tokens
-        q = torch.bmm(x, w_q.transpose(1, 2))  # (p, c, e)
-        if b_q is not None:
-            q = q + b_q
-    mask: Tensor | None = None
+        x = query[seq, idx].view(r, b * c, -1)  # (r, b c, d): only the active tokens
+        w = w_q.transpose(1, 2)  # (r, d, e)
+        q = torch.bmm(x, w) if b_q is None else torch.baddbmm(b_q, x, w)
+        q = q.view(r, b, c, e)
+    mask = row_bias
+    if bias is not None:  # a mask per query row: gather the rows, never expand over heads
+        if bias.size(1) > 1:
+            heads = num_shared + torch.arange(r, device=idx.device).view(r, 1, 1)
+            rows = bias.expand(b, -1, -1, -1)[seq, heads, idx]  # (r, b, c, s)
+        else:
+            rows = bias[:, 0].expand(b, -1, -1)[seq, idx]
+        mask = rows[..., :s_c]
     if causal_offset is not None:  # key j is visible from the token at position i if j <= i + s - t
-        allowed = torch.arange(k.size(-2), device=k.device) <= (idx + causal_offset).unsqueeze(-1)
-        mask = torch.where(allowed, 0.0, float("-inf")).to(
-            q.dtype
-        )  # float: used by the kernel as is
-    elif bias is not None:
-        mask = bias.gather(1, idx.unsqueeze(-1).expand(*idx.shape, bias.size(-1)))  # (p, c, s)
-    o = scaled_dot_product_attention(  # 4-D, so PyTorch picks its fused CPU kernel
-        q.unsqueeze(1),
-        k.unsqueeze(1),
-        v.unsqueeze(1),
-        attn_mask=None if mask is None else mask.unsqueeze(1),
-        dropout_p=dropout_p,
-        fused_attention=fused_attention,
-    ).squeeze(1)  # (p, c, e)
+        allowed = torch.arange(s_c, device=k.device) <= (idx + causal_offset).unsqueeze(-1)
+        causal = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~allowed, float("-inf")
+        )
+        mask = causal if mask is None else mask + causal
+    if mask is not None:  # padding rows (not valid) see every key: no fully masked rows
+        mask = mask.expand(r, b, c, s_c).masked_fill(~valid.unsqueeze(-1), 0.0)
+    o = scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, fused_attention=fused_attention
+    )  # (r, b, c, e)
     o = torch.where(valid.unsqueeze(-1), o * gates.unsqueeze(-1), 0.0)  # padding rows: nothing
-    return torch.bmm(o, w_o)  # (p, c, d)
+    return torch.bmm(o.reshape(r, b * c, e), w_o)  # (r, b c, d)
 
 
-def _causal_allowed(t: int, s: int, device: torch.device) -> Tensor:
-    """(t, s) bool, True where query i may see key j (bottom-right aligned)."""
-    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+def routed_decode_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    gates: Tensor,
+    active: Tensor,
+    *,
+    q_weight: Tensor,
+    q_bias: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
+    attn_bias: Tensor | None = None,
+    num_shared: int = 0,
+    rotate: Callable[[Tensor], Tensor] | None = None,
+    queries: Tensor | None = None,
+    fused_attention: bool = True,
+) -> Tensor:
+    """Routed attention output (b, 1, d) for one query token per sequence (inference),
+    reading only the active heads' keys and values.
+
+    Args:
+        query: (b, 1, d) the query inputs.
+        key: (b, h_kv, s, e) keys (a cache); query head i reads key/value head
+            ``i // (h / h_kv)``.
+        value: (b, h_kv, s, e) values.
+        gates: (b, 1, h) head gates.
+        active: (b, 1, h) bool, True for the heads each token uses.
+        q_weight: the query projection's weight (h e, d).
+        q_bias: its bias (h e,), or ``None``.
+        out_weight: the output projection's weight (d, h e).
+        out_bias: its bias (d,), or ``None``.
+        attn_bias: additive mask (b or 1, h or 1, 1, s) or ``None``.
+        num_shared: the first ``num_shared`` heads are always active: they run batched.
+        rotate: applied to projected queries (..., 1, e) (rotary embeddings at this
+            token's position), or ``None``.
+        queries: (b, h, 1, e) all projected queries when the caller already has them.
+        fused_attention: PyTorch's SDPA kernel (else the plain math path).
+
+    The shared heads run as one batched call; every active routed (sequence, head) pair
+    attends over a view of its cache. The active pairs are read once (one host sync).
+    """
+    b, t, d = query.shape
+    if t != 1:
+        raise ValueError(f"routed_decode_attention: expected one query token, got {t}")
+    h, h_kv, e = gates.size(-1), key.size(1), key.size(-1)
+    groups = h // h_kv
+    x = query[:, 0]  # (b, d)
+    out = query.new_zeros(b, d) if out_bias is None else out_bias.expand(b, d).clone()
+    h_s = num_shared if num_shared % groups == 0 else 0  # batched shared heads read whole kv heads
+    bias = attn_bias
+    if h_s:
+        if queries is not None:
+            q_s = queries[:, :h_s]
+        else:
+            q_s = F.linear(x, q_weight[: h_s * e], None if q_bias is None else q_bias[: h_s * e])
+            q_s = q_s.view(b, h_s, 1, e)
+            q_s = q_s if rotate is None else rotate(q_s)
+        o_s = scaled_dot_product_attention(
+            q_s,
+            key[:, : h_s // groups],
+            value[:, : h_s // groups],
+            attn_mask=None if bias is None else bias[:, :h_s],
+            fused_attention=fused_attention,
+        )  # (b, h_s, 1, e)
+        o_s = o_s[:, :, 0] * gates[:, 0, :h_s].unsqueeze(-1)
+        out = out.addmm_(o_s.reshape(b, h_s * e), out_weight[:, : h_s * e].T)
+    pairs = active[:, 0, h_s:].nonzero()  # (p, 2): (sequence, head - h_s)
+    pair_gates = gates[:, 0, h_s:][pairs[:, 0], pairs[:, 1]]
+    if bias is not None:
+        bias = bias.expand(b, h, 1, -1)  # a view: rows are read per pair
+    for (i, j), gate in zip(pairs.tolist(), pair_gates.tolist(), strict=True):
+        head = h_s + j
+        cols = slice(head * e, (head + 1) * e)
+        if queries is not None:
+            q = queries[i, head].view(1, 1, e)
+        else:
+            w = q_weight[cols]
+            q = torch.mv(w, x[i]) if q_bias is None else torch.addmv(q_bias[cols], w, x[i])
+            q = q.view(1, 1, e)
+            q = q if rotate is None else rotate(q)
+        kv_head = head // groups
+        o = scaled_dot_product_attention(
+            q,
+            key[i, kv_head].unsqueeze(0),  # (1, s, e): a view of the cache
+            value[i, kv_head].unsqueeze(0),
+            attn_mask=None if bias is None else bias[i, head].unsqueeze(0),
+            fused_attention=fused_attention,
+        )
+        out[i].addmv_(out_weight[:, cols], o.view(e), alpha=gate)
+    return out.unsqueeze(1)
+
+
+def _causal_bias(t: int, s: int, like: Tensor) -> Tensor:
+    """(t, s) additive mask: 0 where query i may see key j (bottom-right aligned)."""
+    future = torch.ones(t, s, dtype=torch.bool, device=like.device).triu(diagonal=s - t + 1)
+    zeros = torch.zeros(t, s, dtype=like.dtype, device=like.device)
+    return zeros.masked_fill(future, float("-inf"))

@@ -219,11 +219,17 @@ class DecoderOnlyLM(nn.Module):
         newest token and reuses the keys and values of the earlier ones.
         """
 
+        capacity = prompt.size(1) + max_new_tokens
+
         def step(
             new: Tensor, tokens: Tensor, cache: tuple[KVCache, ...] | None
         ) -> tuple[Tensor, tuple[KVCache, ...] | None]:
             if not use_cache:
                 return self(tokens).logits[:, -1], None
+            if cache is None:  # preallocated: each step writes its keys and values in place
+                cache = self.decoder.empty_cache(
+                    new.size(0), capacity, dtype=self.lm_head.weight.dtype, device=new.device
+                )
             out = self(new, cache=cache, use_cache=True)
             return out.logits[:, -1], out.cache
 
@@ -282,9 +288,12 @@ class Transformer(nn.Module):
         memory: StackOutput | None = None,
         cache: tuple[KVCache, ...] | None = None,
         use_cache: bool = False,
+        memory_kv: tuple[KVCache, ...] | None = None,
     ) -> ModelOutput:
         """src (b, s), tgt (b, t) -> logits (b, t, v). ``memory`` reuses an earlier
-        :meth:`encode` of ``src``; ``cache`` continues an earlier decoder call."""
+        :meth:`encode` of ``src``; ``cache`` continues an earlier decoder call;
+        ``memory_kv`` are the decoder's cross-attention keys and values of ``memory``
+        (``self.decoder.memory_kv(memory.hidden)``), reused across decoding steps."""
         enc = (
             memory
             if memory is not None
@@ -299,6 +308,7 @@ class Transformer(nn.Module):
             memory_key_padding_mask=src_key_padding_mask,
             cache=cache,
             use_cache=use_cache,
+            memory_kv=memory_kv,
             token_mask=_token_mask(tgt_key_padding_mask, tgt.size(1)),
         )
         stacks = [("decoder", dec)] if memory is not None else [("encoder", enc), ("decoder", dec)]
@@ -320,13 +330,21 @@ class Transformer(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Encode ``src`` once, then decode from ``start_tokens`` (b, t0) with a cache."""
+        """Encode ``src`` once, then decode from ``start_tokens`` (b, t0) with a
+        preallocated cache; the cross-attention keys and values of the memory are
+        computed once."""
         check_token_ids(src, self.config.vocab_size, owner="generate: src")
         memory = self.encode(src, src_key_padding_mask=src_key_padding_mask)
+        memory_kv = self.decoder.memory_kv(memory.hidden)
+        capacity = start_tokens.size(1) + max_new_tokens
 
         def step(
             new: Tensor, _tokens: Tensor, cache: tuple[KVCache, ...] | None
         ) -> tuple[Tensor, tuple[KVCache, ...] | None]:
+            if cache is None:
+                cache = self.decoder.empty_cache(
+                    new.size(0), capacity, dtype=memory.hidden.dtype, device=new.device
+                )
             out = self(
                 src,
                 new,
@@ -334,6 +352,7 @@ class Transformer(nn.Module):
                 memory=memory,
                 cache=cache,
                 use_cache=True,
+                memory_kv=memory_kv,
             )
             return out.logits[:, -1], out.cache
 

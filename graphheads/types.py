@@ -8,31 +8,92 @@ k top-k, e head width, f node features, d model width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["AttentionOutput", "KVCache", "RoutingOutput"]
+__all__ = ["AttentionOutput", "KVBuffer", "KVCache", "RoutingOutput"]
+
+
+@dataclass
+class KVBuffer:
+    """Preallocated key/value storage of one attention module, shared by the
+    :class:`KVCache` objects that are prefixes of it: ``filled`` tokens are written."""
+
+    key: Tensor  # (b, h, capacity, e)
+    value: Tensor  # (b, h, capacity, e)
+    filled: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.key.size(-2))
 
 
 @dataclass
 class KVCache:
     """Keys and values of the tokens seen so far by one attention module.
 
-    A forward pass never mutates a cache: it returns a new one (immutable style, no
-    hidden state on the module).
+    A forward pass never changes what a cache holds: it returns a new one. A cache made
+    by :meth:`empty` writes appended tokens into preallocated storage (``buffer``), so
+    decoding costs no ``torch.cat`` per token; the new cache is a longer view of that
+    storage and the old one still reads its own prefix. Appending to a cache that is not
+    the storage's newest (branching), beyond its capacity, or under autograd copies
+    instead, with the same result.
     """
 
     key: Tensor  # (b, h, s, e)
     value: Tensor  # (b, h, s, e)
+    buffer: KVBuffer | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def empty(
+        cls,
+        batch_size: int,
+        num_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A cache of length 0 with room for ``capacity`` tokens."""
+        if min(batch_size, num_heads, capacity, head_dim) < 1:
+            raise ValueError(
+                "KVCache.empty: batch_size, num_heads, capacity and head_dim must be >= 1, got "
+                f"{(batch_size, num_heads, capacity, head_dim)}"
+            )
+        shape = (batch_size, num_heads, capacity, head_dim)
+        buffer = KVBuffer(
+            torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device),
+        )
+        return cls(buffer.key[:, :, :0], buffer.value[:, :, :0], buffer)
 
     @property
     def length(self) -> int:
         return int(self.key.size(-2))
 
     def append(self, key: Tensor, value: Tensor) -> KVCache:
-        return KVCache(torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2))
+        """This cache followed by ``key``, ``value`` (b, h, n, e)."""
+        s, n, buf = self.length, key.size(-2), self.buffer
+        in_place = (
+            buf is not None
+            and buf.filled == s
+            and s + n <= buf.capacity
+            and key.shape[:2] == buf.key.shape[:2]
+            and key.dtype == buf.key.dtype
+            and not (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad))
+        )
+        if not in_place:
+            return KVCache(
+                torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
+            )
+        assert buf is not None
+        buf.key[:, :, s : s + n] = key
+        buf.value[:, :, s : s + n] = value
+        buf.filled = s + n
+        return KVCache(buf.key[:, :, : s + n], buf.value[:, :, : s + n], buf)
 
 
 @dataclass

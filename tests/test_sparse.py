@@ -84,6 +84,52 @@ def test_chunked_rows_with_causal_key_limits(chunk_rows):
     assert_same(both_paths(attn, x, is_causal=True, key_padding_mask=pad))
 
 
+def test_padding_keeps_the_causal_key_limit_and_is_never_expanded(monkeypatch):
+    """With a padding mask the chunks still read only the keys up to their last row, also
+    inside a model (the stack hands the sparse path its masks unmerged)."""
+    import graphheads.sparse
+
+    seen = []
+    kernel = graphheads.sparse.scaled_dot_product_attention
+    monkeypatch.setattr(
+        graphheads.sparse,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: seen.append((k.size(-2), kw["attn_mask"])) or kernel(q, k, v, **kw),
+    )
+    attn = make("goh", 1, 3)
+    attn.execution = "sparse"
+    attn.sparse_chunk_rows = 4
+    x = torch.randn(2, 17, D)
+    with torch.no_grad():
+        attn(x, is_causal=True)
+        plain = [s for s, _ in seen]
+        seen.clear()
+        attn(x, is_causal=True, key_padding_mask=torch.zeros(2, 17, dtype=torch.bool))
+    assert [s for s, _ in seen] == plain and min(plain[1:]) < 17
+    config = ModelConfig(
+        vocab_size=30,
+        d_model=D,
+        num_heads=H,
+        num_layers=1,
+        attention="goh",
+        num_shared=1,
+        top_k=3,
+        execution="sparse",
+    )
+    model = DecoderOnlyLM(config).eval()
+    model.decoder.layers[0].self_attn.sparse_chunk_rows = 4
+    tokens = torch.randint(0, 30, (2, 17))
+    pad = torch.zeros(2, 17, dtype=torch.bool)
+    pad[0, :3] = True
+    lengths = []
+    for mask in (None, pad):
+        seen.clear()
+        with torch.no_grad():
+            model(tokens, key_padding_mask=mask)
+        lengths.append([s for s, _ in seen])
+    assert lengths[1] == lengths[0] and min(lengths[0]) < 17
+
+
 def test_cross_attention():
     attn = make("goh", 1, 2)
     q, memory = torch.randn(2, 5, D), torch.randn(2, 13, D)
@@ -112,7 +158,11 @@ def test_sparse_decoding_with_cache_matches_full_pass():
 
 
 def test_bad_execution_raises():
-    with pytest.raises(ValueError, match=r"execution must be 'dense' or 'sparse', got 'fast'"):
+    with pytest.raises(
+        ValueError, match=r"execution must be 'auto', 'dense' or 'sparse', got 'fast'"
+    ):
         MoHAttention(D, H, 2, 2, execution="fast")
-    with pytest.raises(ValueError, match=r"execution must be 'dense' or 'sparse', got 'fast'"):
+    with pytest.raises(
+        ValueError, match=r"execution must be 'auto', 'dense' or 'sparse', got 'fast'"
+    ):
         ModelConfig(vocab_size=10, execution="fast")
