@@ -317,13 +317,14 @@ def routed_decode_attention(
         out_bias: its bias (d,), or ``None``.
         attn_bias: additive mask (b or 1, h or 1, 1, s) or ``None``.
         num_shared: the first ``num_shared`` heads are always active: they run batched.
-        rotate: applied to projected queries (..., 1, e) (rotary embeddings at this
+        rotate: applied to projected queries (1 or b, heads, 1, e) (rotary embeddings at this
             token's position), or ``None``.
         queries: (b, h, 1, e) all projected queries when the caller already has them.
         fused_attention: PyTorch's SDPA kernel (else the plain math path).
 
-    The shared heads run as one batched call; every active routed (sequence, head) pair
-    attends over a view of its cache. The active pairs are read once (one host sync).
+    The shared heads run as one batched call; the active routed heads of each sequence
+    attend over views of their caches, a run of heads with a constant index stride per
+    call (two heads always make one run). The active heads are read once (one host sync).
     """
     b, t, d = query.shape
     if t != 1:
@@ -350,30 +351,51 @@ def routed_decode_attention(
         )  # (b, h_s, 1, e)
         o_s = o_s[:, :, 0] * gates[:, 0, :h_s].unsqueeze(-1)
         out = out.addmm_(o_s.reshape(b, h_s * e), out_weight[:, : h_s * e].T)
-    pairs = active[:, 0, h_s:].nonzero()  # (p, 2): (sequence, head - h_s)
-    pair_gates = gates[:, 0, h_s:][pairs[:, 0], pairs[:, 1]]
     if bias is not None:
-        bias = bias.expand(b, h, 1, -1)  # a view: rows are read per pair
-    for (i, j), gate in zip(pairs.tolist(), pair_gates.tolist(), strict=True):
-        head = h_s + j
-        cols = slice(head * e, (head + 1) * e)
-        if queries is not None:
-            q = queries[i, head].view(1, 1, e)
-        else:
-            w = q_weight[cols]
-            q = torch.mv(w, x[i]) if q_bias is None else torch.addmv(q_bias[cols], w, x[i])
-            q = q.view(1, 1, e)
-            q = q if rotate is None else rotate(q)
-        kv_head = head // groups
-        o = scaled_dot_product_attention(
-            q,
-            key[i, kv_head].unsqueeze(0),  # (1, s, e): a view of the cache
-            value[i, kv_head].unsqueeze(0),
-            attn_mask=None if bias is None else bias[i, head].unsqueeze(0),
-            fused_attention=fused_attention,
-        )
-        out[i].addmv_(out_weight[:, cols], o.view(e), alpha=gate)
+        bias = bias.expand(b, h, 1, -1)  # a view: rows are read per sequence and head
+    w_q = q_weight.view(h, e, d)
+    b_q = None if q_bias is None else q_bias.view(h, 1, e)
+    w_o = out_weight.view(d, h, e).permute(1, 2, 0)  # (h, e, d), a view
+    for i, row in enumerate(active[:, 0, h_s:].tolist()):  # the one host sync
+        heads = [h_s + j for j, on in enumerate(row) if on]
+        for first, count, stride in _head_runs(heads, groups):
+            hs = slice(first, first + (count - 1) * stride + 1, stride)  # heads: a view
+            kv_first = first // groups
+            kvs = slice(kv_first, kv_first + (count - 1) * (stride // groups) + 1, stride // groups)
+            if queries is not None:
+                q = queries[i : i + 1, hs]
+            else:
+                q = torch.matmul(w_q[hs], x[i].unsqueeze(-1)).transpose(1, 2)  # (n, 1, e)
+                q = (q if b_q is None else q + b_q[hs]).unsqueeze(0)  # (1, n, 1, e)
+                q = q if rotate is None else rotate(q)
+            o = scaled_dot_product_attention(  # 4-D: PyTorch's fused kernel on cache views
+                q,
+                key[i : i + 1, kvs],
+                value[i : i + 1, kvs],
+                attn_mask=None if bias is None else bias[i : i + 1, hs],
+                fused_attention=fused_attention,
+            )[0]  # (n, 1, e)
+            o = o * gates[i, 0, hs].view(count, 1, 1)
+            out[i] += torch.bmm(o, w_o[hs]).sum(dim=(0, 1))  # only these heads' slices
     return out.unsqueeze(1)
+
+
+def _head_runs(heads: list[int], groups: int) -> list[tuple[int, int, int]]:
+    """Split sorted head indices into runs ``(first, count, stride)`` with a constant
+    stride (any two heads are one), so each run's weights and caches are strided views.
+    With grouped key/value heads a run's stride is a multiple of the group size."""
+    runs: list[tuple[int, int, int]] = []
+    i = 0
+    while i < len(heads):
+        count, stride = 1, 1
+        if i + 1 < len(heads) and (heads[i + 1] - heads[i]) % groups == 0:
+            stride = heads[i + 1] - heads[i]
+            count = 2
+            while i + count < len(heads) and heads[i + count] - heads[i + count - 1] == stride:
+                count += 1
+        runs.append((heads[i], count, stride if count > 1 else groups))
+        i += count
+    return runs
 
 
 def _causal_bias(t: int, s: int, like: Tensor) -> Tensor:
