@@ -270,13 +270,15 @@ def _routed_chunk(
             rows = bias[:, 0].expand(b, -1, -1)[seq, idx]
         mask = rows[..., :s_c]
     if causal_offset is not None:  # key j is visible from the token at position i if j <= i + s - t
-        allowed = torch.arange(s_c, device=k.device) <= (idx + causal_offset).unsqueeze(-1)
-        causal = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~allowed, float("-inf")
-        )
-        mask = causal if mask is None else mask + causal
-    if mask is not None:  # padding rows (not valid) see every key: no fully masked rows
-        mask = mask.expand(r, b, c, s_c).masked_fill(~valid.unsqueeze(-1), 0.0)
+        # padding rows (not valid) see every key: no fully masked rows
+        last = torch.where(valid, idx + causal_offset, s_c).unsqueeze(-1)  # (r, b, c, 1)
+        allowed = torch.arange(s_c, device=k.device) <= last  # (r, b, c, s')
+        if mask is None:
+            mask = torch.where(allowed, 0.0, float("-inf")).to(q.dtype)
+        else:
+            mask = mask.masked_fill(~allowed, float("-inf"))
+    elif mask is not None and bias is not None:
+        mask = mask.masked_fill(~valid.unsqueeze(-1), 0.0)
     o = scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, fused_attention=fused_attention
     )  # (r, b, c, e)
