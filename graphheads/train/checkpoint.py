@@ -39,14 +39,15 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 # settings a run may change when it continues from its checkpoint: more steps, and how
 # (not what) it computes
-RESUMABLE_CHANGES = (
-    "steps",
-    "parallel",
-    "device",
-    "precision",
-    "compile",
-    "grad_accum",
-    "activation_checkpointing",
+RESUMABLE_CHANGES = (  # section.key: how a run computes, never what it computes
+    "train.steps",
+    "train.parallel",
+    "train.device",
+    "train.precision",
+    "train.compile",
+    "train.grad_accum",
+    "train.activation_checkpointing",
+    "model.execution",  # every execution gives the same results (0.2 runs saved "dense")
 )
 
 
@@ -103,8 +104,12 @@ def check_resumable(path: Path, config: RunConfig) -> dict[str, Any] | None:
     # through RunConfig: settings added since the checkpoint take their defaults
     saved = RunConfig.from_dict(state["run_config"]).to_dict()
     given = config.to_dict()
-    for key in RESUMABLE_CHANGES:
-        saved = {**saved, "train": {**saved["train"], key: given["train"][key]}}
+    for name in RESUMABLE_CHANGES:  # take the given value (or its absence: the default)
+        section, key = name.split(".")
+        part = {k: v for k, v in saved.get(section, {}).items() if k != key}
+        if key in given.get(section, {}):
+            part[key] = given[section][key]
+        saved = {**saved, section: part}
     if saved != given:
         changed = [
             f"{section}.{key}"
@@ -115,8 +120,7 @@ def check_resumable(path: Path, config: RunConfig) -> dict[str, Any] | None:
         raise CheckpointError(
             f"{path} was written by a run with another configuration (changed: "
             f"{', '.join(changed)}); use a new run folder, the same configuration, or "
-            f"--restart. Only train.{{{', '.join(RESUMABLE_CHANGES)}}} may change to "
-            "continue a run."
+            f"--restart. Only {', '.join(RESUMABLE_CHANGES)} may change to continue a run."
         )
     if int(state["step"]) > config.train.steps:
         raise CheckpointError(
