@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from graphheads.attention import scaled_dot_product_attention
+from graphheads.masks import build_attention_bias
 
 __all__ = ["routed_decode_attention", "sparse_routed_attention"]
 
@@ -111,9 +112,21 @@ def sparse_routed_attention(
             q_s = q_s.view(b, t, h_s, e).transpose(1, 2)  # (b, h_s, t, e)
         shared_mask = None if bias is None else bias[:, :h_s]
         causal_kernel = is_causal and t == s and shared_mask is None
-        if is_causal and not causal_kernel:
-            causal = _causal_bias(t, s, query)
-            shared_mask = causal if shared_mask is None else shared_mask + causal
+        if is_causal and not causal_kernel:  # (1, 1, t, s); None for one query token
+            causal = build_attention_bias(
+                batch_size=1,
+                num_heads=1,
+                query_len=t,
+                key_len=s,
+                attn_mask=None,
+                key_padding_mask=None,
+                is_causal=True,
+                dtype=query.dtype,
+                device=query.device,
+                owner="sparse_routed_attention",
+            )
+            if causal is not None:
+                shared_mask = causal if shared_mask is None else shared_mask + causal
         o_s = scaled_dot_product_attention(
             q_s,
             key[:, :h_s],
@@ -398,10 +411,3 @@ def _head_runs(heads: list[int], groups: int) -> list[tuple[int, int, int]]:
         runs.append((heads[i], count, stride if count > 1 else groups))
         i += count
     return runs
-
-
-def _causal_bias(t: int, s: int, like: Tensor) -> Tensor:
-    """(t, s) additive mask: 0 where query i may see key j (bottom-right aligned)."""
-    future = torch.ones(t, s, dtype=torch.bool, device=like.device).triu(diagonal=s - t + 1)
-    zeros = torch.zeros(t, s, dtype=like.dtype, device=like.device)
-    return zeros.masked_fill(future, float("-inf"))
