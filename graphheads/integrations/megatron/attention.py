@@ -1,0 +1,343 @@
+r"""Routed self-attention for Megatron-core: graphheads' MoH and Graph-of-Heads routers
+inside Megatron's :class:`~megatron.core.transformer.attention.SelfAttention`.
+
+Data flow per layer (hidden states are ``[s, b, d]``, Megatron's layout)::
+
+    x -> router(x) -> gates (b, s, H)              replicated on every tensor-parallel rank
+    x -> linear_qkv -> core_attention -> heads [s, b, H_local * e]      this rank's heads
+    heads * gates[..., r * H_local : (r + 1) * H_local] -> linear_proj  (RowParallelLinear)
+
+The router is the module graphheads uses (:class:`~graphheads.moh.MoHRouter`,
+:class:`~graphheads.goh.GraphRouter`), so the routing is exactly graphheads': shared heads,
+top-k, two-stage weights, hard gates, the head graph and its message passing. Its input
+(the layer's normalised hidden states) is replicated on every tensor-parallel rank without
+sequence parallelism, so every rank computes the full (b, s, H) gates and applies the
+columns of its own heads: local head j on rank r is global head ``r * H_local + j``.
+
+Gradients: the gates pass through ``copy_to_tensor_model_parallel_region`` (identity
+forward, all-reduce over the tensor-parallel group backward), so each rank's router
+receives the gradient of *every* head's gate, not only its own: router and head-graph
+parameters stay replicated with identical gradients, the treatment Megatron's own
+replicated parameters (layer norms) get from its column-parallel input mapping. They carry
+no ``tensor_model_parallel`` attribute, so Megatron's gradient-norm and data-parallel
+reductions count them once, as replicas.
+
+The load-balance loss (:func:`~graphheads.gates.load_balance_loss`) is attached the way
+Megatron's MoE router attaches its auxiliary loss: ``MoEAuxLossAutoScaler`` on the
+layer's output (its gradient enters backward, scaled by the main loss's scale) and
+``save_to_aux_losses_tracker`` under the name ``"head_load_balancing_loss"`` for logging.
+The coefficient is divided by the number of layers, as graphheads' trainer adds
+``beta * mean over layers``.
+
+Supported: tensor parallelism, pipeline parallelism (the router is layer-local; nothing
+crosses layers), data parallelism (DDP, distributed optimizer), grouped-query attention,
+rotary or learned positions, selective recomputation of the core attention. Refused with
+a ValueError: sequence parallelism (the router would need the full sequence on every
+rank), context parallelism, the attention output gate, and, at forward, Megatron's
+inference contexts (KV cache) and packed sequences.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor, nn
+
+from graphheads.goh import GraphRouter
+from graphheads.graph import HeadGraph
+from graphheads.moh import MoHRouter
+from graphheads.types import RoutingOutput
+
+__all__ = [
+    "AUX_LOSS_NAME",
+    "RoutedSelfAttention",
+    "TorchCoreAttention",
+    "check_megatron_config",
+    "local_head_gates",
+]
+
+RouterKind = Literal["moh", "goh"]
+AUX_LOSS_NAME = "head_load_balancing_loss"
+
+
+def local_head_gates(gates: Tensor, rank: int, heads_local: int) -> Tensor:
+    """The gate columns of tensor-parallel rank ``rank``'s heads: local head j is global
+    head ``rank * heads_local + j`` (gates (..., H) -> (..., heads_local))."""
+    start = rank * heads_local
+    if start + heads_local > gates.size(-1):
+        raise ValueError(
+            f"local_head_gates: rank {rank} with {heads_local} heads per rank needs "
+            f"{start + heads_local} heads, the gates have {gates.size(-1)}"
+        )
+    return gates[..., start : start + heads_local]
+
+
+class TorchCoreAttention(MegatronModule):
+    """Megatron's core-attention interface on PyTorch's scaled-dot-product attention: runs
+    on CPU and CUDA (Megatron's own ``DotProductAttention`` needs a CUDA memory buffer and
+    the CUDA RNG tracker). On CUDA, Transformer Engine's ``TEDotProductAttention`` may
+    replace it (``core_attention=`` of the layer specs).
+
+    Shapes: query ``[sq, b, heads_local, e]``, key/value ``[sk, b, groups_local, e]`` ->
+    ``[sq, b, heads_local * e]``. ``attention_mask`` is Megatron's boolean mask (True =
+    masked), broadcastable to ``[b, heads, sq, sk]``; with ``AttnMaskType.causal`` the
+    causal limit applies too.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise ValueError(
+                f"TorchCoreAttention: context_parallel_size must be 1, "
+                f"got {config.context_parallel_size}"
+            )
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: Any = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        if packed_seq_params is not None:
+            raise ValueError("TorchCoreAttention: packed sequences are not supported")
+        if attention_bias is not None:
+            raise ValueError("TorchCoreAttention: attention_bias is not supported")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        sq, b, heads, e = query.shape
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # (b, h, s, e)
+        causal = mask_type == AttnMaskType.causal
+        mask = None
+        if attention_mask is not None:
+            mask = ~attention_mask  # SDPA: True = attend
+            if causal:
+                sk = k.size(-2)
+                limit = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+                mask = mask & limit
+                causal = False
+        dropout = self.dropout_p if self.training else 0.0
+        # Megatron's dropout RNG for tensor-parallel regions is the CUDA tracker's
+        with get_cuda_rng_tracker().fork() if dropout > 0 and q.is_cuda else nullcontext():
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=k.size(1) != heads,
+            )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * e)
+
+
+class RoutedSelfAttention(SelfAttention):
+    """Megatron ``SelfAttention`` whose head outputs are scaled by a graphheads router's
+    gates before ``linear_proj`` (see the module docstring for the data flow, the
+    gradient treatment and what is refused).
+
+    Args:
+        config: Megatron's transformer config.
+        submodules: Megatron's self-attention submodules (``linear_qkv``,
+            ``core_attention``, ``linear_proj``, ``q_layernorm``, ``k_layernorm``).
+        layer_number: Megatron's 1-based layer number.
+        attn_mask_type: mask type handed to the core attention.
+        router: ``"moh"`` (:class:`~graphheads.moh.MoHRouter`) or ``"goh"``
+            (:class:`~graphheads.goh.GraphRouter`).
+        num_shared: always-on heads (the first ``num_shared`` global heads).
+        top_k: routed heads per token.
+        load_balance_coeff: beta of the load-balance loss (0 turns it off).
+        graph: the head graph (GoH only; default: complete with learnable edge weights).
+        router_kwargs: further keyword arguments of the router (e.g. ``feature_dim``,
+            ``num_layers``, ``hard_gates``, ``gate_convention``).
+        cp_comm_type: Megatron's context-parallel communication type (refused unless
+            context parallelism is off).
+        pg_collection: Megatron's process groups.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: SelfAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        *,
+        router: RouterKind = "goh",
+        num_shared: int = 0,
+        top_k: int = 1,
+        load_balance_coeff: float = 0.01,
+        graph: HeadGraph | None = None,
+        router_kwargs: dict[str, Any] | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+    ) -> None:
+        check_megatron_config(config)
+        if router not in ("moh", "goh"):
+            raise ValueError(f"RoutedSelfAttention: router must be 'moh' or 'goh', got {router!r}")
+        if load_balance_coeff < 0:
+            raise ValueError(
+                f"RoutedSelfAttention: load_balance_coeff must be >= 0, got {load_balance_coeff}"
+            )
+        kwargs = dict(router_kwargs or {})
+        if kwargs.get("carry_head_states"):
+            raise ValueError(
+                "RoutedSelfAttention: carry_head_states is not supported (Megatron's layers "
+                "pass only hidden states between layers)"
+            )
+        super().__init__(
+            config,
+            submodules,
+            layer_number,
+            attn_mask_type=attn_mask_type,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+        )
+        heads = config.num_attention_heads
+        self.router: nn.Module
+        if router == "moh":
+            if graph is not None:
+                raise ValueError("RoutedSelfAttention: graph is only used by router='goh'")
+            self.router = MoHRouter(config.hidden_size, heads, num_shared, top_k, **kwargs)
+        else:
+            graph = None if graph is None else copy.deepcopy(graph)  # one graph per layer
+            self.router = GraphRouter(config.hidden_size, heads, num_shared, top_k, graph, **kwargs)
+        self.load_balance_coeff = float(load_balance_coeff)
+
+    @property
+    def tp_rank(self) -> int:
+        group = self.pg_collection.tp
+        return 0 if group is None else torch.distributed.get_rank(group)
+
+    def route(self, hidden_states: Tensor) -> RoutingOutput:
+        """The router's output for hidden states ``[s, b, d]`` (gates (b, s, H))."""
+        return self.router(hidden_states.transpose(0, 1))
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None,
+        key_value_states: Tensor | None = None,
+        inference_context: Any = None,
+        rotary_pos_emb: Tensor | tuple[Tensor, Tensor] | None = None,
+        rotary_pos_cos: Tensor | None = None,
+        rotary_pos_sin: Tensor | None = None,
+        rotary_pos_cos_sin: Tensor | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: Any = None,
+        sequence_len_offset: int | None = None,
+        *,
+        inference_params: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Megatron's attention forward for training and full-sequence evaluation:
+        hidden states ``[s, b, d]`` -> (output ``[s, b, d]``, bias)."""
+        name = type(self).__name__
+        if inference_context is not None or inference_params is not None:
+            raise ValueError(
+                f"{name}: Megatron inference contexts (KV caches) are not supported; "
+                "evaluate full sequences, or generate with graphheads' own models"
+            )
+        if packed_seq_params is not None:
+            raise ValueError(f"{name}: packed sequences (packed_seq_params) are not supported")
+        if rotary_pos_cos is not None or rotary_pos_sin is not None:
+            raise ValueError(f"{name}: precomputed rotary cos/sin are not supported")
+        query, key, value = self.get_query_key_value_tensors(hidden_states, key_value_states)
+        if rotary_pos_emb is not None:
+            pos_q, pos_k = (
+                rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            )
+            cp = self.pg_collection.cp
+            query = apply_rotary_pos_emb(query, pos_q, config=self.config, cp_group=cp)
+            key = apply_rotary_pos_emb(key, pos_k, config=self.config, cp_group=cp)
+        routing = self.route(hidden_states)
+        if self.checkpoint_core_attention and self.training:
+            heads_out = self._checkpointed_attention_forward(
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias,
+            )
+        else:
+            heads_out = self.core_attention(
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=self.attn_mask_type,
+                attention_bias=attention_bias,
+            )
+        # every rank's router gets every head's gate gradient (all-reduce in backward)
+        gates = copy_to_tensor_model_parallel_region(routing.gates, group=self.pg_collection.tp)
+        heads_local = self.num_attention_heads_per_partition
+        gates = local_head_gates(gates, self.tp_rank, heads_local).transpose(0, 1)  # (s, b, hl)
+        s, b, _ = heads_out.shape
+        heads_out = heads_out.view(s, b, heads_local, -1) * gates.unsqueeze(-1).to(heads_out.dtype)
+        output, bias = self.linear_proj(heads_out.view(s, b, -1))
+        if self.training and self.load_balance_coeff > 0:
+            loss = routing.load_balance_loss
+            save_to_aux_losses_tracker(
+                AUX_LOSS_NAME, loss, self.layer_number, self.config.num_layers
+            )
+            coeff = self.load_balance_coeff / self.config.num_layers
+            output = MoEAuxLossAutoScaler.apply(output, coeff * loss)
+        return output, bias
+
+
+def check_megatron_config(config: TransformerConfig) -> None:
+    """Raise a ValueError naming the first setting routed attention does not support."""
+    refused = {
+        "sequence_parallel": (
+            config.sequence_parallel,
+            "the router reads every token's hidden state on every tensor-parallel rank",
+        ),
+        "context_parallel_size": (
+            config.context_parallel_size > 1,
+            "attention over a sequence split across ranks is not implemented",
+        ),
+        "attention_output_gate": (
+            config.attention_output_gate,
+            "the heads already have graphheads' gates",
+        ),
+    }
+    for key, (on, why) in refused.items():
+        if on:
+            raise ValueError(
+                f"graphheads.integrations.megatron: {key}={getattr(config, key)!r} is not "
+                f"supported ({why})"
+            )

@@ -1,0 +1,315 @@
+"""graphheads inside Megatron-core (the ``megatron`` extra; CI installs it).
+
+Oracles: graphheads' own DecoderOnlyLM / GoHAttention with the same weights (logits,
+gradients, load-balance losses), and the tensor-parallel-1 run for tensor parallelism 2
+(two gloo processes under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("megatron.core", reason="needs the megatron extra (megatron-core)")
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from graphheads import DecoderOnlyLM, GoHAttention, ModelConfig, MoHAttention
+from graphheads.integrations.megatron import (
+    AUX_LOSS_NAME,
+    RoutedSelfAttention,
+    build_gpt,
+    check_megatron_config,
+    copy_attention,
+    goh_layer_spec,
+    load_from_graphheads,
+    load_into_graphheads,
+    moh_layer_spec,
+    pack_qkv,
+    unpack_qkv,
+)
+
+# megatron-core's own notices on a CPU-only machine (no Apex, no Transformer Engine)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*(Apex|Transformer Engine).*:UserWarning"),
+    pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:MLP requires ffn_hidden_size:DeprecationWarning"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "megatron_worker.py"
+EXAMPLE = ROOT / "examples" / "megatron_pretrain.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_tp1(tmp_path_factory):
+    """One gloo process group of size 1 with Megatron's parallel state, for this module."""
+    store = tmp_path_factory.mktemp("megatron") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def llama_config(attention: str, **overrides) -> ModelConfig:
+    values = {
+        "vocab_size": 64,
+        "d_model": 32,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "num_layers": 2,
+        "d_ff": 64,
+        "max_seq_len": 32,
+        "attention": attention,
+        "num_shared": 1 if attention != "mha" else 0,
+        "top_k": 2 if attention != "mha" else None,
+        "graph_scale_init": 0.5,  # the graph branch is on from the start
+        **overrides,
+    }
+    return ModelConfig.llama("llama-10m", **values)
+
+
+def tokens(b: int = 2, t: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 64, (b, t), generator=torch.Generator().manual_seed(3))
+    return ids, torch.arange(t).expand(b, -1)
+
+
+@pytest.mark.parametrize("attention", ["mha", "moh", "goh"])
+def test_gpt_equals_graphheads_lm_both_ways(attention):
+    config = llama_config(attention)
+    lm = DecoderOnlyLM(config).eval()
+    gpt = build_gpt(config).eval()
+    load_from_graphheads(gpt, lm)
+    ids, positions = tokens()
+    expected = lm(ids).logits
+    torch.testing.assert_close(gpt(ids, positions, None), expected, atol=1e-5, rtol=1e-5)
+    back = DecoderOnlyLM(config).eval()  # other random weights until loaded
+    assert not torch.allclose(back(ids).logits, expected)
+    load_into_graphheads(back, gpt)
+    torch.testing.assert_close(back(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["moh", "goh"])
+def test_training_gradients_and_load_balance_loss_match_graphheads(attention):
+    """Forward and backward at TP 1: cross-entropy plus beta * the mean over layers of the
+    load-balance loss (graphheads' trainer) gives Megatron's gradients, whose auxiliary
+    loss enters through MoEAuxLossAutoScaler; the tracker logs every layer's loss."""
+    beta = 0.5  # large, so a wrong scaling of the auxiliary loss would show
+    config = llama_config(attention)
+    lm = DecoderOnlyLM(config).train()
+    gpt = build_gpt(config, load_balance_coeff=beta).train()
+    load_from_graphheads(gpt, lm)
+    ids, positions = tokens()
+    labels = ids.roll(-1, dims=1)
+    out = lm(ids)
+    aux = out.aux_loss / len(out.routing)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten()) + beta * aux
+    loss.backward()
+    clear_aux_losses_tracker()
+    gpt(ids, positions, None, labels=labels).mean().backward()
+    logged = get_moe_layer_wise_logging_tracker()[AUX_LOSS_NAME]["values"]
+    torch.testing.assert_close(logged, torch.stack([r.load_balance_loss for r in out.routing]))
+    for block, layer in zip(lm.decoder.layers, gpt.decoder.layers, strict=True):
+        ours, theirs = block.self_attn, layer.self_attention
+        fused = pack_qkv(ours.q_proj.weight.grad, ours.k_proj.weight.grad,
+                         ours.v_proj.weight.grad, 4, 2)  # fmt: skip
+        torch.testing.assert_close(theirs.linear_qkv.weight.grad, fused, atol=1e-6, rtol=1e-4)
+        router_grads = dict(theirs.router.named_parameters())
+        for name, p in ours.router.named_parameters():
+            torch.testing.assert_close(router_grads[name].grad, p.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["moh", "goh"])
+def test_one_block_equals_graphheads_attention(kind):
+    """A Megatron routed attention block (biases, GQA) == graphheads' attention with the
+    same weights, outputs and input gradients; and the copy back gives the same block."""
+    mc = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=8,
+        num_query_groups=4,
+        use_cpu_initialization=True,
+        add_bias_linear=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    if kind == "moh":
+        spec = moh_layer_spec(2, 3)
+        ours = MoHAttention(32, 8, 2, 3, num_kv_heads=4)
+    else:
+        spec = goh_layer_spec(2, 3, feature_dim=8, num_layers=1, graph_scale_init=1.0)
+        ours = GoHAttention(32, 8, 2, 3, num_kv_heads=4, feature_dim=8, num_layers=1,
+                            graph_scale_init=1.0)  # fmt: skip
+    block = build_module(spec.submodules.self_attention, config=mc, layer_number=1).eval()
+    assert isinstance(block, RoutedSelfAttention)
+    copy_attention(ours, block)
+    x = torch.randn(12, 3, 32, requires_grad=True)  # [s, b, d]
+    out, bias = block(x, None)
+    expected = ours(x.transpose(0, 1), is_causal=True).output.transpose(0, 1)
+    torch.testing.assert_close(out + bias, expected, atol=1e-5, rtol=1e-5)
+    (grad_theirs,) = torch.autograd.grad((out + bias).square().sum(), x)
+    (grad_ours,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(grad_theirs, grad_ours, atol=1e-5, rtol=1e-5)
+    fresh = type(ours)(32, 8, 2, 3, num_kv_heads=4, **(
+        {} if kind == "moh" else {"feature_dim": 8, "num_layers": 1}))  # fmt: skip
+    copy_attention(block, fresh)
+    for (name, a), b in zip(ours.state_dict().items(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_qkv_layout_is_grouped_by_key_value_group():
+    heads, groups, e = 4, 2, 3
+    q = torch.arange(heads * e).float()[:, None] + 100  # rows named by value
+    k = torch.arange(groups * e).float()[:, None] + 200
+    v = torch.arange(groups * e).float()[:, None] + 300
+    fused = pack_qkv(q, k, v, heads, groups).squeeze(-1)
+    group0 = torch.cat([q[:6, 0], k[:3, 0], v[:3, 0]])  # heads 0-1, then key 0, value 0
+    torch.testing.assert_close(fused[:12], group0)
+    for a, b in zip(unpack_qkv(fused[:, None], heads, groups), (q, k, v), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_runs(tmp_path_factory):
+    """The worker at TP 1, TP 2, and TP 2 with each rank's heads reversed."""
+    folder = tmp_path_factory.mktemp("tp")
+    runs = {"tp1": (1, []), "tp2": (2, []), "tp2_reversed": (2, ["--reverse-local-heads"])}
+    results = {}
+    for name, (world, extra) in runs.items():
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={world}"]  # fmt: skip
+        subprocess.run(
+            [*launcher, str(WORKER), str(folder / name), *extra],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=300,
+        )
+        results[name] = [
+            torch.load(folder / f"{name}.rank{r}", weights_only=True) for r in range(world)
+        ]
+    return results
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_gives_the_tp1_logits_and_gradients(tensor_parallel_runs):
+    (one,) = tensor_parallel_runs["tp1"]
+    two = tensor_parallel_runs["tp2"]
+    for rank in two:
+        torch.testing.assert_close(rank["logits"], one["logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rank["loss"], one["loss"], atol=1e-5, rtol=1e-5)
+        assert rank["grads"].keys() == one["grads"].keys()
+        for name, grad in one["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # replicated router and head-graph parameters: the same full gradient on every rank
+    assert two[0]["router_grads"]
+    for name, grad in two[0]["router_grads"].items():
+        torch.testing.assert_close(two[1]["router_grads"][name], grad, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_local_head_j_on_rank_r_is_global_head_r_times_heads_local_plus_j(tensor_parallel_runs):
+    """Reversing the heads inside each rank breaks the equality with TP 1: the TP-2
+    comparison above checks the mapping, not just that something runs."""
+    (one,) = tensor_parallel_runs["tp1"]
+    reversed_logits = tensor_parallel_runs["tp2_reversed"][0]["logits"]
+    assert (reversed_logits - one["logits"]).abs().max() > 1e-2
+
+
+def _config(**overrides) -> TransformerConfig:
+    values = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4}
+    return TransformerConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("key", "overrides"),
+    [
+        ("sequence_parallel", {"sequence_parallel": True, "tensor_model_parallel_size": 2}),
+        ("context_parallel_size", {"context_parallel_size": 2}),
+        ("attention_output_gate", {"attention_output_gate": True}),
+    ],
+)
+def test_unsupported_parallelism_is_refused_by_name(key, overrides):
+    with pytest.raises(ValueError, match=key):
+        check_megatron_config(_config(**overrides))
+
+
+@pytest.mark.parametrize(
+    ("key", "overrides"),
+    [
+        ("block", {"block": "vaswani"}),
+        ("share_graph", {"share_graph": True}),
+        ("carry_head_states", {"carry_head_states": True}),
+        ("balance", {"balance": "bias"}),
+    ],
+)
+def test_build_gpt_refuses_configs_it_cannot_match(key, overrides):
+    config = llama_config("goh")
+    config = ModelConfig.from_dict({**config.__dict__, **overrides})
+    with pytest.raises(ValueError, match=key):
+        build_gpt(config)
+
+
+def test_refused_forward_inputs_and_router_options():
+    mc = _config(use_cpu_initialization=True)
+    spec = goh_layer_spec(1, 2)
+    block = build_module(spec.submodules.self_attention, config=mc, layer_number=1)
+    x = torch.randn(5, 2, 32)
+    with pytest.raises(ValueError, match="inference contexts"):
+        block(x, None, inference_context=object())
+    with pytest.raises(ValueError, match="packed sequences"):
+        block(x, None, packed_seq_params=PackedSeqParams())
+    bad = goh_layer_spec(1, 2, carry_head_states=True).submodules.self_attention
+    with pytest.raises(ValueError, match="carry_head_states"):
+        build_module(bad, config=mc, layer_number=1)
+    bad.params["router"] = "linear"
+    with pytest.raises(ValueError, match="'linear'"):
+        build_module(bad, config=mc, layer_number=1)
+    with pytest.raises(ValueError, match="tensor-parallel size 1"):
+        copy_attention(MoHAttention(32, 4, 1, 2), _tp2_block())
+
+
+def _tp2_block():
+    """A stand-in Megatron block whose config says tensor-parallel size 2."""
+    block = build_module(
+        moh_layer_spec(1, 2).submodules.self_attention,
+        config=_config(use_cpu_initialization=True),
+        layer_number=1,
+    )
+    block.config = _config(tensor_model_parallel_size=2)
+    return block
+
+
+@pytest.mark.slow
+def test_pretraining_example_trains_under_torchrun_at_tp2(tmp_path):
+    out = tmp_path / "metrics.json"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"]  # fmt: skip
+    result = subprocess.run(
+        [*launcher, str(EXAMPLE), "--tensor-parallel", "2", "--steps", "60", "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    metrics = json.loads(out.read_text())
+    assert metrics["tensor_parallel"] == 2 and metrics["steps"] == 60, result.stdout
+    first, last = metrics["loss"][0], metrics["loss"][-1]
+    assert last < 0.8 * first, metrics["loss"]
+    assert metrics["head_load_balancing_loss"] > 0
