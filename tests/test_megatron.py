@@ -186,9 +186,14 @@ def test_qkv_layout_is_grouped_by_key_value_group():
 
 @pytest.fixture(scope="module")
 def tensor_parallel_runs(tmp_path_factory):
-    """The worker at TP 1, TP 2, and TP 2 with each rank's heads reversed."""
+    """The worker at TP 1, TP 2, TP 2 with each rank's heads reversed, and PP 2."""
     folder = tmp_path_factory.mktemp("tp")
-    runs = {"tp1": (1, []), "tp2": (2, []), "tp2_reversed": (2, ["--reverse-local-heads"])}
+    runs = {  # in this order: the pipeline run loads the TP-1 run's weights
+        "tp1": (1, []),
+        "tp2": (2, []),
+        "tp2_reversed": (2, ["--reverse-local-heads"]),
+        "pp2": (2, ["--pipeline", str(folder / "tp1.weights")]),
+    }
     results = {}
     for name, (world, extra) in runs.items():
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -223,12 +228,32 @@ def test_tensor_parallel_2_gives_the_tp1_logits_and_gradients(tensor_parallel_ru
 
 
 @pytest.mark.slow
+def test_pipeline_parallel_2_gives_the_tp1_logits_and_gradients(tensor_parallel_runs):
+    """Each stage builds its own layers' routers; together they compute the TP-1 model:
+    the last stage's logits and loss, and every parameter's gradient on the stage that
+    holds it (the first stage's include the load-balance loss of its layer)."""
+    (one,) = tensor_parallel_runs["tp1"]
+    first, last = tensor_parallel_runs["pp2"]
+    torch.testing.assert_close(last["logits"], one["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last["loss"], one["loss"], atol=1e-5, rtol=1e-5)
+    grads = {**first["grads"], **last["grads"]}
+    assert grads.keys() == one["grads"].keys()
+    assert any(name.startswith("decoder.layers.0.") for name in first["grads"])
+    assert any(name.startswith("decoder.layers.1.") for name in last["grads"])
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
 def test_local_head_j_on_rank_r_is_global_head_r_times_heads_local_plus_j(tensor_parallel_runs):
     """Reversing the heads inside each rank breaks the equality with TP 1: the TP-2
     comparison above checks the mapping, not just that something runs."""
     (one,) = tensor_parallel_runs["tp1"]
-    reversed_logits = tensor_parallel_runs["tp2_reversed"][0]["logits"]
-    assert (reversed_logits - one["logits"]).abs().max() > 1e-2
+    reversed_run = tensor_parallel_runs["tp2_reversed"][0]
+    # equal runs agree to ~1e-8 (logits) and ~1e-6 (gradients): these are far outside
+    assert (reversed_run["logits"] - one["logits"]).abs().max() > 1e-3
+    name = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert (reversed_run["grads"][name] - one["grads"][name]).abs().max() > 1e-3
 
 
 def _config(**overrides) -> TransformerConfig:

@@ -93,6 +93,7 @@ def build_gpt(
         # the parallel layout Megatron's parallel state was initialised with
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "pipeline_dtype": torch.float32,  # what stages send each other (Megatron wants it)
         "num_layers": config.num_layers,
         "hidden_size": config.d_model,
         "num_attention_heads": config.num_heads,
@@ -159,6 +160,9 @@ def build_gpt(
         position_embedding_type="rope",
         rotary_base=int(config.rope_theta),
         share_embeddings_and_output_weights=config.tie_embeddings,
+        # with pipeline parallelism this rank builds its stage's layers only
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
     if not torch.cuda.is_available():
         rotary_on_cpu(model)
