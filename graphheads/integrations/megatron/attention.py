@@ -31,7 +31,8 @@ The coefficient is divided by the number of layers, as graphheads' trainer adds
 
 Supported: tensor parallelism, pipeline parallelism (the router is layer-local; nothing
 crosses layers), data parallelism (DDP, distributed optimizer), grouped-query attention,
-rotary or learned positions, selective recomputation of the core attention. Refused with
+rotary or learned positions, selective recomputation of the core attention (Megatron's
+own path, CUDA only). Refused with
 a ValueError: sequence parallelism (the router would need the full sequence on every
 rank), context parallelism, the attention output gate, and, at forward, Megatron's
 inference contexts (KV cache) and packed sequences.
