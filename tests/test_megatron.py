@@ -172,6 +172,25 @@ def test_one_block_equals_graphheads_attention(kind):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_core_attention_reads_megatron_boolean_masks():
+    """Megatron's masks are boolean, True = masked: a causal mask given explicitly changes
+    nothing, and a key-padding mask gives graphheads' key_padding_mask result."""
+    mc = _config(use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
+    block = build_module(
+        goh_layer_spec(1, 2).submodules.self_attention, config=mc, layer_number=1
+    ).eval()
+    ours = GoHAttention(32, 4, 1, 2)
+    copy_attention(ours, block)
+    x = torch.randn(7, 2, 32)
+    causal = torch.ones(7, 7, dtype=torch.bool).triu(1)[None, None]  # (1, 1, s, s)
+    torch.testing.assert_close(block(x, causal)[0], block(x, None)[0])
+    padded = torch.zeros(2, 7, dtype=torch.bool)
+    padded[1, 5:] = True  # the second sequence's last two keys are padding
+    out = block(x, causal | padded[:, None, None, :])[0] + block(x, None)[1]
+    expected = ours(x.transpose(0, 1), is_causal=True, key_padding_mask=padded).output
+    torch.testing.assert_close(out, expected.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
 def test_qkv_layout_is_grouped_by_key_value_group():
     heads, groups, e = 4, 2, 3
     q = torch.arange(heads * e).float()[:, None] + 100  # rows named by value
