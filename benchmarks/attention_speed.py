@@ -7,7 +7,9 @@ shared heads (default 1), causal self-attention, batch 2):
     moh         Mixture-of-Head attention, dense masked path
     goh-pyg     Graph-of-Heads, dense masked path, PyG GCNConv message passing (propagate)
     goh         Graph-of-Heads, dense masked path, HeadGCNConv (dense message_and_aggregate)
-    goh-sparse  Graph-of-Heads (HeadGCNConv), sparse path: active heads only
+    goh-sparse  Graph-of-Heads (HeadGCNConv), sparse path: active heads only, backend
+                "auto" (FlexAttention in CPU inference from 1024 tokens, else chunked)
+    goh-chunked the same sparse path with the chunked SDPA backend always
 
 over sequence lengths and active-head counts (by default 8/6/4/2 of 8 heads = 1 shared
 + 7/5/3/1 of the 7 routed heads). Times are medians of interleaved repeats (every
@@ -20,6 +22,9 @@ peak of the running sum of allocations and frees recorded by the PyTorch profile
     # GoH / MoH at T 512 with 2 shared heads and top-2 (4 of 8 heads active):
     python benchmarks/attention_speed.py --lengths 512 --actives 4 --shared 2 \
         --repeats 21 --memory-lengths
+    # the sparse backends at T 2048, half the heads (--kinds picks columns; mha first)
+    python benchmarks/attention_speed.py --lengths 2048 --actives 4 --repeats 7 \
+        --memory-lengths 2048 --kinds mha moh goh goh-sparse goh-chunked
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from graphheads import GoHAttention, HeadGraph, MoHAttention, MultiHeadAttention
 
 D_MODEL, HEADS, BATCH = 256, 8, 2
 SHARED = 1  # set by --shared
-KINDS = ("mha", "moh", "goh-pyg", "goh", "goh-sparse")
+ALL_KINDS = ("mha", "moh", "goh-pyg", "goh", "goh-sparse", "goh-chunked")
+KINDS = ALL_KINDS  # set by --kinds
 
 
 def build(kind: str, active: int, device: str, feature_dim: int = 16) -> torch.nn.Module:
@@ -55,7 +61,8 @@ def build(kind: str, active: int, device: str, feature_dim: int = 16) -> torch.n
             HeadGraph.complete(HEADS, learnable="edge"),
             feature_dim=feature_dim,
             conv=(lambda f: GCNConv(f, f, node_dim=-2)) if kind == "goh-pyg" else "gcn",
-            execution="sparse" if kind == "goh-sparse" else "dense",
+            execution="sparse" if kind in ("goh-sparse", "goh-chunked") else "dense",
+            sparse_backend="chunked" if kind == "goh-chunked" else "auto",
         )
     return module.to(device)
 
@@ -166,10 +173,16 @@ def main() -> None:
     parser.add_argument("--memory-lengths", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--feature-dim", type=int, default=16, help="GoH router node features F")
     parser.add_argument("--shared", type=int, default=1, help="shared heads of 8")
+    parser.add_argument(
+        "--kinds", nargs="+", default=list(ALL_KINDS), choices=ALL_KINDS, help="mha first"
+    )
     parser.add_argument("--json", help="also write the raw numbers here")
     args = parser.parse_args()
-    global SHARED
+    global SHARED, KINDS
     SHARED = args.shared
+    KINDS = tuple(args.kinds)
+    if KINDS[0] != "mha":
+        parser.error("--kinds must start with mha (every ratio is to it)")
     if not all(SHARED < a <= HEADS for a in args.actives):
         parser.error(f"--actives must lie in ({SHARED}, {HEADS}] with --shared {SHARED}")
     torch.set_grad_enabled(True)
@@ -192,7 +205,7 @@ def main() -> None:
             print(f"| {t} | {active}/8 | {times['mha'] * 1e3:.1f} | {ratios} |")
             raw["time"][f"{mode}/{t}/{active}"] = times
         for (t, active), samples in grid.items():
-            if t == 512:
+            if t == 512 and {"goh", "moh"} <= set(KINDS):
                 low, mid, high = paired_ratio(samples, "goh", "moh")
                 print(
                     f"\nGoH / MoH block time at T=512, {active}/8 heads active ({title}): "

@@ -87,6 +87,7 @@ def build_attention(
             gate_convention=config.gate_convention,
             hard_gates=config.hard_gates,
             execution=config.execution,
+            sparse_backend=config.sparse_backend,
             balance_bias=config.balance != "aux_loss",
             **shape,  # type: ignore[arg-type]
         )
@@ -105,6 +106,7 @@ def build_attention(
         gate_convention=config.gate_convention,
         hard_gates=config.hard_gates,
         execution=config.execution,
+        sparse_backend=config.sparse_backend,
         balance_bias=config.balance != "aux_loss",
     )
 

@@ -36,6 +36,7 @@ class ModelConfig:
     gate_convention: Literal["reference", "paper"] = "reference"  # see graphheads.moh
     hard_gates: bool = False  # 0/1 gates with a straight-through estimator
     execution: Literal["auto", "dense", "sparse"] = "auto"  # see graphheads.routed
+    sparse_backend: Literal["auto", "chunked", "flex"] = "auto"  # see graphheads.flex
     balance: Literal["aux_loss", "bias", "both"] = "aux_loss"  # how routed heads are balanced
     balance_rate: float = 1e-3  # bias step per optimiser step (balance "bias"/"both")
     # --- Graph-of-Heads (attention="goh") ---
@@ -77,6 +78,11 @@ class ModelConfig:
             raise ValueError(
                 "ModelConfig: execution must be 'auto', 'dense' or 'sparse', "
                 f"got {self.execution!r}"
+            )
+        if self.sparse_backend not in ("auto", "chunked", "flex"):
+            raise ValueError(
+                "ModelConfig: sparse_backend must be 'auto', 'chunked' or 'flex', "
+                f"got {self.sparse_backend!r}"
             )
         if self.balance_rate < 0:
             raise ValueError(f"ModelConfig: balance_rate must be >= 0, got {self.balance_rate}")

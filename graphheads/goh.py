@@ -47,7 +47,7 @@ from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
 from graphheads.moh import MoHRouter
 from graphheads.rotary import RotaryEmbedding
-from graphheads.routed import Execution, RoutedAttention
+from graphheads.routed import Execution, RoutedAttention, SparseBackendChoice
 from graphheads.types import RoutingOutput
 
 __all__ = ["GoHAttention", "GraphRouter", "collect_head_graphs", "record_routing", "routers_of"]
@@ -313,7 +313,7 @@ class GoHAttention(RoutedAttention):
     output before ``out_proj``. Returns :class:`~graphheads.types.AttentionOutput`.
 
     Keyword arguments other than ``dropout``, ``bias``, ``fused_attention`` and
-    ``execution`` (see :class:`~graphheads.routed.RoutedAttention`) go to
+    ``execution`` and ``sparse_backend`` (see :class:`~graphheads.routed.RoutedAttention`) go to
     :class:`GraphRouter`.
     """
 
@@ -337,6 +337,7 @@ class GoHAttention(RoutedAttention):
         graph_scale_init: float = 0.0,
         balance_bias: bool = False,
         execution: Execution = "auto",
+        sparse_backend: SparseBackendChoice = "auto",
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
     ) -> None:
@@ -363,6 +364,7 @@ class GoHAttention(RoutedAttention):
             bias=bias,
             fused_attention=fused_attention,
             execution=execution,
+            sparse_backend=sparse_backend,
             num_kv_heads=num_kv_heads,
             rotary=rotary,
         )

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from graphheads.gates import GateConvention, check_routing_config, moh_gates, split_linear
 from graphheads.rotary import RotaryEmbedding
-from graphheads.routed import Execution, RoutedAttention
+from graphheads.routed import Execution, RoutedAttention, SparseBackendChoice
 from graphheads.types import RoutingOutput
 
 __all__ = ["MoHAttention", "MoHRouter"]
@@ -183,6 +183,8 @@ class MoHAttention(RoutedAttention):
         parameter_free: the MoH-LLaMA3 router (see :class:`MoHRouter`).
         balance_bias: the router keeps a top-k selection bias for balancing without an
             auxiliary loss (:func:`~graphheads.gates.update_balance_bias`).
+        sparse_backend: "auto" (default), "chunked" or "flex" (see
+            :class:`~graphheads.routed.RoutedAttention`).
         execution: "auto" (default), "dense" or "sparse" (see
             :class:`~graphheads.routed.RoutedAttention`).
     """
@@ -202,6 +204,7 @@ class MoHAttention(RoutedAttention):
         parameter_free: bool = False,
         balance_bias: bool = False,
         execution: Execution = "auto",
+        sparse_backend: SparseBackendChoice = "auto",
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
     ) -> None:
@@ -223,6 +226,7 @@ class MoHAttention(RoutedAttention):
             bias=bias,
             fused_attention=fused_attention,
             execution=execution,
+            sparse_backend=sparse_backend,
             num_kv_heads=num_kv_heads,
             rotary=rotary,
         )

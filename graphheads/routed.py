@@ -25,13 +25,19 @@ import torch
 from torch import Tensor, nn
 
 from graphheads.attention import MultiHeadAttention
+from graphheads.flex import flex_supported
 from graphheads.rotary import RotaryEmbedding
-from graphheads.sparse import routed_decode_attention, sparse_routed_attention
+from graphheads.sparse import SparseBackend, routed_decode_attention, sparse_routed_attention
 from graphheads.types import AttentionOutput, KVCache, RoutingOutput
 
-__all__ = ["Execution", "RoutedAttention", "Router"]
+__all__ = ["Execution", "RoutedAttention", "Router", "SparseBackendChoice"]
 
 Execution = Literal["auto", "dense", "sparse"]
+SparseBackendChoice = Literal["auto", "chunked", "flex"]
+# below this many query tokens "auto" keeps the chunked path on CPU, where each new shape
+# of the compiled FlexAttention kernel costs seconds to build and the chunked path is as
+# fast (docs/benchmarks.md)
+FLEX_MIN_TOKENS_CPU = 1024
 
 
 class Router(Protocol):
@@ -69,6 +75,10 @@ class RoutedAttention(MultiHeadAttention):
         fused_attention: use PyTorch's fused SDPA kernel.
         execution: ``"auto"`` (default), ``"dense"`` or ``"sparse"`` (see the module
             docstring).
+        sparse_backend: how ``"sparse"`` execution attends with the routed heads:
+            ``"auto"`` (default: FlexAttention where it runs, i.e. CUDA, or CPU without
+            autograd; else the chunked path), ``"flex"`` or ``"chunked"`` (see
+            :func:`~graphheads.sparse.sparse_routed_attention`).
         sparse_chunk_rows: rows per routed head per chunk on the sparse path.
         num_kv_heads: key/value heads (grouped-query attention), as in
             :class:`~graphheads.attention.MultiHeadAttention`; routing is over query heads.
@@ -86,6 +96,7 @@ class RoutedAttention(MultiHeadAttention):
         bias: bool = True,
         fused_attention: bool = True,
         execution: Execution = "auto",
+        sparse_backend: SparseBackendChoice = "auto",
         sparse_chunk_rows: int = 64,
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
@@ -104,6 +115,11 @@ class RoutedAttention(MultiHeadAttention):
             raise ValueError(
                 f"{name}: execution must be 'auto', 'dense' or 'sparse', got {execution!r}"
             )
+        if sparse_backend not in ("auto", "chunked", "flex"):
+            raise ValueError(
+                f"{name}: sparse_backend must be 'auto', 'chunked' or 'flex', "
+                f"got {sparse_backend!r}"
+            )
         if sparse_chunk_rows < 1:
             raise ValueError(f"{name}: sparse_chunk_rows must be >= 1, got {sparse_chunk_rows}")
         if getattr(router, "num_heads", None) != num_heads:
@@ -112,6 +128,7 @@ class RoutedAttention(MultiHeadAttention):
                 f"attention has num_heads={num_heads}"
             )
         self.execution: Execution = execution
+        self.sparse_backend: SparseBackendChoice = sparse_backend
         self.sparse_chunk_rows = sparse_chunk_rows
         self.router = router
 
@@ -121,6 +138,15 @@ class RoutedAttention(MultiHeadAttention):
         dense kernels want that); the sparse path reads the padding mask per sequence and
         keeps the causal limit itself, so it takes the masks as they are."""
         return self.execution != "sparse"
+
+    def _sparse_backend(self, query: Tensor) -> SparseBackend:
+        """The backend of this call: ``"auto"`` resolves to FlexAttention where it runs."""
+        if self.sparse_backend != "auto":
+            return self.sparse_backend
+        dropout = self.dropout if self.training else 0.0
+        supported = flex_supported(query.device, grad=torch.is_grad_enabled(), dropout_p=dropout)
+        pays = query.device.type != "cpu" or query.size(1) >= FLEX_MIN_TOKENS_CPU
+        return "flex" if supported is None and pays else "chunked"
 
     def _decodes(self, query: Tensor) -> bool:
         """One query token per sequence, inference: the decoding path applies."""
@@ -218,6 +244,7 @@ class RoutedAttention(MultiHeadAttention):
                 fused_attention=self.fused_attention,
                 queries=q,
                 chunk_rows=self.sparse_chunk_rows,
+                backend=self._sparse_backend(query),
             )
             return AttentionOutput(output, routing, cache)
         assert q is not None

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +47,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from graphheads.attention import scaled_dot_product_attention
+from graphheads.flex import flex_routed_heads, flex_supported
 from graphheads.masks import build_attention_bias
 
-__all__ = ["routed_decode_attention", "sparse_routed_attention"]
+__all__ = ["SparseBackend", "routed_decode_attention", "sparse_routed_attention"]
+
+SparseBackend = Literal["chunked", "flex"]
 
 
 def sparse_routed_attention(
@@ -68,6 +72,7 @@ def sparse_routed_attention(
     fused_attention: bool = True,
     queries: Tensor | None = None,
     chunk_rows: int = 64,
+    backend: SparseBackend = "chunked",
 ) -> Tensor:
     """Routed attention output (b, t, d), computing only the active (token, head) pairs.
 
@@ -91,6 +96,10 @@ def sparse_routed_attention(
         chunk_rows: routed rows per chunk. A causal chunk reads only the keys up to its
             last position, and under autograd each chunk is recomputed in the backward
             pass instead of keeping its (rows x keys) mask.
+        backend: how the routed heads attend: ``"chunked"`` (SDPA over chunks of
+            gathered rows with a float mask) or ``"flex"`` (one FlexAttention call over
+            the packed rows with a block mask from their positions; see
+            :mod:`graphheads.flex` for where it runs).
     """
     b, t, d = query.shape
     h, s, e = key.size(1), key.size(-2), key.size(-1)
@@ -138,25 +147,42 @@ def sparse_routed_attention(
         )
         o_s = o_s * gates[..., :h_s].transpose(1, 2).unsqueeze(-1)  # (b, h_s, t, e)
         out = out + o_s.transpose(1, 2).reshape(b, t, h_s * e) @ out_weight[:, : h_s * e].T
+    if backend not in ("chunked", "flex"):
+        raise ValueError(
+            f"sparse_routed_attention: backend must be 'chunked' or 'flex', got {backend!r}"
+        )
     if r > 0:
-        _add_routed_heads(
+        heads = (
             out,
             query,
             key[:, h_s:].transpose(0, 1),  # (r, b, s, e): views, head-major
             value[:, h_s:].transpose(0, 1),
             gates[..., h_s:],
             routed_mask > 0,
-            w_q=q_weight[h_s * e :].view(r, e, d),  # views of the weights, no copies
-            b_q=None if q_bias is None else q_bias[h_s * e :].view(r, 1, e),
-            w_o=out_weight[:, h_s * e :].view(d, r, e).permute(1, 2, 0),  # (r, e, d)
-            q_all=None if queries is None else queries[:, h_s:].transpose(0, 1),
-            bias=bias,
-            num_shared=h_s,
-            is_causal=is_causal,
-            dropout_p=dropout_p,
-            fused_attention=fused_attention,
-            chunk_rows=chunk_rows,
         )
+        routed: dict[str, Any] = {
+            "w_q": q_weight[h_s * e :].view(r, e, d),  # views of the weights, no copies
+            "b_q": None if q_bias is None else q_bias[h_s * e :].view(r, 1, e),
+            "w_o": out_weight[:, h_s * e :].view(d, r, e).permute(1, 2, 0),  # (r, e, d)
+            "q_all": None if queries is None else queries[:, h_s:].transpose(0, 1),
+            "bias": bias,
+            "num_shared": h_s,
+            "is_causal": is_causal,
+        }
+        if backend == "flex":
+            grad = torch.is_grad_enabled()
+            reason = flex_supported(query.device, grad=grad, dropout_p=dropout_p)
+            if reason is not None:
+                raise ValueError(f"sparse_routed_attention: backend='flex' cannot run: {reason}")
+            flex_routed_heads(*heads, **routed)
+        else:
+            _add_routed_heads(
+                *heads,
+                **routed,
+                dropout_p=dropout_p,
+                fused_attention=fused_attention,
+                chunk_rows=chunk_rows,
+            )
     if out_bias is not None:
         out = out + out_bias
     return out

@@ -1,0 +1,166 @@
+r"""FlexAttention for routed heads: each (sequence, routed head) attends with only its
+active queries, packed in position order, and a block mask built from their positions.
+
+The chunked sparse path (:func:`graphheads.sparse.sparse_routed_attention`) gathers the
+active rows too, but hands SDPA a float mask per chunk (rows x keys) to keep causality,
+and that mask costs about a third of its time. Here the mask is a rule,
+``key <= last[b, head, row]`` (``last`` = the row's position plus ``s - t``; padding rows
+see every key), and the :class:`~torch.nn.attention.flex_attention.BlockMask` is made
+directly from the rows' positions (:func:`routed_block_mask`): query block i visits key
+blocks up to the one holding its largest ``last`` (``BlockMask.from_kv_blocks``), and key
+blocks every row of the block sees in full skip the rule. Padding rows (past a head's
+active count) see what its last real row sees. Nothing of size rows x keys is ever
+materialised. An additive mask (padding, or per query row) enters as a
+``score_mod``.
+
+Where it runs: PyTorch's FlexAttention (``torch.nn.attention.flex_attention``) needs
+``torch.compile`` to be fast. On CUDA it runs forward and backward; on CPU the compiled
+kernel is inference only (it refuses inputs that require grad), and every new shape
+(batch, packed rows rounded up to the block size, keys) compiles once (seconds; a C++
+compiler is needed). It has no attention dropout. :func:`flex_supported` says whether it
+applies, and :class:`~graphheads.routed.RoutedAttention` (``sparse_backend="auto"``)
+uses it there and the chunked path elsewhere.
+
+Shape legend: b batch, t query tokens, s key tokens, r routed heads, M packed rows per
+(sequence, head) (a multiple of the block size), e head width, d model width.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["BLOCK_SIZE", "flex_routed_heads", "flex_supported", "routed_block_mask"]
+
+BLOCK_SIZE = 128  # FlexAttention's default block: rows and keys per tile
+
+
+def flex_supported(device: torch.device, *, grad: bool, dropout_p: float) -> str | None:
+    """``None`` when the FlexAttention backend can run here, else the reason it cannot."""
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return f"this PyTorch ({torch.__version__}) has no FlexAttention"
+    if dropout_p > 0:
+        return "FlexAttention has no attention dropout"
+    if device.type == "cpu" and grad:
+        return "FlexAttention on CPU runs only without autograd (inference)"
+    if device.type not in ("cpu", "cuda"):
+        return f"FlexAttention runs on CPU and CUDA, not {device.type}"
+    return None
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # static shapes: automatic dynamic-shape recompiles of the CPU template fail to build
+    # in torch 2.13 for key lengths that are not a multiple of the block size
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def routed_block_mask(last: Tensor, key_len: int, block_size: int = BLOCK_SIZE) -> Any:
+    """The block mask of rule ``key <= last[b, head, row]`` for ``last`` (b, r, M), M a
+    multiple of ``block_size``: query block i visits the key blocks up to the one holding
+    its largest ``last``; those every row of it sees in full are "full" blocks (no rule
+    applied)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, r, rows = last.shape
+    q_blocks, k_blocks = rows // block_size, -(-key_len // block_size)
+    per_block = last.view(b, r, q_blocks, block_size)
+    visited = per_block.amax(-1) // block_size + 1  # (b, r, q_blocks)
+    full = ((per_block.amin(-1) + 1) // block_size).clamp(max=key_len // block_size)
+    blocks = torch.arange(k_blocks, device=last.device).expand(b, r, q_blocks, k_blocks)
+    partial_idx = (blocks + full.unsqueeze(-1)).clamp(max=k_blocks - 1)
+    as_int = functools.partial(torch.Tensor.to, dtype=torch.int32)
+
+    def mask_mod(batch: Tensor, head: Tensor, row: Tensor, key: Tensor) -> Tensor:
+        return key <= last[batch, head, row]
+
+    return BlockMask.from_kv_blocks(
+        as_int(visited - full),
+        as_int(partial_idx).contiguous(),
+        as_int(full),
+        as_int(blocks).contiguous(),
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(rows, key_len),
+    )
+
+
+def flex_routed_heads(
+    out: Tensor,
+    query: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gates: Tensor,
+    active: Tensor,
+    *,
+    w_q: Tensor,
+    b_q: Tensor | None,
+    w_o: Tensor,
+    q_all: Tensor | None,
+    bias: Tensor | None,
+    num_shared: int,
+    is_causal: bool,
+) -> None:
+    """Add the routed heads' contributions to ``out`` (b, t, d) in place, as
+    ``graphheads.sparse``'s chunked path does (same arguments: keys and values (r, b, s,
+    e), gates (b, t, r), ``active`` (b, t, r) bool, weight views ``w_q``/``w_o`` (r, e,
+    d), ``bias`` (b|1, h|1, t|1, s) additive), with one FlexAttention call."""
+    b, t, d = query.shape
+    r, s, e = k.size(0), k.size(-2), k.size(-1)
+    order = torch.sort((~active).to(torch.uint8), dim=1, stable=True).indices  # (b, t, r)
+    counts = active.sum(dim=1)  # (b, r)
+    m = int(counts.max())  # the one host sync
+    if m == 0:
+        return
+    rows = -(-m // BLOCK_SIZE) * BLOCK_SIZE
+    idx = order.transpose(1, 2)[..., : min(rows, t)]  # (b, r, M') token positions
+    idx = torch.nn.functional.pad(idx, (0, rows - idx.size(-1)))  # (b, r, M)
+    valid = torch.arange(rows, device=query.device) < counts.unsqueeze(-1)  # (b, r, M)
+    seq = torch.arange(b, device=query.device).view(b, 1, 1)
+    if q_all is not None:  # (r, b, t, e)
+        q = q_all.transpose(0, 1).gather(2, idx.unsqueeze(-1).expand(b, r, rows, e))
+    else:
+        x = query[seq, idx].transpose(0, 1).reshape(r, b * rows, d)  # only active tokens
+        w = w_q.transpose(1, 2)  # (r, d, e)
+        q = torch.bmm(x, w) if b_q is None else torch.baddbmm(b_q, x, w)
+        q = q.view(r, b, rows, e).transpose(0, 1)  # (b, r, M, e)
+    block_mask = None
+    if is_causal:  # key j is visible from position i if j <= i + s - t
+        last = idx + (s - t)
+        # padding rows (at the end) see what the last real row sees: no extra key blocks
+        row_max = torch.where(valid, last, 0).amax(dim=-1, keepdim=True)
+        block_mask = routed_block_mask(torch.where(valid, last, row_max), s)
+    score_mod = None
+    if bias is not None:
+        score_mod = _bias_score_mod(bias, idx, num_shared)
+    o = _compiled_flex()(
+        q, k.transpose(0, 1), v.transpose(0, 1), score_mod=score_mod, block_mask=block_mask
+    )  # (b, r, M, e)
+    g = gates.transpose(1, 2).gather(2, idx)  # (b, r, M)
+    o = torch.where(valid.unsqueeze(-1), o * g.unsqueeze(-1).to(o.dtype), 0.0)
+    y = torch.bmm(o.transpose(0, 1).reshape(r, b * rows, e), w_o)  # (r, b M, d)
+    flat = (seq * t + idx).expand(b, r, rows).transpose(0, 1).reshape(-1)
+    out.view(b * t, d).index_add_(0, flat, y.reshape(-1, d))
+
+
+def _bias_score_mod(bias: Tensor, idx: Tensor, num_shared: int) -> Callable[..., Tensor]:
+    """The additive mask as a ``score_mod``: a (b|1, 1|h, 1, s) padding bias read per
+    key, or a per-row bias (b|1, 1|h, t, s) read at each packed row's position."""
+    per_batch = bias.size(0) > 1
+    per_head = bias.size(1) > 1
+    per_row = bias.size(2) > 1
+
+    def score_mod(score: Tensor, batch: Tensor, head: Tensor, row: Tensor, key: Tensor) -> Tensor:
+        bi = batch if per_batch else 0
+        hi = head + num_shared if per_head else 0
+        ri = idx[batch, head, row] if per_row else 0
+        return score + bias[bi, hi, ri, key]
+
+    return score_mod
