@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = ["BLOCK_SIZE", "flex_routed_heads", "flex_supported", "routed_block_mask"]
 
 BLOCK_SIZE = 128  # FlexAttention's default block: rows and keys per tile
+PROJECTION_ROWS = 256  # rows per (sequence, head) projected at a time (bounds memory)
 
 
 def flex_supported(device: torch.device, *, grad: bool, dropout_p: float) -> str | None:
@@ -124,13 +125,21 @@ def flex_routed_heads(
     idx = torch.nn.functional.pad(idx, (0, rows - idx.size(-1)))  # (b, r, M)
     valid = torch.arange(rows, device=query.device) < counts.unsqueeze(-1)  # (b, r, M)
     seq = torch.arange(b, device=query.device).view(b, 1, 1)
+    # the projections run over chunks of rows: (r, b c, d) inputs and outputs, never the
+    # whole (r, b M, d)
+    chunks = [slice(i, i + PROJECTION_ROWS) for i in range(0, rows, PROJECTION_ROWS)]
     if q_all is not None:  # (r, b, t, e)
         q = q_all.transpose(0, 1).gather(2, idx.unsqueeze(-1).expand(b, r, rows, e))
     else:
-        x = query[seq, idx].transpose(0, 1).reshape(r, b * rows, d)  # only active tokens
         w = w_q.transpose(1, 2)  # (r, d, e)
-        q = torch.bmm(x, w) if b_q is None else torch.baddbmm(b_q, x, w)
-        q = q.view(r, b, rows, e).transpose(0, 1)  # (b, r, M, e)
+        parts = []
+        for sl in chunks:
+            x = query[seq, idx[..., sl]].transpose(0, 1)  # (r, b, c, d): active tokens only
+            c = x.size(2)
+            x = x.reshape(r, b * c, d)
+            part = torch.bmm(x, w) if b_q is None else torch.baddbmm(b_q, x, w)
+            parts.append(part.view(r, b, c, e))
+        q = torch.cat(parts, dim=2).transpose(0, 1)  # (b, r, M, e)
     block_mask = None
     if is_causal:  # key j is visible from position i if j <= i + s - t
         last = idx + (s - t)
@@ -145,9 +154,13 @@ def flex_routed_heads(
     )  # (b, r, M, e)
     g = gates.transpose(1, 2).gather(2, idx)  # (b, r, M)
     o = torch.where(valid.unsqueeze(-1), o * g.unsqueeze(-1).to(o.dtype), 0.0)
-    y = torch.bmm(o.transpose(0, 1).reshape(r, b * rows, e), w_o)  # (r, b M, d)
-    flat = (seq * t + idx).expand(b, r, rows).transpose(0, 1).reshape(-1)
-    out.view(b * t, d).index_add_(0, flat, y.reshape(-1, d))
+    flat_out = out.view(b * t, d)
+    for sl in chunks:
+        o_c = o[:, :, sl].transpose(0, 1)  # (r, b, c, e)
+        c = o_c.size(2)
+        y = torch.bmm(o_c.reshape(r, b * c, e), w_o)  # (r, b c, d)
+        flat = (seq * t + idx[..., sl]).transpose(0, 1).reshape(-1)
+        flat_out.index_add_(0, flat, y.reshape(-1, d))
 
 
 def _bias_score_mod(bias: Tensor, idx: Tensor, num_shared: int) -> Callable[..., Tensor]:

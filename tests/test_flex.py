@@ -29,25 +29,25 @@ def make(kind: str, **kw):
 @pytest.mark.slow
 @pytest.mark.skipif(NO_FLEX is not None, reason=f"FlexAttention cannot run: {NO_FLEX}")
 @pytest.mark.parametrize(
-    ("kind", "masks"),
+    ("kind", "masks", "t"),
     [
-        ("goh", "causal"),
-        ("goh", "causal+left-padding"),  # padding tokens whose rows see no real key
-        ("moh", "per-row float mask"),
+        ("goh", "causal", 600),  # several row chunks of the projections
+        ("goh", "causal+left-padding", 200),  # padding tokens whose rows see no real key
+        ("moh", "per-row float mask", 200),
     ],
 )
-def test_flex_backend_equals_the_dense_path(kind, masks):
-    """CPU inference (compiled FlexAttention), 200 tokens: not a multiple of the block."""
+def test_flex_backend_equals_the_dense_path(kind, masks, t):
+    """CPU inference (compiled FlexAttention); lengths not a multiple of the block."""
     dense = make(kind, execution="dense")
     flex = make(kind, execution="sparse", sparse_backend="flex")
     flex.load_state_dict(dense.state_dict())
-    x = torch.randn(2, 200, 32)
-    padding = torch.zeros(2, 200, dtype=torch.bool)
+    x = torch.randn(2, t, 32)
+    padding = torch.zeros(2, t, dtype=torch.bool)
     padding[1, :13] = True
     kwargs = {
         "causal": {"is_causal": True},
         "causal+left-padding": {"is_causal": True, "key_padding_mask": padding},
-        "per-row float mask": {"attn_mask": torch.randn(200, 200)},
+        "per-row float mask": {"attn_mask": torch.randn(t, t)},
     }[masks]
     calls = []
     real = graphheads.sparse.flex_routed_heads
