@@ -18,8 +18,10 @@ Where it runs: PyTorch's FlexAttention (``torch.nn.attention.flex_attention``) n
 kernel is inference only (it refuses inputs that require grad), and every new shape
 (batch, packed rows rounded up to the block size, keys) compiles once (seconds; a C++
 compiler is needed). It has no attention dropout. :func:`flex_supported` says whether it
-applies, and :class:`~graphheads.routed.RoutedAttention` (``sparse_backend="auto"``)
-uses it there and the chunked path elsewhere.
+applies; ``sparse_backend="auto"`` (:func:`choose_sparse_backend`) uses it on CUDA only:
+on CPU the compiled kernel measured slower than the chunked path (it computes a (row,
+key) pair about 2.3x slower than PyTorch's flash kernel at head width 32), so there it
+is an explicit choice (``sparse_backend="flex"``).
 
 Shape legend: b batch, t query tokens, s key tokens, r routed heads, M packed rows per
 (sequence, head) (a multiple of the block size), e head width, d model width.
@@ -30,12 +32,18 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK_SIZE", "flex_routed_heads", "flex_supported", "routed_block_mask"]
+__all__ = [
+    "BLOCK_SIZE",
+    "choose_sparse_backend",
+    "flex_routed_heads",
+    "flex_supported",
+    "routed_block_mask",
+]
 
 BLOCK_SIZE = 128  # FlexAttention's default block: rows and keys per tile
 PROJECTION_ROWS = 256  # rows per (sequence, head) projected at a time (bounds memory)
@@ -52,6 +60,20 @@ def flex_supported(device: torch.device, *, grad: bool, dropout_p: float) -> str
     if device.type not in ("cpu", "cuda"):
         return f"FlexAttention runs on CPU and CUDA, not {device.type}"
     return None
+
+
+def choose_sparse_backend(
+    setting: str, device: torch.device, *, grad: bool, dropout_p: float
+) -> Literal["chunked", "flex"]:
+    """The sparse path's backend for one call: ``setting`` ``"flex"`` or ``"chunked"``
+    as given; ``"auto"`` takes FlexAttention on CUDA where it runs, and the chunked path
+    on CPU, where the compiled FlexAttention kernel measured slower (1.05-1.18x the
+    chunked path's time at T 512-2048, docs/benchmarks.md) besides compiling every new
+    shape."""
+    if setting != "auto":
+        return "flex" if setting == "flex" else "chunked"
+    usable = flex_supported(device, grad=grad, dropout_p=dropout_p) is None
+    return "flex" if usable and device.type == "cuda" else "chunked"
 
 
 @functools.cache

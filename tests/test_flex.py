@@ -6,7 +6,7 @@ import torch
 
 import graphheads.sparse
 from graphheads import GoHAttention, HeadGraph, MoHAttention
-from graphheads.flex import BLOCK_SIZE, flex_supported, routed_block_mask
+from graphheads.flex import BLOCK_SIZE, choose_sparse_backend, flex_supported, routed_block_mask
 
 CPU = torch.device("cpu")
 NO_FLEX = flex_supported(CPU, grad=False, dropout_p=0.0)
@@ -83,18 +83,19 @@ def _which_backend(monkeypatch, attn, x, grad: bool) -> str:
     return str(chosen.value)
 
 
-@pytest.mark.skipif(NO_FLEX is not None, reason=f"FlexAttention cannot run: {NO_FLEX}")
-def test_auto_picks_flex_for_long_cpu_inference_only(monkeypatch):
-    attn = make("goh", execution="sparse")
-    long = torch.randn(1, graphheads.routed.FLEX_MIN_TOKENS_CPU, 32)
-    short = torch.randn(1, graphheads.routed.FLEX_MIN_TOKENS_CPU - 1, 32)
-    assert _which_backend(monkeypatch, attn, long, grad=False) == "flex"
-    assert _which_backend(monkeypatch, attn, long, grad=True) == "chunked"  # CPU: no backward
-    assert _which_backend(monkeypatch, attn, short, grad=False) == "chunked"
-    attn.sparse_backend = "flex"  # overridable both ways
-    assert _which_backend(monkeypatch, attn, short, grad=False) == "flex"
-    attn.sparse_backend = "chunked"
-    assert _which_backend(monkeypatch, attn, long, grad=False) == "chunked"
+def test_auto_picks_flex_on_cuda_only_and_is_overridable(monkeypatch):
+    cuda = torch.device("cuda")
+    assert choose_sparse_backend("auto", CPU, grad=False, dropout_p=0.0) == "chunked"
+    assert choose_sparse_backend("auto", CPU, grad=True, dropout_p=0.0) == "chunked"
+    if flex_supported(cuda, grad=True, dropout_p=0.0) is None:  # a PyTorch with FlexAttention
+        assert choose_sparse_backend("auto", cuda, grad=True, dropout_p=0.0) == "flex"
+    assert choose_sparse_backend("auto", cuda, grad=True, dropout_p=0.1) == "chunked"
+    assert choose_sparse_backend("flex", CPU, grad=False, dropout_p=0.0) == "flex"
+    attn = make("goh", execution="sparse")  # the module asks the same function
+    x = torch.randn(1, 16, 32)
+    assert _which_backend(monkeypatch, attn, x, grad=False) == "chunked"
+    attn.sparse_backend = "flex"
+    assert _which_backend(monkeypatch, attn, x, grad=False) == "flex"
 
 
 def test_forced_flex_where_it_cannot_run_names_the_reason():
