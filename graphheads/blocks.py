@@ -198,17 +198,20 @@ class TransformerBlock(nn.Module):
         memory_kv: KVCache | None = None,
         head_states: Tensor | None = None,
         token_mask: Tensor | None = None,
+        router_context: Tensor | None = None,
     ) -> LayerOutput:
         """x (b, t, d), memory (b, s, d) -> :class:`LayerOutput`. Masks as in
         :class:`~graphheads.attention.MultiHeadAttention`; ``memory_mask`` and
         ``memory_key_padding_mask`` are the cross-attention's, ``memory_kv`` its keys and
         values of ``memory`` projected once (decoding). ``token_mask`` (b, t) is True at
-        real tokens (routed attention balances only those)."""
+        real tokens (routed attention balances only those); ``router_context`` (b, d) is
+        added to the self-attention router's input (routed attention only)."""
         if (memory is None) != (self.cross_attn is None):
             raise ValueError(
                 "TransformerBlock: memory must be given exactly when the block has "
                 f"cross-attention (cross_attn is {'set' if self.cross_attn else 'None'})"
             )
+        context = {} if router_context is None else {"router_context": router_context}
         sa = self.self_attn(
             self._input(x, self.self_attn_norm),
             attn_mask=attn_mask,
@@ -218,6 +221,7 @@ class TransformerBlock(nn.Module):
             use_cache=use_cache,
             head_states=head_states,
             token_mask=token_mask,
+            **context,
         )
         x = self._residual(x, sa.output, self.self_attn_norm)
         ca = None
@@ -333,12 +337,14 @@ class TransformerStack(nn.Module):
         use_cache: bool = False,
         memory_kv: tuple[KVCache, ...] | None = None,
         token_mask: Tensor | None = None,
+        router_context: Tensor | None = None,
     ) -> StackOutput:
         """x (b, t, d) -> :class:`StackOutput`. ``cache`` holds one
         :class:`~graphheads.types.KVCache` per block (the tokens before x);
         ``key_padding_mask`` (b, past + t) then covers the cached keys too.
         ``memory_kv`` holds every block's cross-attention keys and values of ``memory``
-        (:meth:`memory_kv`), computed once per generation. The masks are merged once
+        (:meth:`memory_kv`), computed once per generation. ``router_context`` (b, d) goes
+        to every block's self-attention router input. The masks are merged once
         here and every block gets the same bias (blocks whose self-attention takes the
         masks as they are, the sparse path, get them unmerged)."""
         for label, per_layer in (("cache", cache), ("memory_kv", memory_kv)):
@@ -400,6 +406,7 @@ class TransformerStack(nn.Module):
                     else None
                 ),
                 token_mask=token_mask,
+                router_context=router_context,
             )
             outputs.append(out)
             x = out.hidden

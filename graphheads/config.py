@@ -48,6 +48,7 @@ class ModelConfig:
     carry_head_states: bool = False  # feed each layer's head states into the next router
     graph_conv: str = "gcn"  # message-passing layer: gcn, lightgcn, graphconv
     graph_scale_init: float = 0.0  # initial weight of the graph branch (0: starts as MoH)
+    task_embeddings: int = 0  # tasks with a learned embedding in every router's input
     # --- the block ---
     block: Literal["vaswani", "llama"] = "vaswani"  # llama: RMSNorm, SwiGLU, RoPE, pre-norm
     num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = all
@@ -83,6 +84,14 @@ class ModelConfig:
             raise ValueError(
                 "ModelConfig: sparse_backend must be 'auto', 'chunked' or 'flex', "
                 f"got {self.sparse_backend!r}"
+            )
+        if not isinstance(self.task_embeddings, int) or self.task_embeddings < 0:
+            raise ValueError(
+                f"ModelConfig: task_embeddings must be an int >= 0, got {self.task_embeddings!r}"
+            )
+        if self.task_embeddings and self.attention == "mha":
+            raise ValueError(
+                "ModelConfig: task_embeddings condition the routers, and attention='mha' has none"
             )
         if self.balance_rate < 0:
             raise ValueError(f"ModelConfig: balance_rate must be >= 0, got {self.balance_rate}")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from graphheads.attention import MultiHeadAttention
-from graphheads.flex import flex_supported
+from graphheads.flex import choose_sparse_backend
 from graphheads.rotary import RotaryEmbedding
 from graphheads.sparse import SparseBackend, routed_decode_attention, sparse_routed_attention
 from graphheads.types import AttentionOutput, KVCache, RoutingOutput
@@ -34,10 +34,6 @@ __all__ = ["Execution", "RoutedAttention", "Router", "SparseBackendChoice"]
 
 Execution = Literal["auto", "dense", "sparse"]
 SparseBackendChoice = Literal["auto", "chunked", "flex"]
-# below this many query tokens "auto" keeps the chunked path on CPU, where each new shape
-# of the compiled FlexAttention kernel costs seconds to build and the chunked path is as
-# fast (docs/benchmarks.md)
-FLEX_MIN_TOKENS_CPU = 1024
 
 
 class Router(Protocol):
@@ -76,9 +72,9 @@ class RoutedAttention(MultiHeadAttention):
         execution: ``"auto"`` (default), ``"dense"`` or ``"sparse"`` (see the module
             docstring).
         sparse_backend: how ``"sparse"`` execution attends with the routed heads:
-            ``"auto"`` (default: FlexAttention where it runs, i.e. CUDA, or CPU without
-            autograd; else the chunked path), ``"flex"`` or ``"chunked"`` (see
-            :func:`~graphheads.sparse.sparse_routed_attention`).
+            ``"auto"`` (default: FlexAttention on CUDA, the chunked path elsewhere; see
+            :func:`~graphheads.flex.choose_sparse_backend`), ``"flex"`` or ``"chunked"``
+            (see :func:`~graphheads.sparse.sparse_routed_attention`).
         sparse_chunk_rows: rows per routed head per chunk on the sparse path.
         num_kv_heads: key/value heads (grouped-query attention), as in
             :class:`~graphheads.attention.MultiHeadAttention`; routing is over query heads.
@@ -140,13 +136,13 @@ class RoutedAttention(MultiHeadAttention):
         return self.execution != "sparse"
 
     def _sparse_backend(self, query: Tensor) -> SparseBackend:
-        """The backend of this call: ``"auto"`` resolves to FlexAttention where it runs."""
-        if self.sparse_backend != "auto":
-            return self.sparse_backend
-        dropout = self.dropout if self.training else 0.0
-        supported = flex_supported(query.device, grad=torch.is_grad_enabled(), dropout_p=dropout)
-        pays = query.device.type != "cpu" or query.size(1) >= FLEX_MIN_TOKENS_CPU
-        return "flex" if supported is None and pays else "chunked"
+        """The backend of this call (see :func:`~graphheads.flex.choose_sparse_backend`)."""
+        return choose_sparse_backend(
+            self.sparse_backend,
+            query.device,
+            grad=torch.is_grad_enabled(),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
 
     def _decodes(self, query: Tensor) -> bool:
         """One query token per sequence, inference: the decoding path applies."""
@@ -171,10 +167,13 @@ class RoutedAttention(MultiHeadAttention):
         memory_kv: KVCache | None = None,
         head_states: Tensor | None = None,
         token_mask: Tensor | None = None,
+        router_context: Tensor | None = None,
     ) -> AttentionOutput:
         """As :meth:`MultiHeadAttention.forward`, plus ``head_states`` (the previous
-        layer's graph-router states, GoH with carry only) and ``token_mask`` (b, t): True
-        at real query tokens, the only ones the load-balance loss counts."""
+        layer's graph-router states, GoH with carry only), ``token_mask`` (b, t): True
+        at real query tokens, the only ones the load-balance loss counts, and
+        ``router_context`` (b, d): added to every token's router input (not to the
+        attention's), e.g. a task embedding for task-conditioned routing."""
         key, value = self.resolve_inputs(query, key, value)
         decoding = self._decodes(query)
         sparse = self.execution == "sparse" and not decoding
@@ -183,8 +182,16 @@ class RoutedAttention(MultiHeadAttention):
         q = None
         if needs_queries or not (sparse or decoding):
             q = self.project_query(query, offset)
+        router_input = query
+        if router_context is not None:
+            if router_context.shape != (query.size(0), query.size(-1)):
+                raise ValueError(
+                    f"{type(self).__name__}: router_context must be (batch, d_model) = "
+                    f"{(query.size(0), query.size(-1))}, got {tuple(router_context.shape)}"
+                )
+            router_input = query + router_context.unsqueeze(1).to(query.dtype)
         routing: RoutingOutput = self.router(
-            query,
+            router_input,
             queries=None if q is None else q.transpose(1, 2),
             head_states=head_states,
             token_mask=token_mask,

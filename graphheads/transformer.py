@@ -168,6 +168,15 @@ class DecoderOnlyLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.token.weight
+        # task-conditioned routing: a learned embedding per task added to every router's
+        # input (zero at init: the routing starts as without it)
+        self.task_embedding = (
+            nn.Embedding(config.task_embeddings, config.d_model)
+            if config.task_embeddings > 0
+            else None
+        )
+        if self.task_embedding is not None:
+            nn.init.zeros_(self.task_embedding.weight)
 
     def forward(
         self,
@@ -176,16 +185,26 @@ class DecoderOnlyLM(nn.Module):
         key_padding_mask: Tensor | None = None,
         cache: tuple[KVCache, ...] | None = None,
         use_cache: bool = False,
+        task_ids: Tensor | None = None,
     ) -> ModelOutput:
         """tokens (b, t) -> :class:`ModelOutput` with logits (b, t, v).
 
         ``key_padding_mask`` (b, past + t) marks padding (True) among the cached and the
         new tokens: no query attends to it and the load-balance loss skips it.
         ``cache`` is the ``ModelOutput.cache`` of an earlier call: the tokens given now
-        continue those sequences.
+        continue those sequences. ``task_ids`` (b,) select each sequence's task
+        embedding for task-conditioned routing (models with ``config.task_embeddings``).
         """
         offset = cache[0].length if cache else 0
         x = self.embed(tokens, offset)
+        context = None
+        if task_ids is not None:
+            if self.task_embedding is None:
+                raise ValueError(
+                    "DecoderOnlyLM: task_ids given, but the model has no task embedding "
+                    "(ModelConfig.task_embeddings is 0)"
+                )
+            context = self.task_embedding(task_ids)
         stack = self.decoder(
             x,
             key_padding_mask=key_padding_mask,
@@ -193,6 +212,7 @@ class DecoderOnlyLM(nn.Module):
             cache=cache,
             use_cache=use_cache,
             token_mask=_token_mask(key_padding_mask, tokens.size(1)),
+            router_context=context,
         )
         return _model_output(
             self.lm_head(stack.hidden), [("decoder", stack)], stack.cache if use_cache else None

@@ -87,12 +87,17 @@ def split_at_separator(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor
 def forward_batch(model: nn.Module, batch: TaskBatch) -> tuple[ModelOutput, Tensor]:
     """The model's output on ``batch`` and the targets aligned with its logits. Padding
     is passed as the key padding mask: no token attends to it and the load-balance loss
-    counts only real tokens."""
+    counts only real tokens. A model with task embeddings gets the batch's task ids."""
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if isinstance(core, Transformer):
         src, src_padding, tgt_in, tgt_out, tgt_padding = split_at_separator(batch)
         out = model(src, tgt_in, src_key_padding_mask=src_padding, tgt_key_padding_mask=tgt_padding)
         return out, tgt_out
+    if getattr(core, "task_embedding", None) is not None:  # task-conditioned routing
+        if batch.task_ids is None:
+            raise ValueError("forward_batch: a model with task embeddings needs batch.task_ids")
+        out = model(batch.inputs, key_padding_mask=batch.padding, task_ids=batch.task_ids)
+        return out, batch.targets
     return model(batch.inputs, key_padding_mask=batch.padding), batch.targets
 
 

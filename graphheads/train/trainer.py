@@ -135,6 +135,13 @@ class Trainer:
             raise ValueError(
                 "Trainer: model_type 'seq2seq' needs the built-in task suite, not text"
             )
+        tasks = len(self.data.tasks) if isinstance(self.data, TaskSuite) else 0
+        if self.model_config.task_embeddings not in (0, tasks):
+            raise ValueError(
+                f"Trainer: model.task_embeddings ({self.model_config.task_embeddings}) must "
+                f"be 0 or the number of tasks ({tasks}: task-conditioned routing needs the "
+                "built-in task suite)"
+            )
         torch.manual_seed(train.seed)
         self.model = build_model(self.model_config, train.model_type).to(self.device)
         for stack in self.model.modules():
