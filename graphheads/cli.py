@@ -31,6 +31,7 @@ EXAMPLES = """examples:
   graphheads generate --run runs/default --task sort --prompt "5 2 9 1 7 3"
   graphheads generate --run runs/text --prompt "The head graph"
   graphheads report --run runs/default
+  graphheads continual --config stages.yaml --out runs/continual
   graphheads convert --model hf-model/ --text notes.txt --num-shared 3 --top-k 3 --out out/
 """
 
@@ -42,6 +43,26 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default in (None, False, argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
+
+
+def _continual(args: argparse.Namespace) -> int:
+    from graphheads.train.config import read_config_file
+    from graphheads.train.continual import ContinualConfig
+    from graphheads.train.continual_run import ContinualRun
+
+    config = ContinualConfig.from_dict(read_config_file(args.config))
+    result = ContinualRun(config, args.out, progress=not args.quiet).run(resume=not args.restart)
+    if result.interrupted:
+        print(
+            f"graphheads: stopped; checkpoint written to {args.out}; run the same command "
+            "again to continue",
+            file=sys.stderr,
+        )
+        return 130
+    matrix = {"tasks": list(result.tasks), "accuracy_matrix": result.matrix}
+    print(json.dumps({**matrix, **result.metrics}, indent=1))
+    print(f"report: {args.out / 'continual.json'}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -308,6 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, formatter_class=_HelpWithDefaults)
         p.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
         p.set_defaults(func=func)
+    cont = sub.add_parser(
+        "continual",
+        help="continual learning: stages of tasks, an accuracy matrix, forgetting",
+        description="Train stage after stage (a JSON/YAML file: stages with name, tasks, "
+        "steps; method finetune, replay, ewc, protect or task_routing; see the docs), "
+        "evaluating every task after each stage.",
+        formatter_class=_HelpWithDefaults,
+    )
+    cont.add_argument("--config", type=Path, required=True, help="JSON or YAML stages file")
+    cont.add_argument("--out", type=Path, default=Path("runs/continual"), help="run folder")
+    cont.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    cont.add_argument("--quiet", action="store_true", help="no progress bars")
+    cont.set_defaults(func=_continual)
     conv = sub.add_parser(
         "convert",
         help="route the heads of a local Hugging Face model (hf extra)",

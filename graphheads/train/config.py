@@ -110,6 +110,24 @@ class DataConfig:
             raise ValueError(f"DataConfig: unknown task(s) {unknown}; known: {list(TASKS)}")
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a JSON or YAML (``.yaml``/``.yml``) file; FileNotFoundError or
+    ValueError naming the file when it is missing or holds something else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(values).__name__}")
+    return values
+
+
 def default_model_config(vocab_size: int, max_seq_len: int) -> ModelConfig:
     """The main job's model: a small Graph-of-Heads LM (8 heads, 2 shared, top-3)."""
     return ModelConfig(
@@ -184,22 +202,7 @@ class RunConfig:
         """From a JSON or YAML file (optional) and ``section.key=value`` overrides, whose
         values are parsed as JSON when they can be (``3``, ``true``, ``["copy"]``); a list
         setting also takes a comma list (``data.tasks=copy,sort``)."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            if not path.exists():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            text = path.read_text()
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                values = yaml.safe_load(text) or {}
-            else:
-                values = json.loads(text)
-            if not isinstance(values, dict):
-                raise ValueError(
-                    f"config file {path} must hold a mapping, got {type(values).__name__}"
-                )
+        values: dict[str, Any] = {} if path is None else read_config_file(path)
         for item in overrides:
             key, sep, raw = item.partition("=")
             section, dot, name = key.partition(".")

@@ -1,0 +1,316 @@
+"""Run a continual-learning configuration (:class:`~graphheads.train.continual.ContinualConfig`):
+train stage after stage, evaluate every task after each, write the accuracy matrix,
+the transfer metrics and the per-stage head usage.
+
+The run folder holds ``checkpoint.pt`` (written atomically every ``checkpoint_every``
+steps and at the end of each stage: model, optimiser, the method's state, the matrix so
+far), ``continual.json`` (rewritten after each stage from that state) and, at the end,
+``accuracy_matrix.png`` and ``head_usage.png``. An interrupted run (SIGINT/SIGTERM stop
+at a step boundary with a checkpoint) continues from its checkpoint when started again
+with the same configuration; a checkpoint of another configuration is refused before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from graphheads.data.tasks import IGNORE_INDEX, TaskBatch, TaskSuite
+from graphheads.train.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_text_atomically,
+)
+from graphheads.train.config import default_model_config
+from graphheads.train.continual import ContinualConfig, continual_metrics
+from graphheads.train.evaluation import evaluate, forward_batch
+from graphheads.train.forgetting import EWC, HeadProtection, ReplayBuffer, pad_batch, top_used_heads
+from graphheads.train.runtime import StopSignals
+from graphheads.transformer import DecoderOnlyLM
+
+__all__ = [
+    "ContinualResult",
+    "ContinualRun",
+    "plot_accuracy_matrix",
+    "plot_stage_head_usage",
+    "run_continual",
+]
+
+
+@dataclass
+class ContinualResult:
+    """The accuracy matrix (rows: before training, then after each stage; columns:
+    ``tasks``), its metrics, the head usage after each stage (per task: per layer: per
+    head) and whether the run stopped early (a checkpoint holds where)."""
+
+    tasks: tuple[str, ...]
+    matrix: list[list[float]]
+    metrics: dict[str, float | None]
+    head_usage: list[dict[str, list[list[float]]]]
+    interrupted: bool = False
+
+
+class ContinualRun:
+    """One continual-learning run; :meth:`run` trains it (see the module docstring)."""
+
+    def __init__(
+        self, config: ContinualConfig, out_dir: str | Path | None = None, *, progress: bool = True
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        c = config
+        self.tasks = config.tasks
+        self.suite = TaskSuite(
+            self.tasks, length=c.length, num_symbols=c.num_symbols, modulus=c.modulus
+        )
+        overrides = dict(c.model)
+        if c.method == "task_routing":
+            overrides["task_embeddings"] = len(self.tasks)
+        self.model_config = replace(
+            default_model_config(self.suite.vocab_size, self.suite.max_seq_len), **overrides
+        )
+        if c.method in ("protect", "task_routing") and self.model_config.attention == "mha":
+            raise ValueError(
+                f"ContinualConfig: method {c.method!r} needs routed heads (model.attention "
+                "'moh' or 'goh'), not 'mha'"
+            )
+        torch.manual_seed(c.seed)
+        self.model = DecoderOnlyLM(self.model_config)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=0.0)
+        self.replay, self.ewc, self.protection = ReplayBuffer(), EWC(), HeadProtection()
+        self.stage, self.step = 0, 0  # the next stage to train, steps done in it
+        self.matrix: list[list[float]] = []
+        self.usage: list[dict[str, list[list[float]]]] = []
+
+    # -- state ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "continual_config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "stage": self.stage,
+            "step": self.step,
+            "matrix": self.matrix,
+            "usage": self.usage,
+            "replay": self.replay.state_dict(),
+            "ewc": self.ewc.state_dict(),
+            "protect": self.protection.state_dict(),
+        }
+
+    def _resume(self) -> None:
+        path = None if self.out_dir is None else self.out_dir / CHECKPOINT_NAME
+        if path is None or not path.exists():
+            return
+        state = load_checkpoint(path)
+        if state.get("continual_config") != self.config.to_dict():
+            raise CheckpointError(
+                f"{path} belongs to another continual configuration; use another --out or --restart"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stage, self.step = int(state["stage"]), int(state["step"])
+        self.matrix, self.usage = state["matrix"], state["usage"]
+        self.replay.load_state_dict(state["replay"])
+        self.ewc.load_state_dict(state["ewc"])
+        self.protection.load_state_dict(state["protect"])
+
+    def _save(self) -> None:
+        if self.out_dir is not None:
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.state())
+
+    # -- one stage --------------------------------------------------------------------
+    def _stage_batch(self, suite: TaskSuite, index: list[int], step: int) -> TaskBatch:
+        c = self.config
+        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + self.stage * 100_003 + step)
+        batch = pad_batch(suite.sample(c.batch_size, gen), self.suite.max_seq_len)
+        assert batch.task_ids is not None
+        batch = replace(batch, task_ids=torch.tensor(index)[batch.task_ids])  # run's task ids
+        if c.method == "replay":
+            batch = self.replay.mix(batch, c.replay_fraction, gen)
+        return batch
+
+    def _loss(self, batch: TaskBatch) -> Tensor:
+        out, targets = forward_batch(self.model, batch)
+        loss = F.cross_entropy(
+            out.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+        )
+        if out.routing and out.aux_loss is not None:
+            loss = loss + self.config.aux_loss_weight * out.aux_loss / len(out.routing)
+        return loss
+
+    def train_step(self, batch: TaskBatch) -> float:
+        c = self.config
+        loss = self._loss(batch)
+        if c.method == "ewc" and self.ewc.fisher:
+            loss = loss + self.ewc.penalty(self.model, c.ewc_lambda)
+        if c.method == "protect" and c.protect_mode == "penalty":
+            loss = loss + self.protection.penalty(self.model, c.protect_lambda)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        if c.method == "protect" and c.protect_mode == "freeze":
+            self.protection.restore(self.model)
+        return loss.item()
+
+    def _finish_stage(self, suite: TaskSuite, index: list[int]) -> None:
+        """After a stage: evaluate every task, then update the method's memory."""
+        c = self.config
+        row = self._evaluate()
+        gen = torch.Generator().manual_seed(c.seed + 7 * (self.stage + 1))
+        if c.method == "replay" and c.replay_size > 0:
+            kept = pad_batch(suite.sample(c.replay_size, gen), self.suite.max_seq_len)
+            assert kept.task_ids is not None
+            self.replay.add(replace(kept, task_ids=torch.tensor(index)[kept.task_ids]))
+        if c.method == "ewc" and c.fisher_batches > 0:
+            self.model.train()
+            batches = [self._stage_batch(suite, index, -1 - i) for i in range(c.fisher_batches)]
+            losses = [functools.partial(self._loss, b) for b in batches]
+            self.ewc.consolidate(self.model, losses)
+        if c.method == "protect" and c.protect_heads > 0:
+            stage_tasks = self.config.stages[self.stage].tasks
+            usage = [row["head_usage"][t] for t in stage_tasks]
+            heads = top_used_heads(usage, self.model_config.num_shared, c.protect_heads)
+            self.protection.protect(self.model, heads)
+        self.stage, self.step = self.stage + 1, 0
+
+    def _evaluate(self) -> dict[str, Any]:
+        c = self.config
+        result = evaluate(
+            self.model,
+            self.suite,
+            batches=c.eval_batches,
+            batch_size=c.eval_batch_size,
+            seed=c.seed,
+        )
+        self.matrix.append([result["accuracy"][t] for t in self.tasks])
+        self.usage.append(result.get("head_usage", {}))
+        return result
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self, *, resume: bool = True, stop_after: int | None = None) -> ContinualResult:
+        """Train every stage. ``stop_after`` (tests) stops like a signal would after that
+        many steps of this call."""
+        if resume:
+            self._resume()  # refuses another configuration before anything is written
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.matrix:
+            self._evaluate()  # row 0: before any training
+        done = 0
+        with StopSignals() as stop:
+            while self.stage < len(self.config.stages):
+                stage = self.config.stages[self.stage]
+                suite = TaskSuite(
+                    stage.tasks,
+                    length=self.config.length,
+                    num_symbols=self.config.num_symbols,
+                    modulus=self.config.modulus,
+                )
+                index = [self.tasks.index(t) for t in stage.tasks]
+                self.model.train()
+                bar = tqdm(
+                    total=stage.steps, initial=self.step, disable=not self.progress, desc=stage.name
+                )
+                while self.step < stage.steps:
+                    loss = self.train_step(self._stage_batch(suite, index, self.step))
+                    self.step += 1
+                    done += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    if self.step % self.config.checkpoint_every == 0:
+                        self._save()
+                    if stop.received or (stop_after is not None and done >= stop_after):
+                        if self.step < stage.steps:
+                            bar.close()
+                            self._save()
+                            return self._result(interrupted=True)
+                bar.close()
+                self._finish_stage(suite, index)
+                self._save()
+                self._write_report()
+        self._write_report(final=True)
+        return self._result()
+
+    def _result(self, *, interrupted: bool = False) -> ContinualResult:
+        metrics: dict[str, float | None] = {}
+        if len(self.matrix) == len(self.config.stages) + 1:
+            metrics = continual_metrics(self.matrix, self.tasks, self.config.stages)
+        return ContinualResult(self.tasks, self.matrix, metrics, self.usage, interrupted)
+
+    def _write_report(self, *, final: bool = False) -> None:
+        if self.out_dir is None:
+            return
+        result = self._result()
+        report = {
+            "method": self.config.method,
+            "attention": self.model_config.attention,
+            "tasks": list(self.tasks),
+            "stages": [s.name for s in self.config.stages[: len(self.matrix) - 1]],
+            "accuracy_matrix": self.matrix,
+            **result.metrics,
+            "head_usage": self.usage,
+        }
+        write_text_atomically(self.out_dir / "continual.json", json.dumps(report, indent=1))
+        if final:
+            names = ["before"] + [s.name for s in self.config.stages]
+            figure = self.out_dir / "accuracy_matrix.png"
+            plot_accuracy_matrix(self.matrix, names, self.tasks, figure)
+            if any(self.usage):
+                plot_stage_head_usage(self.usage[1:], names[1:], self.out_dir / "head_usage.png")
+
+
+def run_continual(
+    config: ContinualConfig, out_dir: str | Path | None = None, *, progress: bool = True
+) -> ContinualResult:
+    """Train ``config`` (resuming a checkpoint in ``out_dir`` of the same configuration)."""
+    return ContinualRun(config, out_dir, progress=progress).run()
+
+
+def plot_accuracy_matrix(
+    matrix: list[list[float]], rows: list[str], tasks: tuple[str, ...], path: Path
+) -> None:
+    """Heatmap of the accuracy matrix (rows: before training, then after each stage)."""
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(tasks), 1.0 + 0.5 * len(rows)))
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(len(rows)), [f"after {r}" if i else r for i, r in enumerate(rows)])
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title("accuracy per task")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_stage_head_usage(
+    usage: list[dict[str, list[list[float]]]], stages: list[str], path: Path
+) -> None:
+    """After each stage, every task's share of tokens per head, layer by layer (one
+    panel per stage: rows are (task, layer), columns heads)."""
+    fig, axes = plt.subplots(1, len(usage), figsize=(3.2 * len(usage), 3.2), squeeze=False)
+    for ax, stage, per_task in zip(axes[0], stages, usage, strict=True):
+        labels = [f"{t} L{i}" for t, layers in per_task.items() for i in range(len(layers))]
+        grid = [row for layers in per_task.values() for row in layers]
+        ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("head")
+        ax.set_title(f"after {stage}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
