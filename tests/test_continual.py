@@ -27,7 +27,7 @@ def config(method: str = "finetune", **overrides) -> ContinualConfig:
         "batch_size": 16,
         "checkpoint_every": 10,
         "replay_size": 32,
-        "fisher_batches": 2,
+        "fisher_samples": 4,
         "stages": [
             {"name": "a", "tasks": ["copy"], "steps": 20},
             {"name": "b", "tasks": ["reverse", "sort"], "steps": 20},

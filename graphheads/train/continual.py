@@ -61,8 +61,8 @@ class ContinualConfig:
     checkpoint_every: int = 100
     replay_size: int = 256  # replay: examples kept per finished stage
     replay_fraction: float = 0.5  # replay: share of every batch drawn from the buffer
-    ewc_lambda: float = 100.0  # ewc: penalty weight
-    fisher_batches: int = 8  # ewc: batches for each stage's Fisher
+    ewc_lambda: float = 1000.0  # ewc: penalty weight
+    fisher_samples: int = 64  # ewc: examples (one gradient each) for each stage's Fisher
     protect_heads: int = 2  # protect: routed heads per layer kept per finished stage
     protect_mode: str = "freeze"  # protect: "freeze" or "penalty"
     protect_lambda: float = 10.0  # protect: penalty weight
@@ -86,7 +86,7 @@ class ContinualConfig:
         for name in ("batch_size", "eval_batches", "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ContinualConfig: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("replay_size", "fisher_batches", "protect_heads"):
+        for name in ("replay_size", "fisher_samples", "protect_heads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ContinualConfig: {name} must be >= 0, got {getattr(self, name)}")
 

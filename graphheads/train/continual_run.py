@@ -175,11 +175,14 @@ class ContinualRun:
             kept = pad_batch(suite.sample(c.replay_size, gen), self.suite.max_seq_len)
             assert kept.task_ids is not None
             self.replay.add(replace(kept, task_ids=torch.tensor(index)[kept.task_ids]))
-        if c.method == "ewc" and c.fisher_batches > 0:
+        if c.method == "ewc" and c.fisher_samples > 0:
             self.model.train()
-            batches = [self._stage_batch(suite, index, -1 - i) for i in range(c.fisher_batches)]
-            losses = [functools.partial(self._loss, b) for b in batches]
-            self.ewc.consolidate(self.model, losses)
+            examples = pad_batch(suite.sample(c.fisher_samples, gen), self.suite.max_seq_len)
+            assert examples.task_ids is not None
+            examples = replace(examples, task_ids=torch.tensor(index)[examples.task_ids])
+            # the empirical Fisher: one squared gradient per example
+            rows = [examples.rows(slice(i, i + 1)) for i in range(c.fisher_samples)]
+            self.ewc.consolidate(self.model, [functools.partial(self._loss, r) for r in rows])
         if c.method == "protect" and c.protect_heads > 0:
             stage_tasks = self.config.stages[self.stage].tasks
             usage = [row["head_usage"][t] for t in stage_tasks]

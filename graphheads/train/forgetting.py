@@ -102,8 +102,8 @@ class EWC:
         self.anchor: dict[str, Tensor] = {}
 
     def consolidate(self, model: nn.Module, losses: Iterable[Callable[[], Tensor]]) -> None:
-        """Add the Fisher of the losses (squared gradients, averaged over the batches:
-        the empirical Fisher of batch gradients) and anchor the current weights."""
+        """Add the Fisher of the losses (their squared gradients, averaged: with one
+        example per loss, the empirical Fisher) and anchor the current weights."""
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         count = 0
