@@ -285,24 +285,17 @@ class RoutedSelfAttention(SelfAttention):
             query = apply_rotary_pos_emb(query, pos_q, config=self.config, cp_group=cp)
             key = apply_rotary_pos_emb(key, pos_k, config=self.config, cp_group=cp)
         routing = self.route(hidden_states)
-        if self.checkpoint_core_attention and self.training:
-            heads_out = self._checkpointed_attention_forward(
-                query,
-                key,
-                value,
-                attention_mask,
-                attn_mask_type=self.attn_mask_type,
-                attention_bias=attention_bias,
-            )
-        else:
-            heads_out = self.core_attention(
-                query,
-                key,
-                value,
-                attention_mask,
-                attn_mask_type=self.attn_mask_type,
-                attention_bias=attention_bias,
-            )
+        attend = self.core_attention
+        if self.checkpoint_core_attention and self.training:  # Megatron's selective recompute
+            attend = self._checkpointed_attention_forward
+        heads_out = attend(
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=self.attn_mask_type,
+            attention_bias=attention_bias,
+        )
         # every rank's router gets every head's gate gradient (all-reduce in backward)
         gates = copy_to_tensor_model_parallel_region(routing.gates, group=self.pg_collection.tp)
         heads_local = self.num_attention_heads_per_partition
@@ -336,9 +329,14 @@ def check_megatron_config(config: TransformerConfig) -> None:
             "the heads already have graphheads' gates",
         ),
     }
+    refuse(config, refused)
+
+
+def refuse(config: Any, refused: dict[str, tuple[bool, str]], prefix: str = "") -> None:
+    """Raise a ValueError naming the first ``key`` whose ``(on, why)`` is on."""
     for key, (on, why) in refused.items():
         if on:
             raise ValueError(
-                f"graphheads.integrations.megatron: {key}={getattr(config, key)!r} is not "
-                f"supported ({why})"
+                f"graphheads.integrations.megatron: {prefix}{key}={getattr(config, key)!r} "
+                f"is not supported ({why})"
             )

@@ -30,7 +30,11 @@ from torch import Tensor, nn
 from graphheads.attention import MultiHeadAttention
 from graphheads.builders import make_head_graph
 from graphheads.config import ModelConfig
-from graphheads.integrations.megatron.attention import RoutedSelfAttention, TorchCoreAttention
+from graphheads.integrations.megatron.attention import (
+    RoutedSelfAttention,
+    TorchCoreAttention,
+    refuse,
+)
 from graphheads.integrations.megatron.specs import goh_layer_spec, moh_layer_spec
 from graphheads.routed import RoutedAttention
 from graphheads.transformer import DecoderOnlyLM
@@ -59,12 +63,7 @@ def _check_convertible(config: ModelConfig) -> None:
             "the selection-bias update lives in graphheads' trainer",
         ),
     }
-    for key, (bad, why) in refused.items():
-        if bad:
-            raise ValueError(
-                f"graphheads.integrations.megatron: ModelConfig.{key}="
-                f"{getattr(config, key)!r} is not supported ({why})"
-            )
+    refuse(config, refused, prefix="ModelConfig.")
 
 
 def build_gpt(
