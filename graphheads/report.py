@@ -7,14 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import networkx as nx
 import torch
+from torch import nn
 
 from graphheads import viz
 from graphheads.data import TaskSuite
+from graphheads.data.tasks import IGNORE_INDEX
+from graphheads.train.evaluation import forward_batch
 from graphheads.train.trainer import METRICS_NAME, load_run
 from graphheads.transformer import DecoderOnlyLM
 
-__all__ = ["make_report", "read_metrics"]
+__all__ = ["make_report", "read_metrics", "task_coactivation"]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -31,6 +35,22 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def task_coactivation(
+    model: nn.Module, data: TaskSuite, *, batch_size: int = 32, seed: int = 0
+) -> dict[str, list[nx.Graph]]:
+    """Per task, per layer: the :func:`~graphheads.viz.coactivation_graph` of the heads
+    over the scored tokens of a batch of that task (task-conditioned models get the task's
+    id, as in training)."""
+    gen = torch.Generator().manual_seed(seed)
+    graphs = {}
+    with torch.no_grad():
+        for task in data.tasks:
+            out, targets = forward_batch(model, data.sample(batch_size, gen, task=task))
+            scored = targets != IGNORE_INDEX
+            graphs[task] = [viz.coactivation_graph(r, token_mask=scored) for r in out.routing]
+    return graphs
+
+
 def _save(fig: plt.Figure, path: Path) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -39,7 +59,8 @@ def _save(fig: plt.Figure, path: Path) -> str:
 
 def make_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report``: loss.png, accuracy.png, head_usage.png,
-    head_graph_layer{i}.png, routing_layer{i}.png and summary.md. Returns the folder."""
+    head_graph_layer{i}.png, routing_layer{i}.png, coactivation_layer{i}.png (per task)
+    and summary.md. Returns the folder."""
     run_dir = Path(run_dir)
     model, _, data, step = load_run(run_dir)
     records = read_metrics(run_dir)
@@ -96,9 +117,10 @@ def make_report(run_dir: str | Path) -> Path:
         and config.attention != "mha"
     ):
         gen = torch.Generator().manual_seed(0)
-        examples = {task: data.sample(1, gen, task=task).inputs for task in data.tasks}
+        batches = {task: data.sample(1, gen, task=task) for task in data.tasks}
+        examples = {task: b.inputs for task, b in batches.items()}
         with torch.no_grad():
-            routings = {task: model(x).routing for task, x in examples.items()}
+            routings = {task: forward_batch(model, b)[0].routing for task, b in batches.items()}
         for layer in range(config.num_layers):
             fig, axes = plt.subplots(
                 1, len(examples), figsize=(3.6 * len(examples), 6.5), layout="constrained"
@@ -122,6 +144,16 @@ def make_report(run_dir: str | Path) -> Path:
             fig.colorbar(axes_list[0].images[0], ax=axes_list, label="gate", shrink=0.8)
             fig.suptitle(f"layer {layer} routing (tokens x heads)")
             figures.append(_save(fig, out / f"routing_layer{layer}.png"))
+        coactivation = task_coactivation(model, data)
+        for layer in range(config.num_layers):
+            fig, axes = plt.subplots(
+                1, len(coactivation), figsize=(3.4 * len(coactivation), 3.8), layout="constrained"
+            )
+            axes_list = [axes] if len(coactivation) == 1 else list(axes)
+            for ax, (task, per_layer) in zip(axes_list, coactivation.items(), strict=True):
+                viz.draw_coactivation(per_layer[layer], ax=ax, title=task)
+            fig.suptitle(f"layer {layer}: heads firing together, per task")
+            figures.append(_save(fig, out / f"coactivation_layer{layer}.png"))
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return out

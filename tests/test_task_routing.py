@@ -70,3 +70,25 @@ def test_multi_task_training_passes_each_rows_task():
     torch.testing.assert_close(out.logits, direct.logits)
     wrong = model(batch.inputs, key_padding_mask=batch.padding, task_ids=batch.task_ids.flip(0))
     assert not torch.allclose(out.logits, wrong.logits)
+
+
+def test_report_coactivation_per_task_uses_each_tasks_id():
+    """The report's per-task co-activation graphs are those of the task's batch, routed
+    with the task's embedding (an oracle: the graph of a direct forward pass)."""
+    from graphheads.report import task_coactivation
+    from graphheads.viz import coactivation_graph
+
+    suite = TaskSuite(("copy", "reverse", "sort"))
+    model = lm(vocab_size=suite.vocab_size, max_seq_len=suite.max_seq_len)
+    with torch.no_grad():
+        model.task_embedding.weight.normal_(std=5.0)
+    graphs = task_coactivation(model, suite, batch_size=8, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    for task in suite.tasks:
+        batch = suite.sample(8, gen, task=task)
+        out = model(batch.inputs, key_padding_mask=batch.padding, task_ids=batch.task_ids)
+        expected = coactivation_graph(out.routing[1], token_mask=batch.targets != -100)
+        got = graphs[task][1]
+        assert sorted(got.edges(data="weight")) == sorted(expected.edges(data="weight"))
+    weights = [sorted(graphs[t][0].edges(data="weight")) for t in suite.tasks]
+    assert weights[0] != weights[1]  # tasks route differently
