@@ -54,6 +54,9 @@ def mha_vs_torch(device: str) -> None:
 
 
 def sparse_vs_dense(device: str) -> None:
+    """Both sparse backends (FlexAttention trains only on CUDA) against the dense path."""
+    from graphheads.flex import flex_supported
+
     for kind in ("moh", "goh"):
         torch.manual_seed(0)
         if kind == "moh":
@@ -65,21 +68,27 @@ def sparse_vs_dense(device: str) -> None:
             for p in attn.router.parameters():
                 p.add_(torch.randn_like(p))
         x = torch.randn(3, 257, 64, device=device)
-        outs, grads = [], []
-        for execution in ("dense", "sparse"):
-            module = copy.deepcopy(attn)
-            module.execution = execution
-            xi = x.clone().requires_grad_(True)
-            out = module(xi, is_causal=True).output
-            out.square().sum().backward()
-            outs.append(out.detach())
-            grads.append(xi.grad)
-        d_out, d_grad = max_diff(*outs), max_diff(*grads)
-        check(
-            f"{kind} sparse == dense (outputs, input grads)",
-            d_out < 1e-4 and d_grad < 1e-3,
-            f"{d_out:.2e}, {d_grad:.2e}",
-        )
+        for backend in ("chunked", "flex"):
+            reason = flex_supported(torch.device(device), grad=True, dropout_p=0.0)
+            if backend == "flex" and reason is not None:
+                print(f"SKIP  {kind} sparse ({backend}) == dense: {reason}")
+                continue
+            outs, grads = [], []
+            for execution in ("dense", "sparse"):
+                module = copy.deepcopy(attn)
+                module.execution = execution
+                module.sparse_backend = backend
+                xi = x.clone().requires_grad_(True)
+                out = module(xi, is_causal=True).output
+                out.square().sum().backward()
+                outs.append(out.detach())
+                grads.append(xi.grad)
+            d_out, d_grad = max_diff(*outs), max_diff(*grads)
+            check(
+                f"{kind} sparse ({backend}) == dense (outputs, input grads)",
+                d_out < 1e-4 and d_grad < 1e-3,
+                f"{d_out:.2e}, {d_grad:.2e}",
+            )
 
 
 def lm_training(device: str) -> None:
