@@ -4,8 +4,9 @@ active queries, packed in position order, and a block mask built from their posi
 The chunked sparse path (:func:`graphheads.sparse.sparse_routed_attention`) gathers the
 active rows too, but hands SDPA a float mask per chunk (rows x keys) to keep causality,
 and that mask costs about a third of its time. Here the mask is a rule,
-``key <= last[b, head, row]`` (``last`` = the row's position plus ``s - t``), and the :class:`~torch.nn.attention.flex_attention.BlockMask` is made
-directly from the rows' positions (:func:`routed_block_mask`): query block i visits key
+``key <= last[b, head, row]`` (``last`` = the row's position plus ``s - t``), and the
+:class:`~torch.nn.attention.flex_attention.BlockMask` is made directly from the rows'
+positions (:func:`routed_block_mask`): query block i visits key
 blocks up to the one holding its largest ``last`` (``BlockMask.from_kv_blocks``), and key
 blocks every row of the block sees in full skip the rule. Padding rows (past a head's
 active count) see what its last real row sees. Nothing of size rows x keys is ever

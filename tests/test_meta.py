@@ -81,13 +81,16 @@ def test_variants_relabel_symbols_consistently():
     assert torch.equal(moved.inputs[~symbols], plain.inputs[~symbols])  # task token, SEP, pad
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "reptile"])
-def test_outer_step_gradients(algorithm):
-    """FOMAML: the query loss's gradient at the adapted weights; Reptile: theta minus
-    the adapted weights; averaged over the meta-batch (here one variant)."""
+@pytest.mark.parametrize(
+    ("algorithm", "adapt"), [("fomaml", "all"), ("fomaml", "routers"), ("reptile", "all")]
+)
+def test_outer_step_gradients(algorithm, adapt):
+    """FOMAML: the query loss's gradient at the adapted weights (every weight's, also
+    when only the routers adapt); Reptile: theta minus the adapted weights; averaged over
+    the meta-batch (here one variant)."""
     net = model()
-    learner = MetaLearner(net, variants(1, 0), algorithm=algorithm, inner_steps=2,
-                          inner_lr=0.1, meta_batch=1, width=WIDTH)  # fmt: skip
+    learner = MetaLearner(net, variants(1, 0), algorithm=algorithm, adapt=adapt,
+                          inner_steps=2, inner_lr=0.1, meta_batch=1, width=WIDTH)  # fmt: skip
     start = {n: p.detach().clone() for n, p in net.named_parameters()}
     gen = torch.Generator().manual_seed(7)
     learner.meta_step(copy.deepcopy(gen))
@@ -98,7 +101,7 @@ def test_outer_step_gradients(algorithm):
     twin = model()
     twin.load_state_dict(start, strict=False)  # parameters only (buffers are the same)
     if algorithm == "fomaml":
-        adapted = inner_adapt(twin, dict(twin.named_parameters()), support, steps=2, lr=0.1)
+        adapted = inner_adapt(twin, adapted_parameters(twin, adapt), support, steps=2, lr=0.1)
         twin.load_state_dict({**start, **{n: p.detach() for n, p in adapted.items()}}, strict=False)
         out = twin(query.inputs, key_padding_mask=query.padding)
         F.cross_entropy(
@@ -135,5 +138,7 @@ def test_bad_meta_settings_are_named():
         MetaLearner(model(), variants(1, 0), algorithm="maml2", width=WIDTH)
     with pytest.raises(ValueError, match="adapt"):
         MetaLearner(model(), variants(1, 0), adapt="heads", width=WIDTH)
+    with pytest.raises(ValueError, match="Reptile"):
+        MetaLearner(model(), variants(1, 0), algorithm="reptile", adapt="routers", width=WIDTH)
     with pytest.raises(ValueError, match="routed attention"):
         adapted_parameters(model("mha"), "routers")

@@ -13,8 +13,10 @@ never change in it):
     theta_k+1 = theta_k - inner_lr * grad L_support(theta_k)
 
 Outer step: first-order MAML takes the query loss's gradient at the adapted weights as
-the meta-gradient of the original weights; Reptile takes ``theta - theta_adapted``. Both
-are averaged over ``meta_batch`` variants and applied by Adam.
+the meta-gradient of the original weights (with ``adapt="routers"`` the other weights get
+the query loss's gradient at the same point, so the whole model meta-learns); Reptile
+takes ``theta - theta_adapted`` (so it adapts every weight). Both are averaged over
+``meta_batch`` variants and applied by Adam.
 """
 
 from __future__ import annotations
@@ -190,6 +192,11 @@ class MetaLearner:
         if not variants:
             raise ValueError("MetaLearner: variants must not be empty")
         adapted_parameters(model, adapt)  # checks adapt
+        if algorithm == "reptile" and adapt != "all":
+            raise ValueError(
+                "MetaLearner: Reptile moves only the weights its inner loop adapts; with "
+                f"adapt={adapt!r} the rest would never train (use algorithm='fomaml')"
+            )
         self.model, self.variants = model, list(variants)
         self.algorithm, self.adapt = algorithm, adapt
         self.inner_steps, self.inner_lr, self.meta_batch = inner_steps, inner_lr, meta_batch
@@ -206,6 +213,7 @@ class MetaLearner:
             support = variant_batch(variant, self.support_size, generator, self.width)
             query = variant_batch(variant, self.query_size, generator, self.width)
             start = adapted_parameters(self.model, self.adapt)
+            params = dict(self.model.named_parameters())
             if self.algorithm == "reptile":  # adapt on everything the variant shows
                 both = TaskBatch(
                     torch.cat([support.inputs, query.inputs]),
@@ -225,10 +233,13 @@ class MetaLearner:
                 )
                 loss = _loss(self.model, adapted, query)
                 total += loss.item()
-                values = torch.autograd.grad(loss, list(adapted.values()))
-                grads = dict(zip(adapted, values, strict=True))
-            for n, p in start.items():
-                g = grads[n] / self.meta_batch
+                # the adapted weights' query gradient, and the others' at the same point
+                wrt = {**adapted, **{n: p for n, p in params.items() if n not in adapted}}
+                values = torch.autograd.grad(loss, list(wrt.values()))
+                grads = dict(zip(wrt, values, strict=True))
+            for n, g in grads.items():
+                g = g / self.meta_batch
+                p = params[n]
                 p.grad = g if p.grad is None else p.grad + g
         self.optimizer.step()
         return {"query_loss": total / self.meta_batch}
