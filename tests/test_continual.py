@@ -208,3 +208,50 @@ def test_cli_continual_runs_and_refuses_bad_stages(tmp_path):
     failed = subprocess.run([*cli, "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert failed.returncode == 2 and "stage 1 ('b'): missing key 'steps'" in failed.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_corpus_stage_is_a_column_of_next_token_accuracy(tmp_path):
+    """A text stage after a task stage: its column is next-token accuracy on the corpus's
+    held-out windows, recomputed here by hand from a snapshot of the model."""
+    from graphheads.data.text import ByteTextDataset
+
+    text = tmp_path / "notes.txt"
+    text.write_text("the head graph routes tokens to heads. " * 60)
+    run = ContinualRun(
+        config(
+            stages=[
+                {"name": "a", "tasks": ["copy"], "steps": 10},
+                {"name": "notes", "text": str(text), "steps": 15},
+            ],
+            seq_len=32,
+        ),
+        progress=False,
+    )
+    assert run.tasks == ("copy", "notes") and run.model_config.vocab_size == 256
+    result = run.run()
+    corpus = ByteTextDataset(text, seq_len=32)
+    gen = torch.Generator().manual_seed(10**9)
+    batch = corpus.sample(16, gen, split="val")
+    with torch.no_grad():
+        logits = run.model.eval()(batch.inputs).logits
+    expected = (logits.argmax(-1) == batch.targets).float().mean().item()
+    assert result.matrix[-1][1] == pytest.approx(expected)
+    assert result.matrix[-1][1] > result.matrix[0][1]  # it learned the text
+    assert len(result.head_usage[-1]["notes"]) == 2  # per layer
+
+
+def test_corpus_stage_configs_are_checked(tmp_path):
+    good = {"name": "a", "tasks": ["copy"], "steps": 5}
+    with pytest.raises(ValueError, match=r"stage 1 \('t'\): give exactly one of"):
+        ContinualConfig.from_dict(
+            {"stages": [good, {"name": "t", "tasks": ["copy"], "text": "x", "steps": 5}]}
+        )
+    with pytest.raises(ValueError, match=r"stage 1 \('t'\): key 'text': .* does not exist"):
+        ContinualConfig.from_dict(
+            {"stages": [good, {"name": "t", "text": str(tmp_path / "none"), "steps": 5}]}
+        )
+    (tmp_path / "x.txt").write_text("text")
+    with pytest.raises(ValueError, match="rename"):
+        ContinualConfig.from_dict(
+            {"stages": [good, {"name": "sort", "text": str(tmp_path / "x.txt"), "steps": 5}]}
+        )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from graphheads.data.tasks import TASKS
@@ -35,11 +36,20 @@ METHODS = ("finetune", "replay", "ewc", "protect", "task_routing")
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: a name, the tasks it trains on, and its optimiser steps."""
+    """One stage: a name, what it trains on, and its optimiser steps. A stage trains on
+    built-in tasks, or on a corpus: UTF-8 text (``text``, bytes) or a prepared token-shard
+    folder (``tokens``, from ``graphheads prepare``), whose column in the accuracy matrix
+    is the stage's name (next-token accuracy on the corpus's held-out part)."""
 
     name: str
-    tasks: tuple[str, ...]
+    tasks: tuple[str, ...]  # for a corpus stage: (name,)
     steps: int
+    text: str | None = None
+    tokens: str | None = None
+
+    @property
+    def corpus(self) -> str | None:
+        return self.text if self.text is not None else self.tokens
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class ContinualConfig:
     method: str = "finetune"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
     length: int = 6  # the task suite's prompt length (see TaskSuite)
+    seq_len: int = 64  # tokens per window of a corpus stage
     num_symbols: int = 16
     modulus: int = 11
     batch_size: int = 32
@@ -92,7 +103,8 @@ class ContinualConfig:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """Every task of the run, in the order the stages first train them."""
+        """Every column of the accuracy matrix (built-in tasks, and corpus stages by
+        name), in the order the stages first train them."""
         seen: list[str] = []
         for stage in self.stages:
             seen += [t for t in stage.tasks if t not in seen]
@@ -100,9 +112,7 @@ class ContinualConfig:
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        values["stages"] = [
-            {"name": s.name, "tasks": list(s.tasks), "steps": s.steps} for s in self.stages
-        ]
+        values["stages"] = [_stage_dict(s) for s in self.stages]
         return values
 
     @classmethod
@@ -120,30 +130,62 @@ class ContinualConfig:
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"ContinualConfig: stage names must differ, got {names}")
+        clash = [s.name for s in stages if s.corpus is not None and s.name in TASKS]
+        if clash:
+            raise ValueError(
+                f"ContinualConfig: corpus stages are columns of their own: rename {clash} "
+                "(built-in task names)"
+            )
         return cls(**{**values, "stages": stages})
+
+
+def _stage_dict(stage: Stage) -> dict[str, Any]:
+    values: dict[str, Any] = {"name": stage.name, "steps": stage.steps}
+    if stage.text is not None:
+        values["text"] = stage.text
+    elif stage.tokens is not None:
+        values["tokens"] = stage.tokens
+    else:
+        values["tasks"] = list(stage.tasks)
+    return values
+
+
+_SOURCES = ("tasks", "text", "tokens")
 
 
 def _stage(index: int, values: Any) -> Stage:
     where = f"ContinualConfig: stage {index}"
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: must be a mapping with name, tasks, steps")
+        raise ValueError(f"{where}: must be a mapping with name, tasks (or text, tokens), steps")
     where = f"{where} ({values.get('name', '?')!r})"
-    unknown = sorted(set(values) - {"name", "tasks", "steps"})
+    unknown = sorted(set(values) - {"name", "steps", *_SOURCES})
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; use name, tasks, steps")
-    for key in ("tasks", "steps"):
-        if key not in values:
-            raise ValueError(f"{where}: missing key {key!r}")
+        raise ValueError(
+            f"{where}: unknown key(s) {unknown}; use name, steps and one of tasks, text, tokens"
+        )
+    if "steps" not in values:
+        raise ValueError(f"{where}: missing key 'steps'")
+    sources = [k for k in _SOURCES if k in values]
+    if len(sources) != 1:
+        raise ValueError(
+            f"{where}: give exactly one of 'tasks', 'text', 'tokens' (got {sources or 'none'})"
+        )
+    steps = values["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{where}: key 'steps' must be a positive int, got {steps!r}")
+    name = str(values.get("name", f"stage{index}"))
+    if sources[0] != "tasks":
+        path = values[sources[0]]
+        if not isinstance(path, str) or not Path(path).exists():
+            raise ValueError(f"{where}: key {sources[0]!r}: {path!r} does not exist")
+        return Stage(name, (name,), steps, **{sources[0]: path})
     tasks = values["tasks"]
     if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
         raise ValueError(f"{where}: key 'tasks' must be a non-empty list, got {tasks!r}")
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise ValueError(f"{where}: key 'tasks' has unknown task(s) {bad}; known: {list(TASKS)}")
-    steps = values["steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{where}: key 'steps' must be a positive int, got {steps!r}")
-    return Stage(str(values.get("name", f"stage{index}")), tuple(tasks), steps)
+    return Stage(name, tuple(tasks), steps)
 
 
 def continual_metrics(

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from graphheads.data.shards import TokenShardDataset
 from graphheads.data.tasks import IGNORE_INDEX, TaskBatch, TaskSuite
+from graphheads.data.text import ByteTextDataset
 from graphheads.train.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -34,11 +36,21 @@ from graphheads.train.checkpoint import (
     write_text_atomically,
 )
 from graphheads.train.config import default_model_config
-from graphheads.train.continual import ContinualConfig, continual_metrics
+from graphheads.train.continual import ContinualConfig, Stage, continual_metrics
 from graphheads.train.evaluation import evaluate, forward_batch
 from graphheads.train.forgetting import EWC, HeadProtection, ReplayBuffer, pad_batch, top_used_heads
 from graphheads.train.runtime import StopSignals
 from graphheads.transformer import DecoderOnlyLM
+
+Corpus = ByteTextDataset | TokenShardDataset
+
+
+def _corpus(stage: Stage, seq_len: int) -> Corpus:
+    if stage.text is not None:
+        return ByteTextDataset(stage.text, seq_len=seq_len)
+    assert stage.tokens is not None
+    return TokenShardDataset(stage.tokens, seq_len=seq_len)
+
 
 __all__ = [
     "ContinualResult",
@@ -72,16 +84,25 @@ class ContinualRun:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
         c = config
-        self.tasks = config.tasks
-        self.suite = TaskSuite(
-            self.tasks, length=c.length, num_symbols=c.num_symbols, modulus=c.modulus
+        # columns: the built-in tasks first (their suite ids are their columns), then the
+        # corpus stages by name
+        self.corpora: dict[str, Corpus] = {
+            s.name: _corpus(s, c.seq_len) for s in c.stages if s.corpus is not None
+        }
+        builtin = tuple(t for t in config.tasks if t not in self.corpora)
+        self.tasks = builtin + tuple(self.corpora)
+        self.suite = (
+            TaskSuite(builtin, length=c.length, num_symbols=c.num_symbols, modulus=c.modulus)
+            if builtin
+            else None
         )
+        sources: list[Any] = [*([self.suite] if self.suite else []), *self.corpora.values()]
+        self.width = max(d.max_seq_len for d in sources)
         overrides = dict(c.model)
         if c.method == "task_routing":
             overrides["task_embeddings"] = len(self.tasks)
-        self.model_config = replace(
-            default_model_config(self.suite.vocab_size, self.suite.max_seq_len), **overrides
-        )
+        vocab = max(d.vocab_size for d in sources)
+        self.model_config = replace(default_model_config(vocab, self.width), **overrides)
         if c.method in ("protect", "task_routing") and self.model_config.attention == "mha":
             raise ValueError(
                 f"ContinualConfig: method {c.method!r} needs routed heads (model.attention "
@@ -132,12 +153,28 @@ class ContinualRun:
             save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.state())
 
     # -- one stage --------------------------------------------------------------------
-    def _stage_batch(self, suite: TaskSuite, index: list[int], step: int) -> TaskBatch:
+    def _stage_data(self, stage: Stage) -> tuple[TaskSuite | Corpus, list[int]]:
+        """What a stage samples from, and the column of each of its sampler's task ids."""
+        if stage.corpus is not None:
+            return self.corpora[stage.name], [self.tasks.index(stage.name)]
+        c = self.config
+        suite = TaskSuite(
+            stage.tasks, length=c.length, num_symbols=c.num_symbols, modulus=c.modulus
+        )
+        return suite, [self.tasks.index(t) for t in stage.tasks]
+
+    def _draw(
+        self, data: TaskSuite | Corpus, index: list[int], n: int, gen: torch.Generator
+    ) -> TaskBatch:
+        """``n`` training examples, padded to the run's width, with the run's task ids."""
+        batch = pad_batch(data.sample(n, gen), self.width)
+        ids = batch.task_ids if batch.task_ids is not None else torch.zeros(n, dtype=torch.long)
+        return replace(batch, task_ids=torch.tensor(index)[ids])
+
+    def _stage_batch(self, data: TaskSuite | Corpus, index: list[int], step: int) -> TaskBatch:
         c = self.config
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + self.stage * 100_003 + step)
-        batch = pad_batch(suite.sample(c.batch_size, gen), self.suite.max_seq_len)
-        assert batch.task_ids is not None
-        batch = replace(batch, task_ids=torch.tensor(index)[batch.task_ids])  # run's task ids
+        batch = self._draw(data, index, c.batch_size, gen)
         if c.method == "replay":
             batch = self.replay.mix(batch, c.replay_fraction, gen)
         return batch
@@ -166,20 +203,16 @@ class ContinualRun:
             self.protection.restore(self.model)
         return loss.item()
 
-    def _finish_stage(self, suite: TaskSuite, index: list[int]) -> None:
-        """After a stage: evaluate every task, then update the method's memory."""
+    def _finish_stage(self, data: TaskSuite | Corpus, index: list[int]) -> None:
+        """After a stage: evaluate every column, then update the method's memory."""
         c = self.config
         row = self._evaluate()
         gen = torch.Generator().manual_seed(c.seed + 7 * (self.stage + 1))
         if c.method == "replay" and c.replay_size > 0:
-            kept = pad_batch(suite.sample(c.replay_size, gen), self.suite.max_seq_len)
-            assert kept.task_ids is not None
-            self.replay.add(replace(kept, task_ids=torch.tensor(index)[kept.task_ids]))
+            self.replay.add(self._draw(data, index, c.replay_size, gen))
         if c.method == "ewc" and c.fisher_samples > 0:
             self.model.train()
-            examples = pad_batch(suite.sample(c.fisher_samples, gen), self.suite.max_seq_len)
-            assert examples.task_ids is not None
-            examples = replace(examples, task_ids=torch.tensor(index)[examples.task_ids])
+            examples = self._draw(data, index, c.fisher_samples, gen)
             # the empirical Fisher: one squared gradient per example
             rows = [examples.rows(slice(i, i + 1)) for i in range(c.fisher_samples)]
             self.ewc.consolidate(self.model, [functools.partial(self._loss, r) for r in rows])
@@ -191,17 +224,51 @@ class ContinualRun:
         self.stage, self.step = self.stage + 1, 0
 
     def _evaluate(self) -> dict[str, Any]:
+        """Accuracy and head usage of every column: the built-in tasks on fixed held-out
+        batches, each corpus on fixed windows of its held-out part."""
         c = self.config
-        result = evaluate(
-            self.model,
-            self.suite,
-            batches=c.eval_batches,
-            batch_size=c.eval_batch_size,
-            seed=c.seed,
-        )
-        self.matrix.append([result["accuracy"][t] for t in self.tasks])
-        self.usage.append(result.get("head_usage", {}))
-        return result
+        accuracy: dict[str, float] = {}
+        usage: dict[str, list[list[float]]] = {}
+        if self.suite is not None:
+            result = evaluate(
+                self.model,
+                self.suite,
+                batches=c.eval_batches,
+                batch_size=c.eval_batch_size,
+                seed=c.seed,
+            )
+            accuracy.update(result["accuracy"])
+            usage.update(result.get("head_usage", {}))
+        for name, corpus in self.corpora.items():
+            accuracy[name], used = self._evaluate_corpus(corpus, self.tasks.index(name))
+            if used is not None:
+                usage[name] = used
+        self.matrix.append([accuracy[t] for t in self.tasks])
+        self.usage.append(usage)
+        return {"accuracy": accuracy, "head_usage": usage}
+
+    @torch.no_grad()
+    def _evaluate_corpus(self, corpus: Corpus, column: int) -> tuple[float, Any]:
+        """Next-token accuracy on held-out windows, and the share of tokens using each
+        head per layer (as :func:`~graphheads.train.evaluation.evaluate` counts it)."""
+        c = self.config
+        was_training = self.model.training
+        self.model.eval()
+        gen = torch.Generator().manual_seed(10**9 + c.seed)
+        hits = scored = 0
+        use: Tensor | None = None
+        for _ in range(c.eval_batches):
+            batch = corpus.sample(c.eval_batch_size, gen, split="val")
+            ids = torch.full((batch.inputs.size(0),), column, dtype=torch.long)
+            out, targets = forward_batch(self.model, replace(batch, task_ids=ids))
+            real = targets != IGNORE_INDEX
+            hits += int(((out.logits.argmax(-1) == targets) & real).sum())
+            scored += int(real.sum())
+            if out.routing:
+                layers = torch.stack([r.active_heads[real].float().sum(0) for r in out.routing])
+                use = layers if use is None else use + layers
+        self.model.train(was_training)
+        return hits / max(scored, 1), None if use is None else (use / scored).tolist()
 
     # -- the run ----------------------------------------------------------------------
     def run(self, *, resume: bool = True, stop_after: int | None = None) -> ContinualResult:
@@ -217,19 +284,13 @@ class ContinualRun:
         with StopSignals() as stop:
             while self.stage < len(self.config.stages):
                 stage = self.config.stages[self.stage]
-                suite = TaskSuite(
-                    stage.tasks,
-                    length=self.config.length,
-                    num_symbols=self.config.num_symbols,
-                    modulus=self.config.modulus,
-                )
-                index = [self.tasks.index(t) for t in stage.tasks]
+                data, index = self._stage_data(stage)
                 self.model.train()
                 bar = tqdm(
                     total=stage.steps, initial=self.step, disable=not self.progress, desc=stage.name
                 )
                 while self.step < stage.steps:
-                    loss = self.train_step(self._stage_batch(suite, index, self.step))
+                    loss = self.train_step(self._stage_batch(data, index, self.step))
                     self.step += 1
                     done += 1
                     bar.update(1)
@@ -242,7 +303,7 @@ class ContinualRun:
                             self._save()
                             return self._result(interrupted=True)
                 bar.close()
-                self._finish_stage(suite, index)
+                self._finish_stage(data, index)
                 self._save()
                 self._write_report()
         self._write_report(final=True)
