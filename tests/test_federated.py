@@ -1,0 +1,81 @@
+"""Federated training with Flower's simulation runtime (the federated extra; CI installs
+it): FedAvg's aggregate is the example-weighted mean of the clients' weights, a failing
+client is left out of its round, personal routers stay with their clients, and a
+restarted server continues from its last round."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="needs the federated extra (flwr[simulation])")
+
+from graphheads.integrations.federated import FederatedConfig, client_tasks, run_federated
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]  # fmt: skip
+
+TINY = {"d_model": 32, "d_ff": 64}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weighted_mean(states, weights, names):
+    total = sum(weights)
+    return {n: sum(s[n].float() * w for s, w in zip(states, weights, strict=True)) / total
+            for n in names}  # fmt: skip
+
+
+def test_non_iid_split_gives_each_client_its_own_tasks():
+    assert client_tasks(0, 2) == ("copy", "sort", "modadd")
+    assert client_tasks(1, 2) == ("reverse", "mqar")
+    with pytest.raises(ValueError, match="mode"):
+        FederatedConfig(mode="fedsgd")
+
+
+def test_fedavg_aggregate_is_the_example_weighted_mean_and_a_failing_client_is_left_out(tmp_path):
+    config = FederatedConfig(rounds=2, local_steps=3, batch_size=8, eval_batches=1,
+                             eval_batch_size=8, model=TINY, save_clients=True,
+                             fail_client=1)  # fmt: skip
+    records = run_federated(config, tmp_path)
+    assert [r["round"] for r in records] == [1, 2]
+    final = load(tmp_path / "global.pt")
+    assert final["round"] == 2
+    # round 1: client 1 failed, so the aggregate is client 0's weights alone
+    assert not (tmp_path / "client1_round1.pt").exists()
+    # round 2: both, weighted by examples (client 0 holds 3 tasks, client 1 holds 2)
+    clients = [load(tmp_path / f"client{c}_round2.pt") for c in (0, 1)]
+    weights = [c["examples"] for c in clients]
+    assert weights == [3 * 3 * 8, 2 * 3 * 8]
+    names = list(final["state"])
+    assert any(".router." in n for n in names)  # fedavg shares the routers too
+    expected = weighted_mean([c["state"] for c in clients], weights, names)
+    for n in names:
+        torch.testing.assert_close(final["state"][n].float(), expected[n], atol=1e-6, rtol=1e-5)
+    assert 0.0 <= records[-1]["accuracy"] <= 1.0 and "accuracy-client1" in records[-1]
+
+
+def test_personal_routers_stay_local_and_a_restarted_server_resumes(tmp_path):
+    base = {"local_steps": 3, "batch_size": 8, "eval_batches": 1, "eval_batch_size": 8,
+            "model": TINY, "save_clients": True, "mode": "personal"}  # fmt: skip
+    run_federated(FederatedConfig(rounds=1, **base), tmp_path)
+    round1 = (tmp_path / "client0_round1.pt").read_bytes()
+    records = run_federated(FederatedConfig(rounds=2, **base), tmp_path)  # restart
+    assert [r["round"] for r in records] == [1, 2]
+    assert (tmp_path / "client0_round1.pt").read_bytes() == round1  # not trained again
+    final = load(tmp_path / "global.pt")
+    assert not any(".router." in n for n in final["state"])  # routers never leave clients
+    clients = [load(tmp_path / f"client{c}_round2.pt") for c in (0, 1)]
+    routers = [{n: t for n, t in c["state"].items() if ".router." in n} for c in clients]
+    assert routers[0] and any(not torch.equal(routers[0][n], routers[1][n]) for n in routers[0])
+    kept = load(tmp_path / "client0_kept.pt")["state"]
+    for n, t in kept.items():  # each client's kept router is its own latest one
+        assert torch.equal(t, clients[0]["state"][n])
+    weights = [c["examples"] for c in clients]
+    expected = weighted_mean([c["state"] for c in clients], weights, list(final["state"]))
+    for n, t in final["state"].items():
+        torch.testing.assert_close(t.float(), expected[n], atol=1e-6, rtol=1e-5)
+    lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2]
