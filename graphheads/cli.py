@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   graphheads generate --run runs/text --prompt "The head graph"
   graphheads report --run runs/default
   graphheads continual --config stages.yaml --out runs/continual
+  graphheads federated --mode personal --rounds 5 --out runs/federated
   graphheads convert --model hf-model/ --text notes.txt --num-shared 3 --top-k 3 --out out/
 """
 
@@ -62,6 +63,25 @@ def _continual(args: argparse.Namespace) -> int:
     matrix = {"tasks": list(result.tasks), "accuracy_matrix": result.matrix}
     print(json.dumps({**matrix, **result.metrics}, indent=1))
     print(f"report: {args.out / 'continual.json'}")
+    return 0
+
+
+def _federated(args: argparse.Namespace) -> int:
+    from graphheads.integrations.federated import FederatedConfig, plot_rounds, run_federated
+
+    config = FederatedConfig(
+        num_clients=args.clients,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        mode=args.mode,
+        proximal_mu=args.proximal_mu,
+        seed=args.seed,
+    )
+    records = run_federated(config, args.out)
+    if records:
+        last = {k: v for k, v in records[-1].items() if not k.startswith("usage")}
+        print(json.dumps(last, indent=1))
+        print(f"report: {plot_rounds(records, args.out / 'rounds.png')}")
     return 0
 
 
@@ -342,6 +362,21 @@ def build_parser() -> argparse.ArgumentParser:
     cont.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     cont.add_argument("--quiet", action="store_true", help="no progress bars")
     cont.set_defaults(func=_continual)
+    fed = sub.add_parser(
+        "federated",
+        help="federated training with Flower's simulation runtime (federated extra)",
+        formatter_class=_HelpWithDefaults,
+    )
+    fed.add_argument("--out", type=Path, default=Path("runs/federated"), help="run folder")
+    fed.add_argument("--clients", type=int, default=2, help="clients (each its own tasks)")
+    fed.add_argument("--rounds", type=int, default=5, help="federated rounds")
+    fed.add_argument("--local-steps", type=int, default=40, help="local steps per task held")
+    fed.add_argument(
+        "--mode", choices=["fedavg", "personal", "local"], default="fedavg", help="what is shared"
+    )
+    fed.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")
+    fed.add_argument("--seed", type=int, default=0)
+    fed.set_defaults(func=_federated)
     conv = sub.add_parser(
         "convert",
         help="route the heads of a local Hugging Face model (hf extra)",

@@ -329,3 +329,38 @@ def run_federated(config: FederatedConfig, out_dir: str | Path) -> list[dict[str
         },
     )
     return _read_lines(out / "rounds.jsonl", before=config.rounds + 1)
+
+
+def plot_rounds(records: list[dict[str, Any]], path: str | Path, *, num_heads: int = 8) -> Path:
+    """Accuracy per round (example-weighted, and each client's), and each client's head
+    usage after the last round (per layer x head, averaged over its tasks)."""
+    import matplotlib.pyplot as plt
+
+    clients = sorted(
+        int(k.removeprefix("accuracy-client"))
+        for k in records[-1]
+        if k.startswith("accuracy-client")
+    )
+    fig, axes = plt.subplots(1, 1 + len(clients), figsize=(4.2 + 3.0 * len(clients), 3.4))
+    rounds = [r["round"] for r in records]
+    axes[0].plot(rounds, [r["accuracy"] for r in records], "k-o", label="weighted")
+    for c in clients:
+        values = [r.get(f"accuracy-client{c}") for r in records]
+        axes[0].plot(rounds, values, "--o", label=f"client {c}")
+    axes[0].set_xlabel("round")
+    axes[0].set_ylabel("accuracy on own tasks")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    for ax, c in zip(axes[1:], clients, strict=True):
+        usage = torch.tensor(records[-1][f"usage-client{c}"], dtype=torch.float32)
+        if usage.numel():
+            grid = usage.view(-1, num_heads)  # (layers, heads)
+            ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        ax.set_title(f"client {c}: head usage", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
