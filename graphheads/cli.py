@@ -54,14 +54,9 @@ def _continual(args: argparse.Namespace) -> int:
     config = ContinualConfig.from_dict(read_config_file(args.config))
     result = ContinualRun(config, args.out, progress=not args.quiet).run(resume=not args.restart)
     if result.interrupted:
-        print(
-            f"graphheads: stopped; checkpoint written to {args.out}; run the same command "
-            "again to continue",
-            file=sys.stderr,
-        )
+        print(f"graphheads: stopped; rerun to continue ({args.out})", file=sys.stderr)
         return 130
-    matrix = {"tasks": list(result.tasks), "accuracy_matrix": result.matrix}
-    print(json.dumps({**matrix, **result.metrics}, indent=1))
+    print(json.dumps({"tasks": result.tasks, "accuracy_matrix": result.matrix, **result.metrics}))
     print(f"report: {args.out / 'continual.json'}")
     return 0
 
@@ -69,14 +64,8 @@ def _continual(args: argparse.Namespace) -> int:
 def _federated(args: argparse.Namespace) -> int:
     from graphheads.integrations.federated import FederatedConfig, plot_rounds, run_federated
 
-    config = FederatedConfig(
-        num_clients=args.clients,
-        rounds=args.rounds,
-        local_steps=args.local_steps,
-        mode=args.mode,
-        proximal_mu=args.proximal_mu,
-        seed=args.seed,
-    )
+    keys = ("rounds", "local_steps", "mode", "proximal_mu", "seed")
+    config = FederatedConfig(num_clients=args.clients, **{k: getattr(args, k) for k in keys})
     records = run_federated(config, args.out)
     if records:
         last = {k: v for k, v in records[-1].items() if not k.startswith("usage")}
@@ -352,9 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     cont = sub.add_parser(
         "continual",
         help="continual learning: stages of tasks, an accuracy matrix, forgetting",
-        description="Train stage after stage (a JSON/YAML file: stages with name, tasks, "
-        "steps; method finetune, replay, ewc, protect or task_routing; see the docs), "
-        "evaluating every task after each stage.",
+        description="Train stage after stage (a JSON/YAML file of stages and a method; see "
+        "docs/continual.md), evaluating every task after each stage.",
         formatter_class=_HelpWithDefaults,
     )
     cont.add_argument("--config", type=Path, required=True, help="JSON or YAML stages file")
@@ -371,9 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--clients", type=int, default=2, help="clients (each its own tasks)")
     fed.add_argument("--rounds", type=int, default=5, help="federated rounds")
     fed.add_argument("--local-steps", type=int, default=40, help="local steps per task held")
-    fed.add_argument(
-        "--mode", choices=["fedavg", "personal", "local"], default="fedavg", help="what is shared"
-    )
+    fed.add_argument("--mode", choices=["fedavg", "personal", "local"], default="fedavg")
     fed.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")
     fed.add_argument("--seed", type=int, default=0)
     fed.set_defaults(func=_federated)

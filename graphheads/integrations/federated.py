@@ -355,7 +355,8 @@ def plot_rounds(records: list[dict[str, Any]], path: str | Path, *, num_heads: i
         usage = torch.tensor(records[-1][f"usage-client{c}"], dtype=torch.float32)
         if usage.numel():
             grid = usage.view(-1, num_heads)  # (layers, heads)
-            ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
+            ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="magma", aspect="auto")
+            ax.set_yticks(range(grid.size(0)))
         ax.set_title(f"client {c}: head usage", fontsize=9)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
