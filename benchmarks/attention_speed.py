@@ -8,8 +8,9 @@ shared heads (default 1), causal self-attention, batch 2):
     goh-pyg     Graph-of-Heads, dense masked path, PyG GCNConv message passing (propagate)
     goh         Graph-of-Heads, dense masked path, HeadGCNConv (dense message_and_aggregate)
     goh-sparse  Graph-of-Heads (HeadGCNConv), sparse path: active heads only, backend
-                "auto" (FlexAttention in CPU inference from 1024 tokens, else chunked)
-    goh-chunked the same sparse path with the chunked SDPA backend always
+                "auto" (FlexAttention on CUDA, the chunked SDPA path elsewhere)
+    goh-flex    the same sparse path with the FlexAttention backend forced; "n/a"
+                where it cannot run (CPU training: it refuses autograd there)
 
 over sequence lengths and active-head counts (by default 8/6/4/2 of 8 heads = 1 shared
 + 7/5/3/1 of the 7 routed heads). Times are medians of interleaved repeats (every
@@ -24,7 +25,7 @@ peak of the running sum of allocations and frees recorded by the PyTorch profile
         --repeats 21 --memory-lengths
     # the sparse backends at T 2048, half the heads (--kinds picks columns; mha first)
     python benchmarks/attention_speed.py --lengths 2048 --actives 4 --repeats 7 \
-        --memory-lengths 2048 --kinds mha moh goh goh-sparse goh-chunked
+        --memory-lengths 2048 --kinds mha moh goh goh-sparse goh-flex
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ import torch
 from torch_geometric.nn import GCNConv
 
 from graphheads import GoHAttention, HeadGraph, MoHAttention, MultiHeadAttention
+from graphheads.flex import flex_supported
 
 D_MODEL, HEADS, BATCH = 256, 8, 2
 SHARED = 1  # set by --shared
-ALL_KINDS = ("mha", "moh", "goh-pyg", "goh", "goh-sparse", "goh-chunked")
+ALL_KINDS = ("mha", "moh", "goh-pyg", "goh", "goh-sparse", "goh-flex")
 KINDS = ALL_KINDS  # set by --kinds
 
 
@@ -61,8 +63,8 @@ def build(kind: str, active: int, device: str, feature_dim: int = 16) -> torch.n
             HeadGraph.complete(HEADS, learnable="edge"),
             feature_dim=feature_dim,
             conv=(lambda f: GCNConv(f, f, node_dim=-2)) if kind == "goh-pyg" else "gcn",
-            execution="sparse" if kind in ("goh-sparse", "goh-chunked") else "dense",
-            sparse_backend="chunked" if kind == "goh-chunked" else "auto",
+            execution="sparse" if kind in ("goh-sparse", "goh-flex") else "dense",
+            sparse_backend="flex" if kind == "goh-flex" else "auto",
         )
     return module.to(device)
 
@@ -84,6 +86,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def runs(kind: str, mode: str, device: str) -> bool:
+    """Whether ``kind`` can run in ``mode`` here (forced FlexAttention may not)."""
+    reason = flex_supported(torch.device(device), grad=mode == "train", dropout_p=0.0)
+    return kind != "goh-flex" or reason is None
+
+
 def time_grid(
     lengths: list[int], actives: list[int], mode: str, repeats: int, device: str, feature_dim: int
 ) -> dict:
@@ -91,12 +99,13 @@ def time_grid(
     for t in lengths:
         x = torch.randn(BATCH, t, D_MODEL, device=device, requires_grad=mode == "train")
         for active in actives:
-            modules = {k: build(k, active, device, feature_dim) for k in KINDS}
-            for k in KINDS:  # warm-up
+            kinds = [k for k in KINDS if runs(k, mode, device)]
+            modules = {k: build(k, active, device, feature_dim) for k in kinds}
+            for k in kinds:  # warm-up
                 step(modules[k], x, mode)
-            samples: dict[str, list[float]] = {k: [] for k in KINDS}
+            samples: dict[str, list[float]] = {k: [] for k in kinds}
             for _ in range(repeats):
-                for k in KINDS:
+                for k in kinds:
                     sync(device)
                     start = time.perf_counter()
                     step(modules[k], x, mode)
@@ -201,7 +210,9 @@ def main() -> None:
         print("| --- | --- | --- | " + " | ".join("---" for _ in KINDS[1:]) + " |")
         for (t, active), samples in grid.items():
             times = {k: statistics.median(v) for k, v in samples.items()}
-            ratios = " | ".join(f"{times[k] / times['mha']:.2f}" for k in KINDS[1:])
+            ratios = " | ".join(
+                f"{times[k] / times['mha']:.2f}" if k in times else "n/a" for k in KINDS[1:]
+            )
             print(f"| {t} | {active}/8 | {times['mha'] * 1e3:.1f} | {ratios} |")
             raw["time"][f"{mode}/{t}/{active}"] = times
         for (t, active), samples in grid.items():
@@ -237,11 +248,12 @@ def main() -> None:
                     cells = {
                         k: peak_memory(build(k, active, args.device), x, mode, args.device)
                         for k in KINDS
+                        if runs(k, mode, args.device)
                     }
                     raw["memory"][f"{mode}/{t}/{active}"] = cells
                     print(
                         f"| {mode} | {t} | {active}/8 | "
-                        + " | ".join(f"{cells[k]:.0f}" for k in KINDS)
+                        + " | ".join(f"{cells[k]:.0f}" if k in cells else "n/a" for k in KINDS)
                         + " |"
                     )
     if args.json:

@@ -49,9 +49,14 @@ BLOCK_SIZE = 128  # FlexAttention's default block: rows and keys per tile
 PROJECTION_ROWS = 256  # rows per (sequence, head) projected at a time (bounds memory)
 
 
+@functools.cache
+def _has_flex() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
 def flex_supported(device: torch.device, *, grad: bool, dropout_p: float) -> str | None:
     """``None`` when the FlexAttention backend can run here, else the reason it cannot."""
-    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+    if not _has_flex():  # looked up once: the sparse path asks at every layer
         return f"this PyTorch ({torch.__version__}) has no FlexAttention"
     if dropout_p > 0:
         return "FlexAttention has no attention dropout"

@@ -24,7 +24,7 @@ round's aggregate (FedAvg keeps only valid replies), so it cannot corrupt the mo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ def new_model(config: FederatedConfig) -> DecoderOnlyLM:
     full = TaskSuite()
     torch.manual_seed(config.seed)
     model_config = default_model_config(full.vocab_size, full.max_seq_len)
-    return DecoderOnlyLM(model_config.__class__(**{**asdict(model_config), **config.model}))
+    return DecoderOnlyLM(replace(model_config, **config.model))
 
 
 def shared_names(model: nn.Module, mode: str) -> list[str]:
@@ -101,6 +101,12 @@ def shared_names(model: nn.Module, mode: str) -> list[str]:
     if mode == "personal":
         return [n for n in names if ".router." not in n]
     return [] if mode == "local" else names
+
+
+def sent_names(model: nn.Module, mode: str) -> list[str]:
+    """What travels between server and clients: the shared entries, or in ``local`` mode
+    one placeholder entry (a Flower message carries arrays; nobody reads it)."""
+    return shared_names(model, mode) or [next(iter(model.state_dict()))]
 
 
 def local_train(
@@ -200,8 +206,7 @@ def _build_client_app(config: FederatedConfig, out_dir: Path) -> ClientApp:
                 out_dir / f"client{client}_round{absolute}.pt",
                 {"state": model.state_dict(), "examples": seen},
             )
-        # "local" shares nothing, but a Flower reply carries arrays: send one placeholder
-        sent = set(shared_names(model, config.mode)) or {next(iter(model.state_dict()))}
+        sent = set(sent_names(model, config.mode))
         arrays = {n: t for n, t in model.state_dict().items() if n in sent}
         reply = RecordDict(
             {
@@ -294,7 +299,7 @@ def _build_server_app(config: FederatedConfig, out_dir: Path) -> ServerApp:
             min_available_nodes=config.num_clients,
             evaluate_metrics_aggr_fn=aggregate,
         )
-        shared = shared_names(model, config.mode) or [next(iter(state))]
+        shared = sent_names(model, config.mode)
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(torch_state_dict={n: state[n] for n in shared}),

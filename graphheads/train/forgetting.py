@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from graphheads.data.tasks import IGNORE_INDEX, PAD, TaskBatch
 from graphheads.routed import RoutedAttention
 
-__all__ = ["EWC", "HeadProtection", "ReplayBuffer", "pad_batch", "top_used_heads"]
+__all__ = ["EWC", "HeadProtection", "ReplayBuffer", "pad_batch", "padding_mask", "top_used_heads"]
+
+
+def padding_mask(batch: TaskBatch) -> Tensor:
+    """The batch's padding mask (b, t), all False when it has none."""
+    if batch.padding is None:
+        return torch.zeros_like(batch.inputs, dtype=torch.bool)
+    return batch.padding
 
 
 def pad_batch(batch: TaskBatch, width: int) -> TaskBatch:
@@ -28,14 +35,11 @@ def pad_batch(batch: TaskBatch, width: int) -> TaskBatch:
         raise ValueError(f"pad_batch: the batch has {batch.inputs.size(1)} tokens > {width}")
     if extra == 0:
         return batch
-    padding = batch.padding
-    if padding is None:
-        padding = torch.zeros_like(batch.inputs, dtype=torch.bool)
     return TaskBatch(
         F.pad(batch.inputs, (0, extra), value=PAD),
         F.pad(batch.targets, (0, extra), value=IGNORE_INDEX),
         batch.task_ids,
-        F.pad(padding, (0, extra), value=True),
+        F.pad(padding_mask(batch), (0, extra), value=True),
     )
 
 
@@ -86,10 +90,7 @@ _NAMES = ("inputs", "targets", "task_ids", "padding")
 
 def _fields(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     assert batch.task_ids is not None
-    padding = batch.padding
-    if padding is None:
-        padding = torch.zeros_like(batch.inputs, dtype=torch.bool)
-    return batch.inputs, batch.targets, batch.task_ids, padding
+    return batch.inputs, batch.targets, batch.task_ids, padding_mask(batch)
 
 
 class EWC:

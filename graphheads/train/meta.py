@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from graphheads.data.tasks import IGNORE_INDEX, TaskBatch, TaskSuite
-from graphheads.train.forgetting import pad_batch
+from graphheads.train.forgetting import pad_batch, padding_mask
 
 __all__ = [
     "MetaLearner",
@@ -83,16 +83,14 @@ def adapted_parameters(model: nn.Module, adapt: str) -> dict[str, Tensor]:
     return params
 
 
-def _padding(batch: TaskBatch) -> Tensor:
-    if batch.padding is None:
-        return torch.zeros_like(batch.inputs, dtype=torch.bool)
-    return batch.padding
+def _forward(model: nn.Module, params: dict[str, Tensor], batch: TaskBatch) -> Any:
+    """The model's output with ``params`` in place of its own weights of those names."""
+    kwargs = {"key_padding_mask": batch.padding}
+    return functional_call(model, params, (batch.inputs,), kwargs, strict=False)
 
 
 def _loss(model: nn.Module, params: dict[str, Tensor], batch: TaskBatch) -> Tensor:
-    out = functional_call(
-        model, params, (batch.inputs,), {"key_padding_mask": batch.padding}, strict=False
-    )
+    out = _forward(model, params, batch)
     return F.cross_entropy(
         out.logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX
     )
@@ -115,9 +113,7 @@ def inner_adapt(
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, params: dict[str, Tensor], batch: TaskBatch) -> float:
-    out = functional_call(
-        model, params, (batch.inputs,), {"key_padding_mask": batch.padding}, strict=False
-    )
+    out = _forward(model, params, batch)
     scored = batch.targets != IGNORE_INDEX
     hits = (out.logits.argmax(-1) == batch.targets) & scored
     return float(hits.sum()) / max(int(scored.sum()), 1)
@@ -219,7 +215,7 @@ class MetaLearner:
                     torch.cat([support.inputs, query.inputs]),
                     torch.cat([support.targets, query.targets]),
                     None,
-                    torch.cat([_padding(support), _padding(query)]),
+                    torch.cat([padding_mask(support), padding_mask(query)]),
                 )
                 adapted = inner_adapt(
                     self.model, start, both, steps=self.inner_steps, lr=self.inner_lr
