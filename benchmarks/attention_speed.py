@@ -23,6 +23,9 @@ peak of the running sum of allocations and frees recorded by the PyTorch profile
     # GoH / MoH at T 512 with 2 shared heads and top-2 (4 of 8 heads active):
     python benchmarks/attention_speed.py --lengths 512 --actives 4 --shared 2 \
         --repeats 21 --memory-lengths
+    # what that ratio is made of: the same with --num-layers 0 or 1, --feature-dim 8,
+    # --compile (every block and router through torch.compile; --kinds without
+    # goh-flex), or OMP_NUM_THREADS=1
     # the sparse backends at T 2048, half the heads (--kinds picks columns; mha first)
     python benchmarks/attention_speed.py --lengths 2048 --actives 4 --repeats 7 \
         --memory-lengths 2048 --kinds mha moh goh goh-sparse goh-flex
@@ -43,11 +46,13 @@ from graphheads.flex import flex_supported
 
 D_MODEL, HEADS, BATCH = 256, 8, 2
 SHARED = 1  # set by --shared
+FEATURE_DIM, NUM_LAYERS = 16, 2  # the GoH router's F and L, set by --feature-dim, --num-layers
+COMPILE = False  # set by --compile: every block (and router) through torch.compile
 ALL_KINDS = ("mha", "moh", "goh-pyg", "goh", "goh-sparse", "goh-flex")
 KINDS = ALL_KINDS  # set by --kinds
 
 
-def build(kind: str, active: int, device: str, feature_dim: int = 16) -> torch.nn.Module:
+def build(kind: str, active: int, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     top_k = active - SHARED
     if kind == "mha":
@@ -61,12 +66,14 @@ def build(kind: str, active: int, device: str, feature_dim: int = 16) -> torch.n
             SHARED,
             top_k,
             HeadGraph.complete(HEADS, learnable="edge"),
-            feature_dim=feature_dim,
+            feature_dim=FEATURE_DIM,
+            num_layers=NUM_LAYERS,
             conv=(lambda f: GCNConv(f, f, node_dim=-2)) if kind == "goh-pyg" else "gcn",
             execution="sparse" if kind in ("goh-sparse", "goh-flex") else "dense",
             sparse_backend="flex" if kind == "goh-flex" else "auto",
         )
-    return module.to(device)
+    module = module.to(device)
+    return torch.compile(module) if COMPILE else module
 
 
 def step(module: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
@@ -92,15 +99,13 @@ def runs(kind: str, mode: str, device: str) -> bool:
     return kind != "goh-flex" or reason is None
 
 
-def time_grid(
-    lengths: list[int], actives: list[int], mode: str, repeats: int, device: str, feature_dim: int
-) -> dict:
+def time_grid(lengths: list[int], actives: list[int], mode: str, repeats: int, device: str) -> dict:
     results = {}
     for t in lengths:
         x = torch.randn(BATCH, t, D_MODEL, device=device, requires_grad=mode == "train")
         for active in actives:
             kinds = [k for k in KINDS if runs(k, mode, device)]
-            modules = {k: build(k, active, device, feature_dim) for k in kinds}
+            modules = {k: build(k, active, device) for k in kinds}
             for k in kinds:  # warm-up
                 step(modules[k], x, mode)
             samples: dict[str, list[float]] = {k: [] for k in kinds}
@@ -119,6 +124,8 @@ def time_routers(t: int, active: int, mode: str, repeats: int, device: str) -> d
     """Per-round times of the MoH and GoH routers alone (interleaved, as time_grid)."""
     x = torch.randn(BATCH, t, D_MODEL, device=device, requires_grad=mode == "train")
     routers = {k: build(k, active, device).router for k in ("moh", "goh")}
+    if COMPILE:  # a compiled block's .router is the plain module
+        routers = {k: torch.compile(r) for k, r in routers.items()}
 
     def run(router: torch.nn.Module) -> None:
         with torch.set_grad_enabled(mode == "train"):
@@ -181,29 +188,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-lengths", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--feature-dim", type=int, default=16, help="GoH router node features F")
+    parser.add_argument("--num-layers", type=int, default=2, help="GoH message-passing layers L")
+    parser.add_argument(
+        "--compile", action="store_true", help="run every block and router through torch.compile"
+    )
     parser.add_argument("--shared", type=int, default=1, help="shared heads of 8")
     parser.add_argument(
         "--kinds", nargs="+", default=list(ALL_KINDS), choices=ALL_KINDS, help="mha first"
     )
     parser.add_argument("--json", help="also write the raw numbers here")
     args = parser.parse_args()
-    global SHARED, KINDS
+    global SHARED, KINDS, FEATURE_DIM, NUM_LAYERS, COMPILE
     SHARED = args.shared
+    FEATURE_DIM, NUM_LAYERS, COMPILE = args.feature_dim, args.num_layers, args.compile
     KINDS = tuple(args.kinds)
     if KINDS[0] != "mha":
         parser.error("--kinds must start with mha (every ratio is to it)")
+    if COMPILE and "goh-flex" in KINDS:  # it compiles FlexAttention itself; nesting fails
+        parser.error("--compile: leave goh-flex out of --kinds (it compiles its own kernel)")
     if not all(SHARED < a <= HEADS for a in args.actives):
         parser.error(f"--actives must lie in ({SHARED}, {HEADS}] with --shared {SHARED}")
     torch.set_grad_enabled(True)
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"GoH feature_dim {args.feature_dim}, shared heads {SHARED}"
+        f"GoH feature_dim {FEATURE_DIM}, num_layers {NUM_LAYERS}, shared heads {SHARED}"
+        + (", torch.compile" if COMPILE else "")
     )
     raw: dict = {"time": {}, "memory": {}}
     for mode in ("train", "infer"):
-        grid = time_grid(
-            args.lengths, args.actives, mode, args.repeats, args.device, args.feature_dim
-        )
+        grid = time_grid(args.lengths, args.actives, mode, args.repeats, args.device)
         title = "forward + backward" if mode == "train" else "inference (forward, no grad)"
         print(f"\n### {title}: time relative to mha (lower is faster)\n")
         print("| T | active heads | mha ms | " + " | ".join(KINDS[1:]) + " |")
