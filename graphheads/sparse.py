@@ -111,6 +111,14 @@ def sparse_routed_attention(
             f"sparse_routed_attention: attn_bias must be (b or 1, {h} or 1, t or 1, s), "
             f"got {tuple(bias.shape)}"
         )
+    if backend not in ("chunked", "flex"):
+        raise ValueError(
+            f"sparse_routed_attention: backend must be 'chunked' or 'flex', got {backend!r}"
+        )
+    if backend == "flex" and r > 0:  # refused before any work is done
+        reason = flex_supported(query.device, grad=torch.is_grad_enabled(), dropout_p=dropout_p)
+        if reason is not None:
+            raise ValueError(f"sparse_routed_attention: backend='flex' cannot run: {reason}")
     out = query.new_zeros(b, t, d)
     if h_s > 0:  # shared heads: every token, dense
         if queries is not None:
@@ -147,10 +155,6 @@ def sparse_routed_attention(
         )
         o_s = o_s * gates[..., :h_s].transpose(1, 2).unsqueeze(-1)  # (b, h_s, t, e)
         out = out + o_s.transpose(1, 2).reshape(b, t, h_s * e) @ out_weight[:, : h_s * e].T
-    if backend not in ("chunked", "flex"):
-        raise ValueError(
-            f"sparse_routed_attention: backend must be 'chunked' or 'flex', got {backend!r}"
-        )
     if r > 0:
         heads = (
             out,
@@ -170,10 +174,6 @@ def sparse_routed_attention(
             "is_causal": is_causal,
         }
         if backend == "flex":
-            grad = torch.is_grad_enabled()
-            reason = flex_supported(query.device, grad=grad, dropout_p=dropout_p)
-            if reason is not None:
-                raise ValueError(f"sparse_routed_attention: backend='flex' cannot run: {reason}")
             flex_routed_heads(*heads, **routed)
         else:
             _add_routed_heads(

@@ -106,6 +106,34 @@ def test_forced_flex_where_it_cannot_run_names_the_reason():
         make("moh", sparse_backend="triton")
 
 
+def test_refused_backends_are_refused_before_any_attention(monkeypatch):
+    """A bad backend name, or FlexAttention where it cannot run, raises before the shared
+    heads attend (no work thrown away)."""
+    calls = []
+    real = graphheads.sparse.scaled_dot_product_attention
+    monkeypatch.setattr(
+        graphheads.sparse,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(1) or real(*a, **k),
+    )
+    b, t, h, e = 1, 8, 4, 8
+    d = h * e
+    x = torch.randn(b, t, d, requires_grad=True)  # autograd on CPU: flex cannot run
+    kv = torch.randn(b, h, t, e)
+    routed = torch.zeros(b, t, h - 1)
+    routed[..., 0] = 1.0
+    args = (x, kv, kv, torch.ones(b, t, h), routed)
+    weights = dict(q_weight=torch.randn(d, d), q_bias=None, out_weight=torch.randn(d, d))
+    for backend, match in (("bogus", "'bogus'"), ("flex", "autograd")):
+        with pytest.raises(ValueError, match=match):
+            graphheads.sparse.sparse_routed_attention(
+                *args, **weights, out_bias=None, backend=backend
+            )
+    assert calls == []
+    graphheads.sparse.sparse_routed_attention(*args, **weights, out_bias=None)
+    assert len(calls) == 2  # the counter sees a run that goes ahead: shared + routed heads
+
+
 def test_block_mask_visits_only_the_key_blocks_its_rows_reach():
     """Rows at positions 0..127 of one (sequence, head) need one key block; rows up to
     position 300 need three, of which the first is seen in full by every row."""
