@@ -14,6 +14,20 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, name)`` wraps ``module.name`` for the test and returns the
+    list that gets one entry per call (the wrapped function still runs)."""
+
+    def wrap(module, name):
+        calls = []
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+        return calls
+
+    return wrap
+
+
 # figures are drawn off-screen in tests
 os.environ.setdefault("MPLBACKEND", "Agg")
 # models load from local files only; never ask a hub

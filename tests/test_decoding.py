@@ -71,17 +71,11 @@ def test_generate_with_preallocated_cache_equals_full_recompute(attention):
 
 @pytest.mark.parametrize("attention", ["moh", "goh"])
 @pytest.mark.parametrize("execution", ["auto", "sparse"])
-def test_routed_decoding_equals_full_forward_with_padding(attention, execution, monkeypatch):
+def test_routed_decoding_equals_full_forward_with_padding(attention, execution, count_calls):
     """Step-by-step decoding through the routed decoding kernel gives the logits of one
     full forward, with left padding and batch > 1."""
     model = lm(attention, execution=execution)
-    calls = []
-    kernel = graphheads.routed.routed_decode_attention
-    monkeypatch.setattr(
-        graphheads.routed,
-        "routed_decode_attention",
-        lambda *a, **k: calls.append(1) or kernel(*a, **k),
-    )
+    calls = count_calls(graphheads.routed, "routed_decode_attention")
     tokens = torch.randint(0, V, (3, 12))
     pad = torch.zeros(3, 12, dtype=torch.bool)
     pad[1, :3] = True  # left padding
@@ -142,7 +136,7 @@ def test_decoding_with_grouped_query_attention_and_rotary(num_kv_heads):
     torch.testing.assert_close(last[:, 0], full[:, 8], atol=1e-5, rtol=1e-4)
 
 
-def test_seq2seq_generate_projects_the_memory_once(monkeypatch):
+def test_seq2seq_generate_projects_the_memory_once(count_calls):
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=V, d_model=D, num_heads=H, num_layers=2, d_ff=64, attention="goh", num_shared=2
@@ -152,16 +146,9 @@ def test_seq2seq_generate_projects_the_memory_once(monkeypatch):
     src_pad = torch.zeros(2, 7, dtype=torch.bool)
     src_pad[0, 5:] = True
     reference = copy.deepcopy(model)
-    projections = []
-    for layer in model.decoder.layers:
-        original = layer.cross_attn.project_kv
-        monkeypatch.setattr(
-            layer.cross_attn,
-            "project_kv",
-            lambda *a, original=original, **k: projections.append(1) or original(*a, **k),
-        )
+    projections = [count_calls(layer.cross_attn, "project_kv") for layer in model.decoder.layers]
     generated = model.generate(src, start, 6, src_key_padding_mask=src_pad)
-    assert len(projections) == 2  # once per decoder layer, not per step
+    assert [len(p) for p in projections] == [1, 1]  # once per decoder layer, not per step
     # the same tokens as greedy decoding by full forward passes
     tokens = start
     with torch.no_grad():

@@ -106,16 +106,10 @@ def test_forced_flex_where_it_cannot_run_names_the_reason():
         make("moh", sparse_backend="triton")
 
 
-def test_refused_backends_are_refused_before_any_attention(monkeypatch):
+def test_refused_backends_are_refused_before_any_attention(count_calls):
     """A bad backend name, or FlexAttention where it cannot run, raises before the shared
     heads attend (no work thrown away)."""
-    calls = []
-    real = graphheads.sparse.scaled_dot_product_attention
-    monkeypatch.setattr(
-        graphheads.sparse,
-        "scaled_dot_product_attention",
-        lambda *a, **k: calls.append(1) or real(*a, **k),
-    )
+    calls = count_calls(graphheads.sparse, "scaled_dot_product_attention")
     b, t, h, e = 1, 8, 4, 8
     d = h * e
     x = torch.randn(b, t, d, requires_grad=True)  # autograd on CPU: flex cannot run
