@@ -5,7 +5,7 @@ shards gathered, pipeline stages' layers under their global index) and every ran
 router gradients, to OUT.pt.rankR.
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node=N \
-    tests/megatron_worker.py OUT [--reverse-local-heads] [--pipeline WEIGHTS]
+    tests/megatron_worker.py OUT [--reverse-local-heads] [--pipeline WEIGHTS] [--kv-heads G]
 
 The TP-1 run also writes its weights to OUT.weights, which ``--pipeline`` loads.
 
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--reverse-local-heads", action="store_true")
     parser.add_argument("--pipeline", help="the TP-1 run's weights file")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value groups")
     args = parser.parse_args()
     out_path = args.out
     if args.reverse_local_heads:
@@ -65,6 +66,10 @@ def main() -> None:
             return original(gates, rank, heads_local).flip(-1)
 
         megatron_attention.local_head_gates = reversed_heads
+    if not torch.cuda.is_available():
+        # megatron-core allocates the all-gather buffer of a key/value group shared by
+        # several ranks on torch.cuda.current_device(): on a CPU-only machine, the CPU
+        torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     pipeline = args.pipeline is not None
@@ -78,7 +83,7 @@ def main() -> None:
         vocab_size=64,
         d_model=32,
         num_heads=4,
-        num_kv_heads=2,
+        num_kv_heads=args.kv_heads,
         num_layers=2,
         d_ff=64,
         max_seq_len=32,

@@ -134,6 +134,68 @@ def test_training_gradients_and_load_balance_loss_match_graphheads(attention):
             torch.testing.assert_close(router_grads[name].grad, p.grad, atol=1e-6, rtol=1e-4)
 
 
+def schedule_router_grads(
+    micro_batches: int, loss_scale: float = 1.0, *, calculator: bool = True
+) -> dict[str, torch.Tensor]:
+    """Router gradients of one training step of ``micro_batches`` identical micro-batches
+    (so every count gives the same mean loss), driven through Megatron's own
+    per-micro-batch functions
+    (``forward_step``, whose ``forward_step_calc_loss`` divides the loss by the number of
+    micro-batches, and ``backward_step``, which applies ``grad_scale_func``), in the loop
+    of ``forward_backward_no_pipelining`` (which itself needs CUDA), then unscaled."""
+    from megatron.core.num_microbatches_calculator import (
+        destroy_num_microbatches_calculator,
+        init_num_microbatches_calculator,
+    )
+    from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
+
+    torch.manual_seed(0)
+    gpt = build_gpt(llama_config("goh"), load_balance_coeff=0.5).train()
+    if loss_scale != 1.0:
+        gpt.config.grad_scale_func = lambda loss: loss * loss_scale  # fp16's loss scaler
+    rows = 2
+    data = iter([tokens(b=rows)] * micro_batches)
+
+    def forward_step_func(iterator, model):
+        x, p = next(iterator)
+        per_token = model(x, p, None, labels=x.roll(-1, dims=1))
+        return per_token, lambda out: (out.sum(), torch.tensor(out.numel()), {})
+
+    if calculator:  # Megatron-LM's training loop sets it up
+        init_num_microbatches_calculator(0, None, rows * micro_batches, rows, 1)
+    try:
+        for _ in range(micro_batches):
+            out, _ = forward_step(
+                forward_step_func, data, gpt, micro_batches, None, [], gpt.config, 1
+            )
+            backward_step(None, out, None, None, gpt.config)
+    finally:
+        destroy_num_microbatches_calculator()
+    return {n: p.grad / loss_scale for n, p in gpt.named_parameters() if ".router." in n}
+
+
+def test_head_loss_follows_megatrons_schedule_whatever_the_micro_batches_and_loss_scale():
+    """beta * mean load-balance loss enters at the main loss's scale: the same router
+    gradients with 1 or 4 identical micro-batches and under fp16-style loss scaling (megatron-core
+    sets MoEAuxLossAutoScaler's scale only for models with experts: before, 4
+    micro-batches gave the head loss 4 times its weight and a loss scale of 1024
+    1/1024 of it)."""
+    one = schedule_router_grads(1)
+    for other in (schedule_router_grads(4), schedule_router_grads(1, loss_scale=1024.0)):
+        assert other.keys() == one.keys()
+        for name, grad in one.items():
+            torch.testing.assert_close(other[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    # the head loss does move the router gradients: without it they differ
+    without = schedule_router_grads(4, calculator=False)  # each micro-batch at weight 1
+    assert any((without[n] - g).abs().max() > 1e-4 for n, g in one.items())
+
+
+def test_pipeline_dtype_follows_the_precision():
+    assert build_gpt(llama_config("goh")).config.pipeline_dtype == torch.float32
+    gpt = build_gpt(llama_config("goh"), bf16=True, params_dtype=torch.bfloat16)
+    assert gpt.config.pipeline_dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("kind", ["moh", "goh"])
 def test_one_block_equals_graphheads_attention(kind):
     """A Megatron routed attention block (biases, GQA) == graphheads' attention with the
@@ -205,13 +267,17 @@ def test_qkv_layout_is_grouped_by_key_value_group():
 
 @pytest.fixture(scope="module")
 def tensor_parallel_runs(tmp_path_factory):
-    """The worker at TP 1, TP 2, TP 2 with each rank's heads reversed, and PP 2."""
+    """The worker at TP 1, TP 2, TP 2 with each rank's heads reversed, PP 2, and TP 1 and
+    2 with a single key/value group."""
     folder = tmp_path_factory.mktemp("tp")
     runs = {  # in this order: the pipeline run loads the TP-1 run's weights
         "tp1": (1, []),
         "tp2": (2, []),
         "tp2_reversed": (2, ["--reverse-local-heads"]),
         "pp2": (2, ["--pipeline", str(folder / "tp1.weights")]),
+        # one key/value group for two ranks: Megatron gathers the group on each rank
+        "tp1_kv1": (1, ["--kv-heads", "1"]),
+        "tp2_kv1": (2, ["--kv-heads", "1"]),
     }
     results = {}
     for name, (world, extra) in runs.items():
@@ -244,6 +310,19 @@ def test_tensor_parallel_2_gives_the_tp1_logits_and_gradients(tensor_parallel_ru
     assert two[0]["router_grads"]
     for name, grad in two[0]["router_grads"].items():
         torch.testing.assert_close(two[1]["router_grads"][name], grad, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_fewer_key_value_groups_than_ranks_give_the_tp1_logits_and_gradients(
+    tensor_parallel_runs,
+):
+    """num_query_groups 1 < TP 2: each rank attends with H / TP = 2 query heads of the one
+    group (before, the gates of H / G = 4 heads were read: rank 1 crashed)."""
+    (one,) = tensor_parallel_runs["tp1_kv1"]
+    for rank in tensor_parallel_runs["tp2_kv1"]:
+        torch.testing.assert_close(rank["logits"], one["logits"], atol=1e-5, rtol=1e-5)
+        for name, grad in one["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.slow

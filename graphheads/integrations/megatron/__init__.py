@@ -15,9 +15,11 @@ See ``docs/megatron.md`` for running it, and what is supported and refused.
 
 from graphheads.integrations.megatron.attention import (
     AUX_LOSS_NAME,
+    HeadLossAutoScaler,
     RoutedSelfAttention,
     TorchCoreAttention,
     check_megatron_config,
+    head_loss_scale,
     local_head_gates,
 )
 from graphheads.integrations.megatron.gpt import (
@@ -33,12 +35,14 @@ from graphheads.integrations.megatron.specs import goh_layer_spec, moh_layer_spe
 
 __all__ = [
     "AUX_LOSS_NAME",
+    "HeadLossAutoScaler",
     "RoutedSelfAttention",
     "TorchCoreAttention",
     "build_gpt",
     "check_megatron_config",
     "copy_attention",
     "goh_layer_spec",
+    "head_loss_scale",
     "load_from_graphheads",
     "load_into_graphheads",
     "local_head_gates",

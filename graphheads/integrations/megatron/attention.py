@@ -23,15 +23,18 @@ no ``tensor_model_parallel`` attribute, so Megatron's gradient-norm and data-par
 reductions count them once, as replicas.
 
 The load-balance loss (:func:`~graphheads.gates.load_balance_loss`) is attached the way
-Megatron's MoE router attaches its auxiliary loss: ``MoEAuxLossAutoScaler`` on the
-layer's output (its gradient enters backward, scaled by the main loss's scale) and
-``save_to_aux_losses_tracker`` under the name ``"head_load_balancing_loss"`` for logging.
-The coefficient is divided by the number of layers, as graphheads' trainer adds
-``beta * mean over layers``.
+Megatron's MoE router attaches its auxiliary loss: an autoscaler on the layer's output
+(its gradient enters backward at the main loss's scale: :func:`head_loss_scale`, since
+megatron-core 0.16.1's schedules set ``MoEAuxLossAutoScaler``'s scale only for models
+with experts) and ``save_to_aux_losses_tracker`` under the name
+``"head_load_balancing_loss"`` for logging (Megatron's ``track_moe_metrics`` with
+``track_names=[AUX_LOSS_NAME]`` logs and clears it). The coefficient is divided by the
+number of layers, as graphheads' trainer adds ``beta * mean over layers``.
 
 Supported: tensor parallelism, pipeline parallelism (the router is layer-local; nothing
 crosses layers), data parallelism (DDP, distributed optimizer), grouped-query attention,
-rotary or learned positions, selective recomputation of the core attention (Megatron's
+also with fewer key/value groups than tensor-parallel ranks, rotary or learned
+positions, selective recomputation of the core attention (Megatron's
 own path, CUDA only). Refused with
 a ValueError: sequence parallelism (the router would need the full sequence on every
 rank), context parallelism, the attention output gate, and, at forward, Megatron's
@@ -48,6 +51,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -64,9 +68,11 @@ from graphheads.types import RoutingOutput
 
 __all__ = [
     "AUX_LOSS_NAME",
+    "HeadLossAutoScaler",
     "RoutedSelfAttention",
     "TorchCoreAttention",
     "check_megatron_config",
+    "head_loss_scale",
     "local_head_gates",
 ]
 
@@ -164,6 +170,48 @@ class TorchCoreAttention(MegatronModule):
                 enable_gqa=k.size(1) != heads,
             )
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * e)
+
+
+def head_loss_scale(config: TransformerConfig, device: torch.device) -> Tensor:
+    """The factor Megatron's schedules give the main loss's gradient, for the head
+    load-balance loss: the loss scale (``config.grad_scale_func``, fp16's) divided by the
+    number of micro-batches (not divided with ``calculate_per_token_loss``), the rule
+    ``forward_step_calc_loss`` applies to MoE's auxiliary loss. megatron-core 0.16.1 sets
+    that scale only for models with experts; without them, each micro-batch's head loss
+    would enter with weight 1 (beta times the number of micro-batches) and unscaled
+    under fp16 loss scaling (beta close to 0).
+
+    The number of micro-batches is megatron-core's micro-batch calculator's
+    (``get_num_microbatches``: Megatron-LM's training loop sets it up; a loop of one's own
+    calls ``init_num_microbatches_calculator``), 1 when none is set up (a plain
+    forward and backward)."""
+    one = torch.ones((), device=device)
+    loss_scale = one if config.grad_scale_func is None else config.grad_scale_func(one)
+    loss_scale = loss_scale.reshape(())
+    if config.calculate_per_token_loss:
+        return loss_scale
+    try:
+        microbatches = get_num_microbatches()
+    except AttributeError:  # the calculator is not initialised: no schedule of micro-batches
+        microbatches = 1
+    return loss_scale / microbatches
+
+
+class HeadLossAutoScaler(torch.autograd.Function):
+    """Megatron's ``MoEAuxLossAutoScaler`` trick with its scale passed in: forward
+    returns ``output`` as it is; backward gives ``aux_loss`` the gradient ``scale``
+    (:func:`head_loss_scale`), so the loss enters the backward pass of the main loss at
+    the main loss's scale, without being added to it."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, aux_loss: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(aux_loss, scale)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None]:
+        aux_loss, scale = ctx.saved_tensors
+        return grad_output, torch.ones_like(aux_loss) * scale.to(aux_loss.dtype), None
 
 
 class RoutedSelfAttention(SelfAttention):
@@ -298,7 +346,10 @@ class RoutedSelfAttention(SelfAttention):
         )
         # every rank's router gets every head's gate gradient (all-reduce in backward)
         gates = copy_to_tensor_model_parallel_region(routing.gates, group=self.pg_collection.tp)
-        heads_local = self.num_attention_heads_per_partition
+        # the query heads this rank attends with and linear_proj reads: H / TP of them,
+        # also when there are fewer key/value groups than ranks (then Megatron's
+        # num_attention_heads_per_partition counts the heads of one group, H / G)
+        heads_local = self.config.num_attention_heads // self.world_size
         gates = local_head_gates(gates, self.tp_rank, heads_local).transpose(0, 1)  # (s, b, hl)
         s, b, _ = heads_out.shape
         heads_out = heads_out.view(s, b, heads_local, -1) * gates.unsqueeze(-1).to(heads_out.dtype)
@@ -309,7 +360,11 @@ class RoutedSelfAttention(SelfAttention):
                 AUX_LOSS_NAME, loss, self.layer_number, self.config.num_layers
             )
             coeff = self.load_balance_coeff / self.config.num_layers
-            output = MoEAuxLossAutoScaler.apply(output, coeff * loss)
+            if self.config.num_moe_experts is not None:  # Megatron's schedules scale it
+                output = MoEAuxLossAutoScaler.apply(output, coeff * loss)
+            else:
+                scale = head_loss_scale(self.config, output.device)
+                output = HeadLossAutoScaler.apply(output, coeff * loss, scale)
         return output, bias
 
 

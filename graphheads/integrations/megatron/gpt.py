@@ -88,11 +88,16 @@ def build_gpt(
             derived ones (``bf16``, ``params_dtype``, ``use_cpu_initialization``, ...).
     """
     _check_convertible(config)
+    # what pipeline stages send each other: the dtype the layers compute in
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    pipeline_dtype = next(
+        (dtype for key, dtype in half.items() if transformer_config.get(key)), torch.float32
+    )
     derived: dict[str, Any] = {
         # the parallel layout Megatron's parallel state was initialised with
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-        "pipeline_dtype": torch.float32,  # what stages send each other (Megatron wants it)
+        "pipeline_dtype": pipeline_dtype,
         "num_layers": config.num_layers,
         "hidden_size": config.d_model,
         "num_attention_heads": config.num_heads,
