@@ -72,7 +72,7 @@ def scaled_dot_product_attention(
         scale: score scale; defaults to ``1 / sqrt(e)``.
         fused_attention: use :func:`torch.nn.functional.scaled_dot_product_attention`
             (same result, faster). ``False`` runs the plain math below, kept as the
-            readable oracle.
+            readable oracle. Both give 0 for a query whose every key is masked.
 
     Returns:
         (..., t, e_v).
@@ -104,7 +104,12 @@ def scaled_dot_product_attention(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    weights = scores.softmax(dim=-1)
+    if attn_mask is not None:  # a query that may see no key (left padding) gets 0, as
+        # PyTorch's fused kernels give, not the NaN of a softmax over -inf alone
+        blind = scores.isneginf().all(dim=-1, keepdim=True)  # (..., t, 1)
+        weights = scores.masked_fill(blind, 0.0).softmax(dim=-1).masked_fill(blind, 0.0)
+    else:
+        weights = scores.softmax(dim=-1)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ value  # (..., t, e_v)

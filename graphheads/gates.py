@@ -23,6 +23,8 @@ Shape legend: b batch, t tokens, h heads, r routed heads, k top-k.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -32,14 +34,38 @@ from graphheads.types import RoutingOutput
 
 __all__ = [
     "GateConvention",
+    "apply_balance_step",
     "check_routing_config",
     "load_balance_loss",
     "moh_gates",
+    "routed_head_counts",
+    "router_precision",
     "split_linear",
     "update_balance_bias",
 ]
 
 GateConvention = Literal["reference", "paper"]
+
+
+@contextmanager
+def router_precision(x: Tensor, weight: Tensor | None) -> Iterator[Tensor]:
+    """Routing in full precision under mixed precision: inside the ``with`` block
+    autocast is off on ``x``'s device and the router input is ``x`` in the router's weight
+    dtype (at least fp32 when the router has no ``weight``). Under bf16 autocast the
+    logits would otherwise round to 8 bits of mantissa and a few tokens in a thousand
+    pick another top-k set than in fp32; the router's few small GEMMs cost little in
+    fp32. A model cast to bf16 as a whole routes in bf16, as its weights are.
+
+    Example::
+
+        with router_precision(x, self.routed_gate.weight) as x:
+            logits = self.routed_gate(x)
+    """
+    device_type = x.device.type
+    off = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    dtype = torch.promote_types(x.dtype, torch.float32) if weight is None else weight.dtype
+    with torch.autocast(device_type, enabled=False) if off else nullcontext():
+        yield x.to(dtype)
 
 
 def split_linear(x: Tensor, weights: list[Tensor | None]) -> list[Tensor | None]:
@@ -186,18 +212,36 @@ def check_routing_config(owner: str, num_heads: int, num_shared: int, top_k: int
         )
 
 
+def routed_head_counts(routed_mask: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """How often each routed head was chosen, and by how many tokens: ``(r + 1,)``, the
+    counts of ``routed_mask`` (..., r) over the tokens where ``token_mask`` (...) is True
+    (all when ``None``), then the number of those tokens. Masks by multiplication, so it
+    never waits for the host; counts of several micro-batches or processes add up
+    (all-reduce them with a sum) before :func:`apply_balance_step` turns them into loads."""
+    chosen = routed_mask.reshape(-1, routed_mask.size(-1)).detach().float()  # (tokens, r)
+    if token_mask is None:
+        weight = chosen.new_ones((chosen.size(0), 1))
+    else:
+        weight = token_mask.reshape(-1, 1).to(chosen.dtype)  # (tokens, 1), 0 at padding
+    return torch.cat([(chosen * weight).sum(0), weight.sum(0)])  # (r + 1,)
+
+
+@torch.no_grad()
+def apply_balance_step(bias: Tensor, counts: Tensor, rate: float) -> Tensor:
+    """Balancing without an auxiliary loss (DeepSeek-V3, Liu et al. 2024): each routed
+    head's selection bias moves by ``rate`` towards balance, ``b_i += rate * sign(mean_j
+    f_j - f_i)``, with ``f`` the loads of :func:`routed_head_counts`' ``counts`` (r + 1,).
+    Changes ``bias`` (r,) in place (a buffer, outside autograd) and returns ``f``."""
+    load = counts[:-1] / counts[-1].clamp_min(1.0)  # (r,)
+    bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
+    return load
+
+
 @torch.no_grad()
 def update_balance_bias(
     bias: Tensor, routed_mask: Tensor, rate: float, token_mask: Tensor | None = None
 ) -> Tensor:
-    """Balancing without an auxiliary loss (DeepSeek-V3, Liu et al. 2024): after an
-    optimiser step, each routed head's selection bias moves by ``rate`` towards balance,
-    ``b_i += rate * sign(mean_j f_j - f_i)`` with ``f_i`` the fraction of (real) tokens
-    that chose head i in ``routed_mask`` (..., r). Changes ``bias`` (r,) in place (it is
-    a buffer, outside autograd) and returns the loads ``f``."""
-    chosen = routed_mask.reshape(-1, routed_mask.size(-1)).float()
-    if token_mask is not None:
-        chosen = chosen[token_mask.reshape(-1)]
-    load = chosen.mean(dim=0)  # (r,)
-    bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
-    return load
+    """:func:`apply_balance_step` with the loads of ``routed_mask`` (..., r) over the
+    tokens where ``token_mask`` is True: after an optimiser step, one process. Changes
+    ``bias`` (r,) in place and returns the loads ``f``."""
+    return apply_balance_step(bias, routed_head_counts(routed_mask, token_mask), rate)

@@ -38,10 +38,11 @@ from torch import Tensor, nn
 
 from graphheads.gates import (
     GateConvention,
+    apply_balance_step,
     check_routing_config,
     moh_gates,
+    router_precision,
     split_linear,
-    update_balance_bias,
 )
 from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
@@ -291,19 +292,22 @@ class GraphRouter(nn.Module):
         """Routing for router input x (b, t, d); ``head_states`` (b, t, h, F) from the
         previous layer (carry only); ``token_mask`` (b, t) True at the tokens the
         load-balance loss counts. ``queries`` is unused (interface of the routers)."""
-        scores, z, type_logits = self._scores(x, head_states)
         h_s = self.num_shared
-        routing = moh_gates(
-            scores[..., h_s:],
-            scores[..., :h_s] if h_s > 1 else None,
-            type_logits,
-            num_shared=h_s,
-            top_k=self.top_k,
-            gate_convention=self.gate_convention,
-            hard_gates=self.hard_gates,
-            token_mask=token_mask,
-            selection_bias=self.selection_bias,
-        )
+        with router_precision(x, self.linear_gate.weight) as x:  # fp32 under autocast
+            if head_states is not None:
+                head_states = head_states.to(x.dtype)
+            scores, z, type_logits = self._scores(x, head_states)
+            routing = moh_gates(
+                scores[..., h_s:],
+                scores[..., :h_s] if h_s > 1 else None,
+                type_logits,
+                num_shared=h_s,
+                top_k=self.top_k,
+                gate_convention=self.gate_convention,
+                hard_gates=self.hard_gates,
+                token_mask=token_mask,
+                selection_bias=self.selection_bias,
+            )
         return dataclasses.replace(routing, head_states=z)
 
 
@@ -376,18 +380,21 @@ def routers_of(model: nn.Module) -> list[MoHRouter | GraphRouter]:
     return [m for m in model.modules() if isinstance(m, MoHRouter | GraphRouter)]
 
 
-def update_routing_balance(model: nn.Module, routed_masks: Sequence[Tensor], rate: float) -> None:
+def update_routing_balance(model: nn.Module, head_counts: Sequence[Tensor], rate: float) -> None:
     """After an optimiser step: move the selection bias of every router of ``model`` that
-    keeps one (``balance_bias``) towards balance, from the routed masks (tokens, r) of
-    that step, one per router in module order (``ModelOutput.routing`` order)."""
+    keeps one (``balance_bias``) towards balance (:func:`~graphheads.gates.apply_balance_step`),
+    from that step's counts (r + 1,) of :func:`~graphheads.gates.routed_head_counts`, one
+    per router in module order (``ModelOutput.routing`` order). Under several processes,
+    all-reduce the counts first (a sum): every rank then takes the same step and the
+    biases stay equal."""
     routers = [r for r in routers_of(model) if r.selection_bias is not None]
-    if len(routers) != len(routed_masks):
+    if len(routers) != len(head_counts):
         raise ValueError(
-            f"update_routing_balance: {len(routed_masks)} routed masks for {len(routers)} routers"
+            f"update_routing_balance: {len(head_counts)} head counts for {len(routers)} routers"
         )
-    for router, mask in zip(routers, routed_masks, strict=True):
+    for router, counts in zip(routers, head_counts, strict=True):
         assert router.selection_bias is not None
-        update_balance_bias(router.selection_bias, mask, rate)
+        apply_balance_step(router.selection_bias, counts, rate)
 
 
 @contextmanager

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from graphheads.gates import GateConvention, check_routing_config, moh_gates, split_linear
+from graphheads.gates import (
+    GateConvention,
+    check_routing_config,
+    moh_gates,
+    router_precision,
+    split_linear,
+)
 from graphheads.rotary import RotaryEmbedding
 from graphheads.routed import Execution, RoutedAttention, SparseBackendChoice
 from graphheads.types import RoutingOutput
@@ -142,27 +148,29 @@ class MoHRouter(nn.Module):
             raise ValueError("MoHRouter: head_states is only used by the graph-router")
         if x.size(-1) != self.d_model:
             raise ValueError(f"MoHRouter: input width {x.size(-1)} != d_model ({self.d_model})")
-        routed_logits, shared_logits, type_logits = split_linear(
-            x,
-            [
-                None if self.routed_gate is None else self.routed_gate.weight,
-                None if self.shared_gate is None else self.shared_gate.weight,
-                None if self.type_gate is None else self.type_gate.weight,
-            ],
-        )  # one GEMM for every learned gate
-        if self.parameter_free or routed_logits is None:
-            routed_logits = self.routed_logits(x, queries)
-        return moh_gates(
-            routed_logits,
-            shared_logits,
-            type_logits,
-            num_shared=self.num_shared,
-            top_k=self.top_k,
-            gate_convention=self.gate_convention,
-            hard_gates=self.hard_gates,
-            token_mask=token_mask,
-            selection_bias=self.selection_bias,
-        )
+        weights = [
+            None if self.routed_gate is None else self.routed_gate.weight,
+            None if self.shared_gate is None else self.shared_gate.weight,
+            None if self.type_gate is None else self.type_gate.weight,
+        ]
+        present = next((w for w in weights if w is not None), None)
+        with router_precision(x, present) as x:  # fp32 routing under autocast
+            routed_logits, shared_logits, type_logits = split_linear(x, weights)  # one GEMM
+            if self.parameter_free or routed_logits is None:
+                if queries is not None:
+                    queries = queries.to(x.dtype)
+                routed_logits = self.routed_logits(x, queries)
+            return moh_gates(
+                routed_logits,
+                shared_logits,
+                type_logits,
+                num_shared=self.num_shared,
+                top_k=self.top_k,
+                gate_convention=self.gate_convention,
+                hard_gates=self.hard_gates,
+                token_mask=token_mask,
+                selection_bias=self.selection_bias,
+            )
 
 
 class MoHAttention(RoutedAttention):

@@ -27,7 +27,7 @@ from graphheads.blocks import (
 )
 from graphheads.builders import build_attention, build_stack, graph_source
 from graphheads.config import ModelConfig
-from graphheads.generation import check_token_ids, decode, sample_next_token
+from graphheads.generation import cache_dtype, check_token_ids, decode, sample_next_token
 from graphheads.goh import collect_head_graphs
 from graphheads.graph import HeadGraph
 from graphheads.types import KVCache, RoutingOutput
@@ -248,7 +248,7 @@ class DecoderOnlyLM(nn.Module):
                 return self(tokens).logits[:, -1], None
             if cache is None:  # preallocated: each step writes its keys and values in place
                 cache = self.decoder.empty_cache(
-                    new.size(0), capacity, dtype=self.lm_head.weight.dtype, device=new.device
+                    new.size(0), capacity, dtype=cache_dtype(self.lm_head.weight), device=new.device
                 )
             out = self(new, cache=cache, use_cache=True)
             return out.logits[:, -1], out.cache
@@ -363,7 +363,7 @@ class Transformer(nn.Module):
         ) -> tuple[Tensor, tuple[KVCache, ...] | None]:
             if cache is None:
                 cache = self.decoder.empty_cache(
-                    new.size(0), capacity, dtype=memory.hidden.dtype, device=new.device
+                    new.size(0), capacity, dtype=cache_dtype(self.lm_head.weight), device=new.device
                 )
             out = self(
                 src,

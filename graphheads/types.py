@@ -39,7 +39,8 @@ class KVCache:
     decoding costs no ``torch.cat`` per token; the new cache is a longer view of that
     storage and the old one still reads its own prefix. Appending to a cache that is not
     the storage's newest (branching), beyond its capacity, or under autograd copies
-    instead, with the same result.
+    instead, with the same result. Empty storage takes the dtype of the first keys
+    appended (bf16 under autocast), so mixed precision decodes in place too.
     """
 
     key: Tensor  # (b, h, s, e)
@@ -77,6 +78,11 @@ class KVCache:
     def append(self, key: Tensor, value: Tensor) -> KVCache:
         """This cache followed by ``key``, ``value`` (b, h, n, e)."""
         s, n, buf = self.length, key.size(-2), self.buffer
+        if buf is not None and buf.filled == 0 == s and buf.key.dtype != key.dtype:
+            # nothing written yet: the storage takes the keys' dtype (e.g. bf16 under
+            # autocast, while the weights that sized the buffer are fp32)
+            buf.key = torch.empty(buf.key.shape, dtype=key.dtype, device=buf.key.device)
+            buf.value = torch.empty(buf.value.shape, dtype=value.dtype, device=buf.key.device)
         in_place = (
             buf is not None
             and buf.filled == s

@@ -145,3 +145,26 @@ def test_merged_bias_can_be_passed_back_in_and_bad_shapes_are_named():
     with pytest.raises(ValueError, match=r"attn_mask has shape \(2, 3, 3, 5\); expected"):
         bias(attn_mask=torch.zeros(2, 3, 3, 5))
     assert bias(is_causal=True, query_len=1) is None  # one query at the end sees every key
+
+
+@pytest.mark.parametrize("attention", ["mha", "moh", "goh"])
+def test_the_plain_math_path_equals_the_fused_one_with_left_padding(attention):
+    """A left-padded query sees no key at all: the fused kernel gives 0 there, the plain
+    softmax over -inf alone gave NaN, which the next layer spread to every real token."""
+    from graphheads import DecoderOnlyLM, ModelConfig
+
+    routed = {"num_shared": 1, "top_k": 2} if attention != "mha" else {}
+    config = ModelConfig(vocab_size=20, d_model=D, num_heads=H, num_layers=2,
+                         attention=attention, **routed)  # fmt: skip
+    model = DecoderOnlyLM(config).eval()
+    tokens = torch.randint(0, 20, (2, 6))
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, :2] = True  # row 0 starts with two padding tokens
+    fused = model(tokens, key_padding_mask=padding).logits
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.fused_attention = False
+    plain = model(tokens, key_padding_mask=padding).logits
+    assert plain.isfinite().all()
+    torch.testing.assert_close(plain[~padding], fused[~padding], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, fused, atol=1e-5, rtol=1e-5)  # padding rows too

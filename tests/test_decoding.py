@@ -60,6 +60,38 @@ def test_preallocated_cache_writes_in_place_and_copies_when_branched():
         KVCache.empty(2, 3, 0, 5)
 
 
+@pytest.mark.parametrize("attention", ["mha", "goh"])
+@pytest.mark.parametrize("block", ["vaswani", "llama"])
+def test_bf16_generate_writes_every_token_in_place(attention, block, monkeypatch):
+    """Under bf16 autocast the keys are bf16 while the weights that sized the buffer are
+    fp32: the buffer takes the keys' dtype, so no append copies the cache (before: every
+    one did, through torch.cat, and the cache was promoted to fp32)."""
+    model = lm(attention, block=block)
+    appends: list[tuple[bool, torch.dtype]] = []
+    real = KVCache.append
+
+    def append(self, key, value):
+        out = real(self, key, value)
+        appends.append((out.buffer is not None, out.key.dtype))
+        return out
+
+    monkeypatch.setattr(KVCache, "append", append)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.generate(torch.randint(0, V, (2, 3)), 8)
+    assert len(appends) == 2 * 8  # two layers, a prefill and seven one-token steps
+    assert appends == [(True, torch.bfloat16)] * 16
+
+
+def test_empty_storage_takes_the_dtype_of_the_first_keys():
+    cache = KVCache.empty(1, 2, 6, 4, dtype=torch.float32)
+    k = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
+    first = cache.append(k, k)
+    assert first.buffer is cache.buffer and first.key.dtype == torch.bfloat16
+    second = first.append(k[:, :, :1], k[:, :, :1])
+    assert second.key.data_ptr() == first.key.data_ptr()  # the same storage, in place
+    torch.testing.assert_close(second.key[:, :, :3], k)
+
+
 @pytest.mark.parametrize("attention", ["mha", "moh", "goh"])
 def test_generate_with_preallocated_cache_equals_full_recompute(attention):
     model = lm(attention)

@@ -313,9 +313,7 @@ def test_tensor_parallel_2_gives_the_tp1_logits_and_gradients(tensor_parallel_ru
 
 
 @pytest.mark.slow
-def test_fewer_key_value_groups_than_ranks_give_the_tp1_logits_and_gradients(
-    tensor_parallel_runs,
-):
+def test_fewer_key_value_groups_than_ranks_give_the_tp1_logits_and_gradients(tensor_parallel_runs):
     """num_query_groups 1 < TP 2: each rank attends with H / TP = 2 query heads of the one
     group (before, the gates of H / G = 4 heads were read: rank 1 crashed)."""
     (one,) = tensor_parallel_runs["tp1_kv1"]

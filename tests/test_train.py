@@ -150,12 +150,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_a_single_process(tmp_path, parallel):
+    """Two processes train what one does, the bias-balanced routing included: each rank
+    sees half of the tokens, and the selection bias moves by every rank's head counts
+    (summed over ranks), so it equals the single process's (before, each rank balanced
+    its own half: FSDP's ranks drifted apart, DDP broadcast rank 0's)."""
     args = [
         *SMALL,
         "train.steps=30",
         "train.log_every=5",
         "train.eval_every=30",
         "train.aux_loss_weight=0",
+        "model.balance=bias",
         f"train.parallel={parallel}",
     ]
     overrides = [x for a in args for x in ("--set", a)]
@@ -188,6 +193,10 @@ def test_two_processes_match_a_single_process(tmp_path, parallel):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), x["step"]
     wa = load_checkpoint(single)["model"]
     wb = load_checkpoint(ddp)["model"]
+    biases = [name for name in wa if name.endswith("selection_bias")]
+    assert len(biases) == 2 and all(wa[name].abs().sum() > 0 for name in biases)
+    for name in biases:
+        torch.testing.assert_close(wb[name], wa[name], atol=0, rtol=0)
     for name in wa:
         if name.endswith("k_proj.bias"):
             # softmax ignores a key bias: its true gradient is 0, and Adam turns the

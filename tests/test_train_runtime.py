@@ -67,6 +67,54 @@ def test_routing_stays_fp32_under_bf16_autocast():
     assert routing.load_balance_loss.dtype == torch.float32
 
 
+@pytest.mark.parametrize("attention", ["moh", "goh"])
+def test_router_logits_are_fp32_under_bf16_autocast(attention):
+    """The router's projections run with autocast off: under bf16 autocast it chooses
+    exactly the heads and gates it chooses in fp32 (before, its logits were rounded to
+    bf16 and about 3 tokens in 1000 picked another top-k set)."""
+    config = ModelConfig(vocab_size=20, d_model=64, num_heads=8, attention=attention,
+                         num_shared=2, top_k=3, graph_scale_init=1.0)  # fmt: skip
+    router = DecoderOnlyLM(config).decoder.layers[0].self_attn.router
+    x = torch.randn(4, 512, 64)
+    fp32 = router(x)
+    with autocast("bf16", torch.device("cpu")):
+        mixed = router(x)
+        bf16_input = router(x.bfloat16())  # what a bf16 residual stream hands it
+    for out in (mixed, bf16_input):
+        assert out.gates.dtype == out.router_probs.dtype == torch.float32
+    torch.testing.assert_close(mixed.router_probs, fp32.router_probs, atol=0, rtol=0)
+    assert torch.equal(mixed.routed_mask, fp32.routed_mask)
+    assert torch.equal(bf16_input.routed_mask, router(x.bfloat16().float()).routed_mask)
+
+
+def test_a_checkpoint_holds_the_cuda_generator_and_the_loss_scaler(monkeypatch):
+    """Exact resume on a GPU: dropout there draws from the CUDA generator, fp16 training
+    from the GradScaler's scale and growth tracker. A stand-in CUDA generator (this
+    machine has none) and a CPU GradScaler carry the same state through the trainer."""
+    trainer, _ = run(steps=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    scaler.update(256.0)  # as after an overflow: the scale halved
+    trainer.scaler = scaler
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device=None: restored.append(s))
+    trainer.device = torch.device("cuda", 0)  # only the bookkeeping reads it here
+    state = trainer.state()
+    assert torch.equal(state["cuda_rng"], cuda_state)
+    assert state["grad_scaler"]["scale"] == 256.0
+    fresh, _ = run(steps=1)
+    fresh.scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    fresh.device = torch.device("cuda", 0)
+    fresh._load_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    assert fresh.scaler.get_scale() == 256.0
+    fresh.device = torch.device("cpu")  # a run resumed on the CPU leaves CUDA alone
+    fresh._load_state(state)
+    assert len(restored) == 1
+
+
 @pytest.mark.slow
 def test_compiled_and_eager_training_agree():
     _, eager = run(steps=3)

@@ -33,6 +33,7 @@ __all__ = [
     "forward_batch",
     "lm_loss_sum",
     "load_run",
+    "model_device",
     "scored_routing",
     "split_at_separator",
 ]
@@ -63,7 +64,11 @@ def split_at_separator(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor
     """Task rows -> encoder-decoder form: the source is each row up to and including its
     first SEP (right-padded, with its padding mask), the decoder reads the row from that
     SEP on and predicts the same targets. Returns (src, src_padding, tgt_in, tgt_out,
-    tgt_padding)."""
+    tgt_padding), on the batch's device.
+
+    The lengths depend on where the SEPs are, so this reads the batch (three host reads):
+    split a batch while it is still on the CPU, as :func:`forward_batch` does, and
+    move the pieces to the accelerator after."""
     inputs, targets = batch.inputs, batch.targets
     is_sep = inputs == SEP
     if not bool(is_sep.any(1).all()):
@@ -71,10 +76,10 @@ def split_at_separator(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor
     sep = is_sep.to(torch.uint8).argmax(1)  # (b,) first SEP per row
     t = inputs.size(1)
     src_len = int(sep.max()) + 1
-    src_padding = torch.arange(src_len) > sep.unsqueeze(1)  # (b, s) True at padding
+    src_padding = torch.arange(src_len, device=inputs.device) > sep.unsqueeze(1)  # (b, s)
     src = inputs[:, :src_len].masked_fill(src_padding, PAD)
-    positions = sep.unsqueeze(1) + torch.arange(t - int(sep.min()))  # (b, t')
-    outside = positions >= t
+    positions = sep.unsqueeze(1) + torch.arange(t - int(sep.min()), device=inputs.device)
+    outside = positions >= t  # (b, t')
     positions = positions.clamp(max=t - 1)
     tgt_in = inputs.gather(1, positions).masked_fill(outside, PAD)
     tgt_out = targets.gather(1, positions).masked_fill(outside, IGNORE_INDEX)
@@ -84,15 +89,31 @@ def split_at_separator(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor
     return src, src_padding, tgt_in, tgt_out, tgt_padding
 
 
-def forward_batch(model: nn.Module, batch: TaskBatch) -> tuple[ModelOutput, Tensor]:
-    """The model's output on ``batch`` and the targets aligned with its logits. Padding
-    is passed as the key padding mask: no token attends to it and the load-balance loss
-    counts only real tokens. A model with task embeddings gets the batch's task ids."""
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (a sharded parameter: where its shard lives)."""
+    return next(model.parameters()).device
+
+
+def forward_batch(
+    model: nn.Module, batch: TaskBatch, device: torch.device | None = None
+) -> tuple[ModelOutput, Tensor]:
+    """The model's output on ``batch`` and the targets aligned with its logits (on the
+    model's device). Padding is passed as the key padding mask: no token attends to it
+    and the load-balance loss counts only real tokens. A model with task embeddings gets
+    the batch's task ids.
+
+    The batch may be on the CPU: it moves to ``device`` (default: the model's) after an
+    encoder-decoder's rows are split (:func:`split_at_separator`), so the split never
+    waits for an accelerator."""
+    device = model_device(model) if device is None else device
+    core = getattr(model, "_orig_mod", model)  # under torch.compile
+    core = core.module if isinstance(core, nn.parallel.DistributedDataParallel) else core
     if isinstance(core, Transformer):
-        src, src_padding, tgt_in, tgt_out, tgt_padding = split_at_separator(batch)
+        pieces = (p.to(device, non_blocking=True) for p in split_at_separator(batch))
+        src, src_padding, tgt_in, tgt_out, tgt_padding = pieces
         out = model(src, tgt_in, src_key_padding_mask=src_padding, tgt_key_padding_mask=tgt_padding)
         return out, tgt_out
+    batch = batch.to(device, non_blocking=True)
     if getattr(core, "task_embedding", None) is not None:  # task-conditioned routing
         if batch.task_ids is None:
             raise ValueError("forward_batch: a model with task embeddings needs batch.task_ids")
@@ -130,7 +151,7 @@ def evaluate(
     accuracy, exact-match rate, chance level and head usage (the fraction of scored
     tokens that use each head, per layer)."""
     was_training = model.training
-    device = next(model.parameters()).device  # batches go where the model is
+    device = model_device(model)  # batches go where the model is
     model.eval()
     gen = torch.Generator().manual_seed(10**9 + seed)
     result: dict[str, Any] = {}
@@ -150,8 +171,8 @@ def evaluate(
             loss_sum = 0.0
             use: Tensor | None = None
             for _ in range(batches):
-                batch = data.sample(batch_size, gen, task=task).to(device)
-                out, targets = forward_batch(model, batch)
+                batch = data.sample(batch_size, gen, task=task)  # split on the CPU
+                out, targets = forward_batch(model, batch, device)
                 scored = targets != IGNORE_INDEX
                 hit = (out.logits.argmax(-1) == targets) & scored
                 correct += int(hit.sum())

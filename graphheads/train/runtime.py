@@ -28,6 +28,8 @@ __all__ = [
     "model_flops_per_token",
     "peak_flops",
     "resolve_device",
+    "restore_rng_states",
+    "rng_states",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -70,6 +72,23 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """A loss scaler for fp16 (``None`` otherwise: bf16 has fp32's exponent range)."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """The random generators a training step draws from: the CPU's (``torch_rng``) and,
+    on CUDA, ``device``'s (``cuda_rng``: dropout on the GPU draws from it)."""
+    states: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    """Set the generators :func:`rng_states` saved; a CUDA state is restored only on a
+    CUDA device (a run resumed on another kind of device draws afresh there)."""
+    torch.set_rng_state(states["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
 
 
 class StopSignals:

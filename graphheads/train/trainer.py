@@ -8,7 +8,10 @@ draws the same global batch and trains on its own slice; the language-model loss
 normalised by the *global* count of scored tokens, so the averaged gradients equal the
 single-process ones. The load-balance loss is computed on each rank's tokens (as
 MoE trainers do), so with ``aux_loss_weight > 0`` DDP and single-process runs differ by
-that term only.
+that term only; the selection-bias update (``balance="bias"``) counts every rank's
+tokens (one all-reduce), so every rank keeps the same bias. Every collective runs on
+the trainer's device (NCCL serves only CUDA tensors); a checkpoint also holds the CUDA
+generator (dropout on the GPU) and fp16's loss-scaler state.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from graphheads.blocks import TransformerBlock, TransformerStack
 from graphheads.data import IGNORE_INDEX, TaskBatch, TaskSuite
+from graphheads.gates import routed_head_counts
 from graphheads.goh import update_routing_balance
 from graphheads.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -61,7 +65,10 @@ from graphheads.train.runtime import (
     model_flops_per_token,
     peak_flops,
     resolve_device,
+    restore_rng_states,
+    rng_states,
 )
+from graphheads.types import RoutingOutput
 
 __all__ = [
     "CheckpointError",
@@ -206,7 +213,8 @@ class Trainer:
             "step": self.step,
             **full_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_states(self.device),
+            **({} if self.scaler is None else {"grad_scaler": self.scaler.state_dict()}),
             "run_config": self.config.to_dict(),
             "model_config": asdict(self.model_config),
         }
@@ -238,7 +246,9 @@ class Trainer:
     def _load_state(self, state: dict[str, Any]) -> None:
         load_full_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_states(state, self.device)
+        if self.scaler is not None and "grad_scaler" in state:  # fp16's loss scale
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self._keep_metrics_up_to(self.step)
 
@@ -251,15 +261,19 @@ class Trainer:
         kept = [line for line in metrics.read_text().splitlines() if metric_line_step(line) <= step]
         write_text_atomically(metrics, "".join(line + "\n" for line in kept))
 
-    def _stop_requested(self, stop: StopSignals) -> bool:
-        """Whether any rank received SIGINT/SIGTERM (all ranks then stop together)."""
+    def _stop_requested(self, stop: StopSignals, *, agree: bool) -> bool:
+        """Whether SIGINT/SIGTERM stops the run after this step: at once in one process;
+        several agree at ``agree`` steps (log steps, which sync anyway) by an all-reduce
+        on the trainer's device (NCCL serves only CUDA tensors): no host sync per step."""
         if self.world_size == 1:
             return stop.received is not None
-        flag = torch.tensor([float(stop.received is not None)])
+        if not agree:
+            return False
+        flag = torch.tensor([float(stop.received is not None)], device=self.device)
         dist.all_reduce(flag)
         if flag.item() > 0 and stop.received is None:
             stop.received = "peer"
-        return flag.item() > 0
+        return stop.received is not None
 
     # -- training ---------------------------------------------------------------------
     def train_step(self, batch: TaskBatch) -> dict[str, Tensor]:
@@ -275,10 +289,10 @@ class Trainer:
         aux_total = torch.zeros((), device=self.device)
         balance = self.model_config.balance
         aux_weight = t.aux_loss_weight if balance != "bias" else 0.0
-        masks: list[list[Tensor]] = []  # per micro-batch, per router: (tokens, r)
+        counts: list[Tensor] = []  # per router: (r + 1,) head choices and tokens, summed
         for i in range(t.grad_accum):
             start = self.rank * per_rank + i * micro
-            part = batch.rows(slice(start, start + micro)).to(self.device, non_blocking=True)
+            part = batch.rows(slice(start, start + micro))  # on the CPU: forward_batch moves it
             last = i == t.grad_accum - 1
             sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if not last and isinstance(self.model_ddp, nn.parallel.DistributedDataParallel):
@@ -287,7 +301,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
             with sync:
                 with autocast(t.precision, self.device):
-                    out, targets = forward_batch(self.wrapped, part)
+                    out, targets = forward_batch(self.wrapped, part, self.device)
                     ce_sum = lm_loss_sum(out.logits.float(), targets)
                 aux = ce_sum.new_zeros(())
                 if out.routing and out.aux_loss is not None:
@@ -297,8 +311,9 @@ class Trainer:
                 loss = ce_sum * self.world_size / n_scored + aux_weight * aux / t.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if balance != "aux_loss":  # real tokens' choices, for the bias update below
-                real = None if part.padding is None else ~part.padding
-                masks.append([_chosen(r.routed_mask, real) for r in out.routing])
+                real = None if part.padding is None else ~part.padding.to(self.device)
+                step = [routed_head_counts(r.routed_mask, _fitting(real, r)) for r in out.routing]
+                counts = step if not counts else [a + b for a, b in zip(counts, step, strict=True)]
             ce_total += ce_sum.detach()
             aux_total += aux.detach() / t.grad_accum
         if self.scaler is not None:
@@ -314,10 +329,20 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        if masks:  # balancing without an auxiliary loss (DeepSeek-V3), after the step
-            per_router = [torch.cat(ms) for ms in zip(*masks, strict=True)]
-            update_routing_balance(self.model, per_router, self.model_config.balance_rate)
+        if counts:  # balancing without an auxiliary loss (DeepSeek-V3), after the step
+            self._update_balance(counts)
         return {"loss": ce_total / n_scored, "aux_loss": aux_total, "grad_norm": grad_norm}
+
+    def _update_balance(self, counts: list[Tensor]) -> None:
+        """The selection-bias step from every rank's head choices: the counts are summed
+        over ranks (one all-reduce on the device), so every rank takes the same step and
+        the biases, which neither DDP nor FSDP keep equal, stay equal."""
+        flat = torch.cat(counts)
+        if self.world_size > 1:
+            dist.all_reduce(flat)
+        update_routing_balance(
+            self.model, flat.split([c.numel() for c in counts]), self.model_config.balance_rate
+        )
 
     def _read_metrics(self, metrics: dict[str, Tensor]) -> dict[str, float]:
         """The step's metrics as numbers (one host sync; the loss summed over ranks)."""
@@ -383,7 +408,8 @@ class Trainer:
             tokens += batch.inputs.numel()
             self.step += 1
             bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            logged = self.step % t.log_every == 0 or self.step == t.steps
+            if logged:
                 lr = self.scheduler.get_last_lr()[0]
                 values = self._read_metrics(metrics)
                 rate = tokens / max(time.perf_counter() - since, 1e-9)
@@ -395,18 +421,12 @@ class Trainer:
                 tokens, since = 0, time.perf_counter()
             if self.step % t.eval_every == 0 or self.step == t.steps:
                 if self.is_main or self.fsdp:  # FSDP: every rank runs the forward passes
-                    final = evaluate(
-                        self.model,
-                        self.data,
-                        batches=t.eval_batches,
-                        batch_size=t.eval_batch_size,
-                        seed=t.seed,
-                    )
+                    final = self._evaluate()
                     self.log({"kind": "eval", "step": self.step, **final})  # rank 0 writes
             saved = self.step % t.checkpoint_every == 0 or self.step == t.steps
             if saved:
                 self.save()
-            if self.step < t.steps and self._stop_requested(stop):
+            if self.step < t.steps and self._stop_requested(stop, agree=logged):
                 if not saved:
                     self.save()
                 bar.close()
@@ -415,18 +435,16 @@ class Trainer:
                 )
         bar.close()
         if not final and (self.is_main or self.fsdp):  # resumed at the end: report it
-            final = evaluate(
-                self.model,
-                self.data,
-                batches=t.eval_batches,
-                batch_size=t.eval_batch_size,
-                seed=t.seed,
-            )
+            final = self._evaluate()
         return TrainResult(self.step, final, time.perf_counter() - start)
 
+    def _evaluate(self) -> dict[str, Any]:
+        t = self.config.train
+        return evaluate(
+            self.model, self.data, batches=t.eval_batches, batch_size=t.eval_batch_size, seed=t.seed
+        )
 
-def _chosen(routed_mask: Tensor, real: Tensor | None) -> Tensor:
-    """(tokens, r) choices of the real tokens (all tokens where the mask does not fit)."""
-    if real is not None and real.shape == routed_mask.shape[:-1]:
-        return routed_mask[real]
-    return routed_mask.flatten(0, -2)
+
+def _fitting(real: Tensor | None, routing: RoutingOutput) -> Tensor | None:
+    """The real-token mask where it fits the routed tokens (a decoder's), else ``None``."""
+    return real if real is not None and real.shape == routing.routed_mask.shape[:-1] else None
