@@ -205,6 +205,22 @@ def test_two_processes_match_a_single_process(tmp_path, parallel):
         torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_every_rank_keeps_the_same_selection_bias(tmp_path, parallel):
+    """After 15 steps of balance=bias on 2 ranks, every rank holds the same biases (each
+    rank's head counts are summed before the step; before, FSDP's ranks drifted apart)."""
+    out = tmp_path / "biases.pt"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"]  # fmt: skip
+    worker = Path(__file__).parent / "bias_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*launcher, str(worker), str(out), parallel], check=True, env=env)
+    biases = torch.load(out, weights_only=True)  # (ranks, routers x routed heads)
+    assert biases.shape == (2, 2 * 6) and biases.abs().sum() > 0
+    torch.testing.assert_close(biases[1], biases[0], atol=0, rtol=0)
+
+
 def test_text_training_lowers_bits_per_byte(tmp_path):
     (tmp_path / "corpus.txt").write_text("the heads of a graph attend together. " * 200)
     config = RunConfig.load(
