@@ -1,17 +1,14 @@
 """The trainer: AdamW, warm-up + cosine, clipping, the load-balance loss, evaluation,
 JSONL metrics, atomic checkpoints, exact resume, and DistributedDataParallel.
 
-Repeatability: the batch of step ``s`` is drawn from a generator seeded by
-``(seed, s)``, so a resumed run sees the same batches as an uninterrupted one; the
-global torch RNG (dropout) is saved in every checkpoint. Under ``torchrun`` every rank
-draws the same global batch and trains on its own slice; the language-model loss is
-normalised by the *global* count of scored tokens, so the averaged gradients equal the
-single-process ones. The load-balance loss is computed on each rank's tokens (as
-MoE trainers do), so with ``aux_loss_weight > 0`` DDP and single-process runs differ by
-that term only; the selection-bias update (``balance="bias"``) counts every rank's
-tokens (one all-reduce), so every rank keeps the same bias. Every collective runs on
-the trainer's device (NCCL serves only CUDA tensors); a checkpoint also holds the CUDA
-generator (dropout on the GPU) and fp16's loss-scaler state.
+Repeatability: the batch of step ``s`` is drawn from a generator seeded by ``(seed, s)``;
+checkpoints hold the CPU's and CUDA's generators (dropout) and fp16's loss scale. Under
+``torchrun`` every rank draws the same global batch and trains on its own slice; the LM
+loss is normalised by the *global* count of scored tokens, so the averaged gradients
+equal the single-process ones. The load-balance loss is computed on each rank's tokens
+(as MoE trainers do): with ``aux_loss_weight > 0`` DDP and one process differ by that
+term only. The selection-bias update (``balance="bias"``) counts every rank's tokens,
+so every rank keeps one bias. Collectives run on the trainer's device (NCCL: CUDA only).
 """
 
 from __future__ import annotations
@@ -281,7 +278,8 @@ class Trainer:
         ``grad_accum`` micro-batches). Returns the step's metrics as tensors on the
         device: no host sync here (the loop reads them on log steps only)."""
         t = self.config.train
-        n_scored = (batch.targets != IGNORE_INDEX).sum().clamp_min(1).to(self.device)
+        scored = (batch.targets != IGNORE_INDEX).sum().clamp_min(1)  # on the CPU: no sync
+        n_scored = scored.to(self.device, non_blocking=True)
         per_rank = batch.inputs.size(0) // self.world_size
         micro = per_rank // t.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
@@ -311,7 +309,8 @@ class Trainer:
                 loss = ce_sum * self.world_size / n_scored + aux_weight * aux / t.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if balance != "aux_loss":  # real tokens' choices, for the bias update below
-                real = None if part.padding is None else ~part.padding.to(self.device)
+                pad = part.padding
+                real = None if pad is None else ~pad.to(self.device, non_blocking=True)
                 step = [routed_head_counts(r.routed_mask, _fitting(real, r)) for r in out.routing]
                 counts = step if not counts else [a + b for a, b in zip(counts, step, strict=True)]
             ce_total += ce_sum.detach()
