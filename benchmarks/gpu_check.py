@@ -228,8 +228,9 @@ SMALL_RUN = [
 
 def trainer_collectives(device: str) -> None:
     """Every collective the trainer makes, through the device's backend (NCCL on CUDA,
-    which refuses CPU tensors): a process group of one rank, the trainer told it has
-    two, so its bias-count all-reduce and its stop agreement run."""
+    which refuses CPU tensors) and the stop flag's gloo group: a process group of one
+    rank, the trainer told it has two, so its bias-count all-reduce and its stop
+    agreement run."""
     import torch.distributed as dist
 
     from graphheads.train import RunConfig, Trainer
@@ -241,9 +242,10 @@ def trainer_collectives(device: str) -> None:
         sets = [*SMALL_RUN, "model.balance=bias", f"train.device={device}"]
         trainer = Trainer(RunConfig.load(None, sets), None, progress=False)
         trainer.world_size = 2  # every collective runs (on a group of one)
+        trainer.cpu_group = dist.new_group(backend="gloo")  # as under torchrun on GPUs
         for step in range(3):
             trainer.train_step(trainer.data.sample(16, torch.Generator().manual_seed(step)))
-        stop = trainer._stop_requested(StopSignals(), agree=True)
+        stop = trainer._stop_requested(StopSignals())
         bias = trainer.model.decoder.layers[0].self_attn.router.selection_bias
         check(
             "trainer collectives on the device's backend",
@@ -333,8 +335,18 @@ def bf16_generate_in_place(device: str) -> None:
 
 
 def exact_resume(device: str) -> None:
-    """Dropout on the device and (CUDA) fp16: 12 steps equal 6, a checkpoint, 6 more."""
+    """Dropout on the device and (CUDA) fp16: 12 steps equal 6, a checkpoint, 6 more. The
+    fp16 loss scaler doubles its scale every step (growth_interval 1), so a resume that
+    lost its state would end with another scale."""
+    import graphheads.train.trainer as trainer_module
     from graphheads.train import RunConfig, Trainer
+
+    def growing_scaler(precision: str, dev: torch.device) -> torch.amp.GradScaler | None:
+        if precision != "fp16":
+            return None
+        return torch.amp.GradScaler(dev.type, init_scale=2.0**8, growth_interval=1)
+
+    trainer_module.grad_scaler = growing_scaler  # this process only
 
     precisions = ["fp32", "fp16"] if device == "cuda" else ["fp32"]
     for precision in precisions:
@@ -370,7 +382,11 @@ def exact_resume(device: str) -> None:
             same = len(losses[0]) == len(losses[1]) == 12 and all(
                 abs(a - b) <= 1e-5 * abs(a) for a, b in zip(*losses, strict=True)
             )
-            scale = "" if rest.scaler is None else f", loss scale {rest.scaler.get_scale():.0f}"
+            scale = ""
+            if rest.scaler is not None and whole.scaler is not None:
+                scales = (rest.scaler.get_scale(), whole.scaler.get_scale())
+                same = same and scales[0] == scales[1] != 2.0**8
+                scale = f", loss scale {scales[0]:.0f} (uninterrupted {scales[1]:.0f})"
             check(
                 f"exact resume with dropout ({precision})", same, f"{len(losses[1])} losses{scale}"
             )

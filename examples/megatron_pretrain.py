@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 from megatron.core.transformer.moe.moe_utils import (
     clear_aux_losses_tracker,
     get_moe_layer_wise_logging_tracker,
@@ -37,7 +38,9 @@ from graphheads.integrations.megatron import AUX_LOSS_NAME, build_gpt
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--attention", choices=["mha", "moh", "goh"], default="goh")
     parser.add_argument("--steps", type=int, default=300)
@@ -84,6 +87,10 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     dp_group = parallel_state.get_data_parallel_group()
     dp_size = parallel_state.get_data_parallel_world_size()
+    # one micro-batch per step: the head load-balance loss is scaled as the main loss is
+    init_num_microbatches_calculator(
+        dist.get_rank(), None, args.batch_size * dp_size, args.batch_size, dp_size
+    )
     # every tensor-parallel rank of one replica reads the same batches
     generator = torch.Generator().manual_seed(args.seed + parallel_state.get_data_parallel_rank())
     positions = torch.arange(suite.max_seq_len, device=device).expand(args.batch_size, -1)

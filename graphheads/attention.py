@@ -72,7 +72,9 @@ def scaled_dot_product_attention(
         scale: score scale; defaults to ``1 / sqrt(e)``.
         fused_attention: use :func:`torch.nn.functional.scaled_dot_product_attention`
             (same result, faster). ``False`` runs the plain math below, kept as the
-            readable oracle. Both give 0 for a query whose every key is masked.
+            readable oracle. For a query whose every key is masked (left padding) the plain
+            path gives 0, as PyTorch's math, flash and memory-efficient kernels do (cuDNN's
+            may give other finite values there; no real token reads such a row).
 
     Returns:
         (..., t, e_v).
@@ -105,7 +107,7 @@ def scaled_dot_product_attention(
         else:
             scores = scores + attn_mask
     if attn_mask is not None:  # a query that may see no key (left padding) gets 0, as
-        # PyTorch's fused kernels give, not the NaN of a softmax over -inf alone
+        # PyTorch's math kernel gives, not the NaN of a softmax over -inf alone
         blind = scores.isneginf().all(dim=-1, keepdim=True)  # (..., t, 1)
         weights = scores.masked_fill(blind, 0.0).softmax(dim=-1).masked_fill(blind, 0.0)
     else:

@@ -35,6 +35,7 @@ from graphheads.types import RoutingOutput
 __all__ = [
     "GateConvention",
     "apply_balance_step",
+    "autocast_dtype",
     "check_routing_config",
     "load_balance_loss",
     "moh_gates",
@@ -61,11 +62,17 @@ def router_precision(x: Tensor, weight: Tensor | None) -> Iterator[Tensor]:
         with router_precision(x, self.routed_gate.weight) as x:
             logits = self.routed_gate(x)
     """
-    device_type = x.device.type
-    off = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    off = autocast_dtype(x.device.type) is not None
     dtype = torch.promote_types(x.dtype, torch.float32) if weight is None else weight.dtype
-    with torch.autocast(device_type, enabled=False) if off else nullcontext():
+    with torch.autocast(x.device.type, enabled=False) if off else nullcontext():
         yield x.to(dtype)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, ``None`` when it is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def split_linear(x: Tensor, weights: list[Tensor | None]) -> list[Tensor | None]:
@@ -218,7 +225,8 @@ def routed_head_counts(routed_mask: Tensor, token_mask: Tensor | None = None) ->
     (all when ``None``), then the number of those tokens. Masks by multiplication, so it
     never waits for the host; counts of several micro-batches or processes add up
     (all-reduce them with a sum) before :func:`apply_balance_step` turns them into loads."""
-    chosen = routed_mask.reshape(-1, routed_mask.size(-1)).detach().float()  # (tokens, r)
+    # fp64: counts stay exact integers past 2^24 tokens per step
+    chosen = routed_mask.reshape(-1, routed_mask.size(-1)).detach().double()  # (tokens, r)
     if token_mask is None:
         weight = chosen.new_ones((chosen.size(0), 1))
     else:
@@ -232,8 +240,13 @@ def apply_balance_step(bias: Tensor, counts: Tensor, rate: float) -> Tensor:
     head's selection bias moves by ``rate`` towards balance, ``b_i += rate * sign(mean_j
     f_j - f_i)``, with ``f`` the loads of :func:`routed_head_counts`' ``counts`` (r + 1,).
     Changes ``bias`` (r,) in place (a buffer, outside autograd) and returns ``f``."""
-    load = counts[:-1] / counts[-1].clamp_min(1.0)  # (r,)
-    bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
+    if counts.shape != (bias.numel() + 1,):
+        raise ValueError(
+            f"apply_balance_step: counts must be (routed heads + 1,) = ({bias.numel() + 1},), "
+            f"got {tuple(counts.shape)} (routed_head_counts makes them)"
+        )
+    load = (counts[:-1] / counts[-1].clamp_min(1.0)).to(bias.dtype)  # (r,)
+    bias.add_(rate * torch.sign(load.mean() - load))
     return load
 
 

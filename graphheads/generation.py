@@ -12,6 +12,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from graphheads.gates import autocast_dtype
+
 __all__ = ["cache_dtype", "check_token_ids", "decode", "sample_next_token"]
 
 State = TypeVar("State")
@@ -39,10 +41,7 @@ def cache_dtype(weight: Tensor) -> torch.dtype:
     """The dtype keys and values will have in a model with this ``weight``: autocast's
     when autocast is on for its device (bf16 keys into an fp32 buffer would copy the
     whole cache at every token), else the weight's."""
-    device_type = weight.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
+    return autocast_dtype(weight.device.type) or weight.dtype
 
 
 def sample_next_token(

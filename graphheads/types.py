@@ -24,6 +24,7 @@ class KVBuffer:
     key: Tensor  # (b, h, capacity, e)
     value: Tensor  # (b, h, capacity, e)
     filled: int = 0
+    adopt_dtype: bool = False  # no dtype was asked for: take the first keys'
 
     @property
     def capacity(self) -> int:
@@ -39,8 +40,8 @@ class KVCache:
     decoding costs no ``torch.cat`` per token; the new cache is a longer view of that
     storage and the old one still reads its own prefix. Appending to a cache that is not
     the storage's newest (branching), beyond its capacity, or under autograd copies
-    instead, with the same result. Empty storage takes the dtype of the first keys
-    appended (bf16 under autocast), so mixed precision decodes in place too.
+    instead, with the same result. Storage made without a dtype takes that of the first
+    keys appended (bf16 under autocast), so mixed precision decodes in place too.
     """
 
     key: Tensor  # (b, h, s, e)
@@ -58,7 +59,8 @@ class KVCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        """A cache of length 0 with room for ``capacity`` tokens."""
+        """A cache of length 0 with room for ``capacity`` tokens, in ``dtype``; without one,
+        in the dtype of the first keys appended (bf16 under autocast)."""
         if min(batch_size, num_heads, capacity, head_dim) < 1:
             raise ValueError(
                 "KVCache.empty: batch_size, num_heads, capacity and head_dim must be >= 1, got "
@@ -68,6 +70,7 @@ class KVCache:
         buffer = KVBuffer(
             torch.empty(shape, dtype=dtype, device=device),
             torch.empty(shape, dtype=dtype, device=device),
+            adopt_dtype=dtype is None,
         )
         return cls(buffer.key[:, :, :0], buffer.value[:, :, :0], buffer)
 
@@ -78,9 +81,14 @@ class KVCache:
     def append(self, key: Tensor, value: Tensor) -> KVCache:
         """This cache followed by ``key``, ``value`` (b, h, n, e)."""
         s, n, buf = self.length, key.size(-2), self.buffer
-        if buf is not None and buf.filled == 0 == s and buf.key.dtype != key.dtype:
-            # nothing written yet: the storage takes the keys' dtype (e.g. bf16 under
-            # autocast, while the weights that sized the buffer are fp32)
+        if (
+            buf is not None
+            and buf.adopt_dtype
+            and buf.filled == 0 == s
+            and buf.key.dtype != key.dtype
+        ):
+            # nothing written yet and no dtype asked for: the storage takes the keys' (e.g.
+            # bf16 under autocast)
             buf.key = torch.empty(buf.key.shape, dtype=key.dtype, device=buf.key.device)
             buf.value = torch.empty(buf.value.shape, dtype=value.dtype, device=buf.key.device)
         in_place = (

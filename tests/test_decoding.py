@@ -82,14 +82,16 @@ def test_bf16_generate_writes_every_token_in_place(attention, block, monkeypatch
     assert appends == [(True, torch.bfloat16)] * 16
 
 
-def test_empty_storage_takes_the_dtype_of_the_first_keys():
-    cache = KVCache.empty(1, 2, 6, 4, dtype=torch.float32)
+def test_storage_without_a_dtype_takes_the_dtype_of_the_first_keys():
+    cache = KVCache.empty(1, 2, 6, 4)  # no dtype asked for
     k = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
     first = cache.append(k, k)
     assert first.buffer is cache.buffer and first.key.dtype == torch.bfloat16
     second = first.append(k[:, :, :1], k[:, :, :1])
     assert second.key.data_ptr() == first.key.data_ptr()  # the same storage, in place
     torch.testing.assert_close(second.key[:, :, :3], k)
+    asked = KVCache.empty(1, 2, 6, 4, dtype=torch.float32).append(k, k)  # a dtype asked
+    assert asked.buffer is None and asked.key.dtype == torch.float32  # for stays (a copy)
 
 
 @pytest.mark.parametrize("attention", ["mha", "moh", "goh"])

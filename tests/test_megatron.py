@@ -48,6 +48,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:MLP requires ffn_hidden_size:DeprecationWarning"),
+    # a plain forward and backward (no schedule) is one whole step
+    pytest.mark.filterwarnings("ignore:graphheads.integrations.megatron.*calculator:UserWarning"),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,14 +137,16 @@ def test_training_gradients_and_load_balance_loss_match_graphheads(attention):
 
 
 def schedule_router_grads(
-    micro_batches: int, loss_scale: float = 1.0, *, calculator: bool = True
+    micro_batches: int, loss_scale: float = 1.0, *, calculator: bool = True, per_token: bool = False
 ) -> dict[str, torch.Tensor]:
     """Router gradients of one training step of ``micro_batches`` identical micro-batches
     (so every count gives the same mean loss), driven through Megatron's own
-    per-micro-batch functions
-    (``forward_step``, whose ``forward_step_calc_loss`` divides the loss by the number of
-    micro-batches, and ``backward_step``, which applies ``grad_scale_func``), in the loop
-    of ``forward_backward_no_pipelining`` (which itself needs CUDA), then unscaled."""
+    per-micro-batch functions (``forward_step``, whose ``forward_step_calc_loss`` divides
+    the loss by the number of micro-batches, and ``backward_step``, which applies
+    ``grad_scale_func``), in the loop of ``forward_backward_no_pipelining`` (which itself
+    needs CUDA), then unscaled. With ``per_token`` (``calculate_per_token_loss``) the
+    loss is the sum over tokens and the gradients are divided by the step's token count,
+    as ``finalize_model_grads`` does."""
     from megatron.core.num_microbatches_calculator import (
         destroy_num_microbatches_calculator,
         init_num_microbatches_calculator,
@@ -153,6 +157,7 @@ def schedule_router_grads(
     gpt = build_gpt(llama_config("goh"), load_balance_coeff=0.5).train()
     if loss_scale != 1.0:
         gpt.config.grad_scale_func = lambda loss: loss * loss_scale  # fp16's loss scaler
+    gpt.config.calculate_per_token_loss = per_token
     rows = 2
     data = iter([tokens(b=rows)] * micro_batches)
 
@@ -171,7 +176,8 @@ def schedule_router_grads(
             backward_step(None, out, None, None, gpt.config)
     finally:
         destroy_num_microbatches_calculator()
-    return {n: p.grad / loss_scale for n, p in gpt.named_parameters() if ".router." in n}
+    count = rows * 12 * micro_batches if per_token else 1  # finalize_model_grads' division
+    return {n: p.grad / loss_scale / count for n, p in gpt.named_parameters() if ".router." in n}
 
 
 def test_head_loss_follows_megatrons_schedule_whatever_the_micro_batches_and_loss_scale():
@@ -181,12 +187,18 @@ def test_head_loss_follows_megatrons_schedule_whatever_the_micro_batches_and_los
     micro-batches gave the head loss 4 times its weight and a loss scale of 1024
     1/1024 of it)."""
     one = schedule_router_grads(1)
-    for other in (schedule_router_grads(4), schedule_router_grads(1, loss_scale=1024.0)):
+    others = (
+        schedule_router_grads(4),
+        schedule_router_grads(1, loss_scale=1024.0),
+        schedule_router_grads(4, loss_scale=1024.0, per_token=True),
+    )
+    for other in others:
         assert other.keys() == one.keys()
         for name, grad in one.items():
             torch.testing.assert_close(other[name], grad, atol=1e-6, rtol=1e-4, msg=name)
-    # the head loss does move the router gradients: without it they differ
-    without = schedule_router_grads(4, calculator=False)  # each micro-batch at weight 1
+    # the head loss does move the router gradients: at another weight they differ
+    with pytest.warns(UserWarning, match="micro-batch calculator is not initialised"):
+        without = schedule_router_grads(4, calculator=False)  # each micro-batch at weight 1
     assert any((without[n] - g).abs().max() > 1e-4 for n, g in one.items())
 
 
@@ -194,6 +206,7 @@ def test_pipeline_dtype_follows_the_precision():
     assert build_gpt(llama_config("goh")).config.pipeline_dtype == torch.float32
     gpt = build_gpt(llama_config("goh"), bf16=True, params_dtype=torch.bfloat16)
     assert gpt.config.pipeline_dtype == torch.bfloat16
+    assert build_gpt(llama_config("goh"), fp16=True).config.pipeline_dtype == torch.float16
 
 
 @pytest.mark.parametrize("kind", ["moh", "goh"])

@@ -3,8 +3,9 @@ a trainer step run on PyTorch's ``meta`` device, which stands in for CUDA here. 
 tensor has a shape and a device but no data, so any tensor made on the wrong device (a
 CPU ``arange`` meeting a CUDA one) raises, and so does any host sync in the hot path
 (``.item()``, ``.tolist()``, boolean indexing, ``int(tensor)``). Collectives are
-recorded with the device of their tensors: NCCL serves only CUDA tensors, so a
-collective on a CPU tensor would crash the first multi-GPU run.
+recorded with the device of their tensors and their group: NCCL serves only CUDA
+tensors, so a CPU tensor on the default (NCCL) group would crash the first multi-GPU
+run; the only CPU collective, the stop flag's, goes through the trainer's gloo group.
 
 What needs real kernels (equal numbers, NCCL itself, bf16 on CUDA) is checked by
 ``benchmarks/gpu_check.py`` when a GPU is at hand.
@@ -100,22 +101,27 @@ SMALL = [
 ]
 
 
+GLOO = "the trainer's gloo group"  # stands in for dist.new_group(backend="gloo")
+
+
 @pytest.fixture
 def meta_trainer(monkeypatch):
-    """A trainer on the meta device that believes it is rank 0 of 2, whose collectives
-    record their tensors' devices (and do nothing else)."""
+    """A trainer on the meta device that believes it is rank 0 of 2 (with its gloo group
+    for CPU flags), whose collectives record their tensors' devices and their groups
+    (and do nothing else)."""
     monkeypatch.setattr(trainer_module, "resolve_device", lambda name: META)
-    devices: list[torch.device] = []
+    calls: list[tuple[torch.device, object]] = []
 
-    def all_reduce(tensor: torch.Tensor, *args, **kwargs) -> None:
-        devices.append(tensor.device)
+    def all_reduce(tensor: torch.Tensor, op=None, group=None, async_op=False) -> None:
+        calls.append((tensor.device, group))
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
 
-    def make(*sets: str) -> tuple[Trainer, list[torch.device]]:
+    def make(*sets: str) -> tuple[Trainer, list[tuple[torch.device, object]]]:
         trainer = Trainer(RunConfig.load(None, [*SMALL, *sets]), None, progress=False)
         trainer.world_size = 2  # the step trains on rank 0's half of the batch
-        return trainer, devices
+        trainer.cpu_group = GLOO  # what __init__ makes under torchrun on a GPU
+        return trainer, calls
 
     return make
 
@@ -126,31 +132,20 @@ def meta_trainer(monkeypatch):
 def test_a_trainer_step_runs_on_meta_with_its_collectives_on_the_device(
     meta_trainer, model_type, balance, attention
 ):
-    trainer, devices = meta_trainer(
+    trainer, calls = meta_trainer(
         f"train.model_type={model_type}", f"model.balance={balance}", f"model.attention={attention}"
     )
     metrics = trainer.train_step(trainer.data.sample(8, torch.Generator().manual_seed(0)))
     assert {v.device for v in metrics.values()} == {META}  # nothing read back yet
-    # balance="bias": the head counts of every rank are summed (on the device) before
-    # the bias moves, so every rank takes the same step
-    assert devices == ([META] if balance == "bias" else [])
-    assert not trainer._stop_requested(StopSignals(), agree=False)  # no collective, no sync
-    assert devices == ([META] if balance == "bias" else [])
+    # balance="bias": the head counts of every rank are summed (on the device, default
+    # group) before the bias moves, so every rank takes the same step
+    assert calls == ([(META, None)] if balance == "bias" else [])
 
 
-class _Agreed(Exception):
-    """Raised by the stand-in collective: the flag's value is never read on meta."""
-
-
-def test_ranks_agree_to_stop_with_a_flag_on_the_device(meta_trainer, monkeypatch):
-    trainer, _ = meta_trainer()
-    seen: list[torch.device] = []
-
-    def all_reduce(tensor: torch.Tensor, *args, **kwargs) -> None:
-        seen.append(tensor.device)
-        raise _Agreed
-
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    with pytest.raises(_Agreed):
-        trainer._stop_requested(StopSignals(), agree=True)  # a log step
-    assert seen == [META]  # NCCL would refuse a CPU tensor here
+def test_ranks_agree_to_stop_at_every_step_through_the_gloo_group(meta_trainer):
+    """The stop flag is a CPU tensor (reading it waits for no device) on the gloo group:
+    before, it went to the default group, which is NCCL on GPUs and refuses CPU tensors."""
+    trainer, calls = meta_trainer()
+    stop = StopSignals()
+    assert not trainer._stop_requested(stop)
+    assert calls == [(torch.device("cpu"), GLOO)]

@@ -135,6 +135,18 @@ def test_devices_and_precisions_are_checked_by_name():
         RunConfig.load(None, ["train.precision=fp8"])
 
 
+def test_cuda_without_an_index_names_this_process_gpu(monkeypatch):
+    """``train.device=cuda`` must name a GPU: torch.cuda.set_device and DDP's device_ids
+    refuse an index-less CUDA device (a stand-in CUDA here: the machine has none)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun: the rank's own GPU
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
 def test_a_run_resumes_with_another_device_and_precision_and_old_checkpoints_load(tmp_path):
     config = RunConfig.load(None, [*SMALL, "train.steps=4"])
     Trainer(config, tmp_path, progress=False).fit()

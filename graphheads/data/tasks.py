@@ -40,10 +40,10 @@ class TaskBatch:
     padding: Tensor | None = None  # (b, t) True at padding positions, when there are any
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> TaskBatch:
-        """The batch with every tensor on ``device``."""
+        """The batch with every tensor on ``device`` (see :func:`to_device`)."""
         return TaskBatch(
             *(
-                None if x is None else x.to(device, non_blocking=non_blocking)
+                None if x is None else to_device(x, device, non_blocking=non_blocking)
                 for x in (self.inputs, self.targets, self.task_ids, self.padding)
             )  # type: ignore[arg-type]
         )
@@ -56,6 +56,14 @@ class TaskBatch:
             None if self.task_ids is None else self.task_ids[index],
             None if self.padding is None else self.padding[index],
         )
+
+
+def to_device(x: Tensor, device: torch.device | str, non_blocking: bool = False) -> Tensor:
+    """``x`` on ``device``. A non-blocking copy from the CPU to CUDA goes through pinned
+    memory: from pageable memory CUDA copies a large tensor only once the GPU's queued
+    work is done, which would make the host wait."""
+    pin = non_blocking and x.device.type == "cpu" and torch.device(device).type == "cuda"
+    return (x.pin_memory() if pin else x).to(device, non_blocking=non_blocking)
 
 
 def _finish(seq: Tensor, answer_start: int) -> TaskBatch:

@@ -19,6 +19,7 @@ from graphheads.data import (
     TaskSuite,
     TokenShardDataset,
     bits_per_byte,
+    to_device,
 )
 from graphheads.train.checkpoint import load_checkpoint
 from graphheads.train.config import DataConfig, RunConfig
@@ -109,7 +110,7 @@ def forward_batch(
     core = getattr(model, "_orig_mod", model)  # under torch.compile
     core = core.module if isinstance(core, nn.parallel.DistributedDataParallel) else core
     if isinstance(core, Transformer):
-        pieces = (p.to(device, non_blocking=True) for p in split_at_separator(batch))
+        pieces = (to_device(p, device, non_blocking=True) for p in split_at_separator(batch))
         src, src_padding, tgt_in, tgt_out, tgt_padding = pieces
         out = model(src, tgt_in, src_key_padding_mask=src_padding, tgt_key_padding_mask=tgt_padding)
         return out, tgt_out

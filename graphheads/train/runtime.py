@@ -49,6 +49,10 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"train.device {name!r}: this machine has no CUDA device; use 'cpu'")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"train.device {name!r}: only 'auto', 'cpu' and 'cuda[:N]' are supported")
+    if device.type == "cuda" and device.index is None:  # this process's GPU, with its index
+        local_rank = os.environ.get("LOCAL_RANK")  # (set_device and DDP need one)
+        index = int(local_rank) if local_rank is not None else torch.cuda.current_device()
+        device = torch.device("cuda", index)
     return device
 
 

@@ -8,7 +8,8 @@ loss is normalised by the *global* count of scored tokens, so the averaged gradi
 equal the single-process ones. The load-balance loss is computed on each rank's tokens
 (as MoE trainers do): with ``aux_loss_weight > 0`` DDP and one process differ by that
 term only. The selection-bias update (``balance="bias"``) counts every rank's tokens,
-so every rank keeps one bias. Collectives run on the trainer's device (NCCL: CUDA only).
+so every rank keeps one bias. Collectives run on the device (NCCL: CUDA only) but the
+stop flag's, which runs on the CPU through a gloo group.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from graphheads.blocks import TransformerBlock, TransformerStack
-from graphheads.data import IGNORE_INDEX, TaskBatch, TaskSuite
+from graphheads.data import IGNORE_INDEX, TaskBatch, TaskSuite, to_device
 from graphheads.gates import routed_head_counts
 from graphheads.goh import update_routing_balance
 from graphheads.train.checkpoint import (
@@ -130,6 +131,9 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.cpu_group: Any = None  # the stop flag's (a device flag would wait for the GPU)
+        if self.world_size > 1 and self.device.type != "cpu":  # else the default is gloo
+            self.cpu_group = dist.new_group(backend="gloo")
         if train.batch_size % (self.world_size * train.grad_accum):
             raise ValueError(
                 f"Trainer: batch_size ({train.batch_size}) must be divisible by the number of "
@@ -173,6 +177,7 @@ class Trainer:
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=train.lr,
+            fused=self.device.type == "cuda" and not self.fsdp,  # GradScaler: no sync either
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0
@@ -258,16 +263,14 @@ class Trainer:
         kept = [line for line in metrics.read_text().splitlines() if metric_line_step(line) <= step]
         write_text_atomically(metrics, "".join(line + "\n" for line in kept))
 
-    def _stop_requested(self, stop: StopSignals, *, agree: bool) -> bool:
-        """Whether SIGINT/SIGTERM stops the run after this step: at once in one process;
-        several agree at ``agree`` steps (log steps, which sync anyway) by an all-reduce
-        on the trainer's device (NCCL serves only CUDA tensors): no host sync per step."""
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether SIGINT/SIGTERM stops the run after this step; under several processes
+        whether any rank received one (all stop together), agreed through the gloo group
+        (``cpu_group``): a CPU flag, never given to NCCL, and no wait for the device."""
         if self.world_size == 1:
             return stop.received is not None
-        if not agree:
-            return False
-        flag = torch.tensor([float(stop.received is not None)], device=self.device)
-        dist.all_reduce(flag)
+        flag = torch.tensor([float(stop.received is not None)])
+        dist.all_reduce(flag, group=self.cpu_group)
         if flag.item() > 0 and stop.received is None:
             stop.received = "peer"
         return stop.received is not None
@@ -278,8 +281,7 @@ class Trainer:
         ``grad_accum`` micro-batches). Returns the step's metrics as tensors on the
         device: no host sync here (the loop reads them on log steps only)."""
         t = self.config.train
-        scored = (batch.targets != IGNORE_INDEX).sum().clamp_min(1)  # on the CPU: no sync
-        n_scored = scored.to(self.device, non_blocking=True)
+        n_scored = to_device((batch.targets != IGNORE_INDEX).sum().clamp_min(1), self.device, True)
         per_rank = batch.inputs.size(0) // self.world_size
         micro = per_rank // t.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
@@ -310,7 +312,7 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if balance != "aux_loss":  # real tokens' choices, for the bias update below
                 pad = part.padding
-                real = None if pad is None else ~pad.to(self.device, non_blocking=True)
+                real = None if pad is None else ~to_device(pad, self.device, non_blocking=True)
                 step = [routed_head_counts(r.routed_mask, _fitting(real, r)) for r in out.routing]
                 counts = step if not counts else [a + b for a, b in zip(counts, step, strict=True)]
             ce_total += ce_sum.detach()
@@ -407,8 +409,7 @@ class Trainer:
             tokens += batch.inputs.numel()
             self.step += 1
             bar.update(1)
-            logged = self.step % t.log_every == 0 or self.step == t.steps
-            if logged:
+            if self.step % t.log_every == 0 or self.step == t.steps:
                 lr = self.scheduler.get_last_lr()[0]
                 values = self._read_metrics(metrics)
                 rate = tokens / max(time.perf_counter() - since, 1e-9)
@@ -425,7 +426,7 @@ class Trainer:
             saved = self.step % t.checkpoint_every == 0 or self.step == t.steps
             if saved:
                 self.save()
-            if self.step < t.steps and self._stop_requested(stop, agree=logged):
+            if self.step < t.steps and self._stop_requested(stop):
                 if not saved:
                     self.save()
                 bar.close()

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from megatron.core import num_microbatches_calculator as microbatches_calculator
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -172,29 +173,38 @@ class TorchCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * e)
 
 
-def head_loss_scale(config: TransformerConfig, device: torch.device) -> Tensor:
+def head_loss_scale(config: TransformerConfig, device: torch.device, num_tokens: int) -> Tensor:
     """The factor Megatron's schedules give the main loss's gradient, for the head
-    load-balance loss: the loss scale (``config.grad_scale_func``, fp16's) divided by the
-    number of micro-batches (not divided with ``calculate_per_token_loss``), the rule
-    ``forward_step_calc_loss`` applies to MoE's auxiliary loss. megatron-core 0.16.1 sets
-    that scale only for models with experts; without them, each micro-batch's head loss
-    would enter with weight 1 (beta times the number of micro-batches) and unscaled
-    under fp16 loss scaling (beta close to 0).
+    load-balance loss of a layer that saw ``num_tokens`` tokens (s x b), by the rules
+    megatron-core applies to MoE's auxiliary loss: the loss scale
+    (``config.grad_scale_func``, fp16's) divided by the number of micro-batches
+    (``forward_step_calc_loss``); with ``calculate_per_token_loss`` times the tokens
+    instead (``finalize_model_grads`` then divides every gradient by the global token
+    count; Megatron's MoE router multiplies its loss by its tokens likewise).
+    megatron-core 0.16.1 sets ``MoEAuxLossAutoScaler``'s scale only for models with
+    experts: without this, each micro-batch's head loss entered with weight 1 (beta times
+    the number of micro-batches), unscaled under fp16 (beta close to 0).
 
     The number of micro-batches is megatron-core's micro-batch calculator's
     (``get_num_microbatches``: Megatron-LM's training loop sets it up; a loop of one's own
-    calls ``init_num_microbatches_calculator``), 1 when none is set up (a plain
-    forward and backward)."""
+    calls ``init_num_microbatches_calculator``). Without one, a forward counts as a whole
+    step (one micro-batch) and a warning says so."""
     one = torch.ones((), device=device)
     loss_scale = one if config.grad_scale_func is None else config.grad_scale_func(one)
     loss_scale = loss_scale.reshape(())
     if config.calculate_per_token_loss:
+        return loss_scale * num_tokens
+    if microbatches_calculator._GLOBAL_NUM_MICROBATCHES_CALCULATOR is None:
+        warnings.warn(
+            "graphheads.integrations.megatron: megatron-core's micro-batch calculator is not "
+            "initialised, so each forward's head load-balance loss counts as one whole "
+            "step; with several micro-batches per step call megatron.core."
+            "num_microbatches_calculator.init_num_microbatches_calculator (Megatron-LM's "
+            "training loop does)",
+            stacklevel=3,
+        )
         return loss_scale
-    try:
-        microbatches = get_num_microbatches()
-    except AttributeError:  # the calculator is not initialised: no schedule of micro-batches
-        microbatches = 1
-    return loss_scale / microbatches
+    return loss_scale / microbatches_calculator.get_num_microbatches()
 
 
 class HeadLossAutoScaler(torch.autograd.Function):
@@ -361,9 +371,10 @@ class RoutedSelfAttention(SelfAttention):
             )
             coeff = self.load_balance_coeff / self.config.num_layers
             if self.config.num_moe_experts is not None:  # Megatron's schedules scale it
-                output = MoEAuxLossAutoScaler.apply(output, coeff * loss)
+                tokens = s * b if self.config.calculate_per_token_loss else 1
+                output = MoEAuxLossAutoScaler.apply(output, coeff * loss * tokens)
             else:
-                scale = head_loss_scale(self.config, output.device)
+                scale = head_loss_scale(self.config, output.device, s * b)
                 output = HeadLossAutoScaler.apply(output, coeff * loss, scale)
         return output, bias
 

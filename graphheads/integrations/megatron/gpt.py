@@ -88,9 +88,9 @@ def build_gpt(
             derived ones (``bf16``, ``params_dtype``, ``use_cpu_initialization``, ...).
     """
     _check_convertible(config)
-    # what pipeline stages send each other: the dtype the layers compute in
+    # what pipeline stages send each other: the parameters' dtype, as Megatron-LM sets it
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    pipeline_dtype = next(
+    pipeline_dtype = transformer_config.get("params_dtype") or next(
         (dtype for key, dtype in half.items() if transformer_config.get(key)), torch.float32
     )
     derived: dict[str, Any] = {
