@@ -73,16 +73,16 @@ def sparse_vs_dense(device: str) -> None:
     for kind in ("moh", "goh"):
         torch.manual_seed(0)
         if kind == "moh":
-            attn = MoHAttention(64, 8, 2, 3)
+            attn = MoHAttention(128, 8, 2, 3)  # heads 16 wide: CUDA FlexAttention's least
         else:
-            attn = GoHAttention(64, 8, 2, 3, HeadGraph.ring(8, learnable="edge"))
+            attn = GoHAttention(128, 8, 2, 3, HeadGraph.ring(8, learnable="edge"))
         attn = attn.to(device)
         with torch.no_grad():
             for p in attn.router.parameters():
                 p.add_(torch.randn_like(p))
-        x = torch.randn(3, 257, 64, device=device)
+        x = torch.randn(3, 257, 128, device=device)
         for backend in ("chunked", "flex"):
-            reason = flex_supported(torch.device(device), grad=True, dropout_p=0.0)
+            reason = flex_supported(torch.device(device), grad=True, dropout_p=0.0, head_dim=16)
             if backend == "flex" and reason is not None:
                 print(f"SKIP  {kind} sparse ({backend}) == dense: {reason}")
                 continue

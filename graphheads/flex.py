@@ -17,7 +17,8 @@ Where it runs: PyTorch's FlexAttention (``torch.nn.attention.flex_attention``) n
 ``torch.compile`` to be fast. On CUDA it runs forward and backward; on CPU the compiled
 kernel is inference only (it refuses inputs that require grad), and every new shape
 (batch, packed rows rounded up to the block size, keys) compiles once (seconds; a C++
-compiler is needed). It has no attention dropout. :func:`flex_supported` says whether it
+compiler is needed). It has no attention dropout, and on CUDA (torch 2.11's Inductor) no
+heads under 16 wide. :func:`flex_supported` says whether it
 applies; ``sparse_backend="auto"`` (:func:`choose_sparse_backend`) uses it on CUDA only:
 on CPU the compiled kernel measured slower than the chunked path (it computes a (row,
 key) pair about 2.3x slower than PyTorch's flash kernel at head width 32), so there it
@@ -54,8 +55,14 @@ def _has_flex() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
-def flex_supported(device: torch.device, *, grad: bool, dropout_p: float) -> str | None:
-    """``None`` when the FlexAttention backend can run here, else the reason it cannot."""
+FLEX_MIN_HEAD_DIM_CUDA = 16  # Inductor's CUDA template: "must be at least 16" (torch 2.11)
+
+
+def flex_supported(
+    device: torch.device, *, grad: bool, dropout_p: float, head_dim: int | None = None
+) -> str | None:
+    """``None`` when the FlexAttention backend can run here for heads ``head_dim`` wide
+    (``None``: any width), else the reason it cannot."""
     if not _has_flex():  # looked up once: the sparse path asks at every layer
         return f"this PyTorch ({torch.__version__}) has no FlexAttention"
     if dropout_p > 0:
@@ -64,11 +71,16 @@ def flex_supported(device: torch.device, *, grad: bool, dropout_p: float) -> str
         return "FlexAttention on CPU runs only without autograd (inference)"
     if device.type not in ("cpu", "cuda"):
         return f"FlexAttention runs on CPU and CUDA, not {device.type}"
+    if device.type == "cuda" and head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM_CUDA:
+        return (
+            f"FlexAttention on CUDA needs heads at least {FLEX_MIN_HEAD_DIM_CUDA} wide, "
+            f"got {head_dim}"
+        )
     return None
 
 
 def choose_sparse_backend(
-    setting: str, device: torch.device, *, grad: bool, dropout_p: float
+    setting: str, device: torch.device, *, grad: bool, dropout_p: float, head_dim: int | None = None
 ) -> Literal["chunked", "flex"]:
     """The sparse path's backend for one call: ``setting`` ``"flex"`` or ``"chunked"``
     as given; ``"auto"`` takes FlexAttention on CUDA where it runs, and the chunked path
@@ -77,7 +89,7 @@ def choose_sparse_backend(
     shape."""
     if setting != "auto":
         return "flex" if setting == "flex" else "chunked"
-    usable = flex_supported(device, grad=grad, dropout_p=dropout_p) is None
+    usable = flex_supported(device, grad=grad, dropout_p=dropout_p, head_dim=head_dim) is None
     return "flex" if usable and device.type == "cuda" else "chunked"
 
 

@@ -142,6 +142,7 @@ class RoutedAttention(MultiHeadAttention):
             query.device,
             grad=torch.is_grad_enabled(),
             dropout_p=self.dropout if self.training else 0.0,
+            head_dim=self.head_dim,
         )
 
     def _decodes(self, query: Tensor) -> bool:

@@ -116,7 +116,9 @@ def sparse_routed_attention(
             f"sparse_routed_attention: backend must be 'chunked' or 'flex', got {backend!r}"
         )
     if backend == "flex" and r > 0:  # refused before any work is done
-        reason = flex_supported(query.device, grad=torch.is_grad_enabled(), dropout_p=dropout_p)
+        reason = flex_supported(
+            query.device, grad=torch.is_grad_enabled(), dropout_p=dropout_p, head_dim=e
+        )
         if reason is not None:
             raise ValueError(f"sparse_routed_attention: backend='flex' cannot run: {reason}")
     out = query.new_zeros(b, t, d)

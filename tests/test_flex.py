@@ -90,6 +90,10 @@ def test_auto_picks_flex_on_cuda_only_and_is_overridable(monkeypatch):
     if flex_supported(cuda, grad=True, dropout_p=0.0) is None:  # a PyTorch with FlexAttention
         assert choose_sparse_backend("auto", cuda, grad=True, dropout_p=0.0) == "flex"
     assert choose_sparse_backend("auto", cuda, grad=True, dropout_p=0.1) == "chunked"
+    # Inductor's CUDA FlexAttention refuses heads under 16 wide (seen on an H200)
+    assert choose_sparse_backend("auto", cuda, grad=True, dropout_p=0.0, head_dim=8) == "chunked"
+    narrow = flex_supported(cuda, grad=False, dropout_p=0.0, head_dim=8)
+    assert narrow is not None and "at least 16 wide, got 8" in narrow
     assert choose_sparse_backend("flex", CPU, grad=False, dropout_p=0.0) == "flex"
     attn = make("goh", execution="sparse")  # the module asks the same function
     x = torch.randn(1, 16, 32)
