@@ -296,23 +296,18 @@ def torchrun_parallel(device: str) -> None:
                 check(f"{name}: the single process's selection bias", diff < 1e-6, f"{diff:.2e}")
 
 
+def small_goh_lm(device: str, **config: object) -> DecoderOnlyLM:
+    """A seeded 2-layer GoH LM of width 64 (8 heads, 2 shared) in eval mode on ``device``."""
+    torch.manual_seed(0)
+    values = {"d_model": 64, "num_heads": 8, "num_layers": 2, "attention": "goh"}
+    model = DecoderOnlyLM(ModelConfig(**{**values, "num_shared": 2, **config}))  # type: ignore[arg-type]
+    return model.to(device).eval()
+
+
 def bf16_generate_in_place(device: str) -> None:
     from graphheads.types import KVCache
 
-    torch.manual_seed(0)
-    model = DecoderOnlyLM(
-        ModelConfig(
-            vocab_size=40,
-            d_model=64,
-            num_heads=8,
-            num_layers=2,
-            attention="goh",
-            num_shared=2,
-            top_k=2,
-            block="llama",
-        )
-    )
-    model = model.to(device).eval()
+    model = small_goh_lm(device, vocab_size=40, top_k=2, block="llama")
     appends: list[bool] = []
     real = KVCache.append
 
@@ -408,22 +403,7 @@ def routing_precision(device: str) -> None:
 
 
 def left_padding_plain_path(device: str) -> None:
-    torch.manual_seed(0)
-    model = (
-        DecoderOnlyLM(
-            ModelConfig(
-                vocab_size=20,
-                d_model=64,
-                num_heads=8,
-                num_layers=2,
-                attention="goh",
-                num_shared=2,
-                top_k=3,
-            )
-        )
-        .to(device)
-        .eval()
-    )
+    model = small_goh_lm(device, vocab_size=20, top_k=3)
     tokens = torch.randint(0, 20, (2, 9), device=device)
     padding = torch.zeros(2, 9, dtype=torch.bool, device=device)
     padding[0, :3] = True

@@ -18,6 +18,7 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
+from test_train import SMALL as TRAIN_SMALL
 
 import graphheads.train.trainer as trainer_module
 from graphheads import DecoderOnlyLM, ModelConfig, Transformer
@@ -89,16 +90,7 @@ def test_a_routed_decoding_step_runs_on_meta(attention):
         model(on_meta(2, 1), cache=out.cache, use_cache=True)
 
 
-SMALL = [
-    "model.d_model=32",
-    "model.num_heads=4",
-    "model.num_shared=1",
-    "model.top_k=2",
-    "model.d_ff=64",
-    "train.batch_size=8",
-    "data.tasks=copy,reverse",
-    "data.length=4",
-]
+SMALL = [*TRAIN_SMALL, "train.batch_size=8", "data.tasks=copy,reverse", "data.length=4"]
 
 
 GLOO = "the trainer's gloo group"  # stands in for dist.new_group(backend="gloo")
