@@ -35,6 +35,46 @@ def test_non_iid_split_gives_each_client_its_own_tasks():
         FederatedConfig(mode="fedsgd")
 
 
+@pytest.mark.parametrize("weights", [[2.0, 1.0], [1.0, 1.0, 1.0]])
+def test_aggregation_never_touches_the_head_graphs_edges(weights):
+    """Flower's own FedAvg aggregation at 2:1 (one failed client of three) and 1:1:1: the
+    head graph's integer edge_index never travels, so it comes back bit-identical (before,
+    its float64 mean was truncated on loading: 14 of 56 edges moved at 2:1)."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from graphheads.integrations.federated import new_model, shared_names
+
+    config = FederatedConfig(model=TINY)
+    clients = []
+    for seed in range(len(weights)):  # clients that trained apart: different floats
+        model = new_model(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        clients.append(model)
+    replies = [
+        RecordDict({"arrays": ArrayRecord(torch_state_dict={n: m.state_dict()[n]
+                                                            for n in shared_names(m, "fedavg")}),
+                    "metrics": MetricRecord({"num-examples": w})})
+        for m, w in zip(clients, weights, strict=True)
+    ]  # fmt: skip
+    incoming = aggregate_arrayrecords(replies, "num-examples").to_torch_state_dict()
+    receiver = new_model(config)  # loads the aggregate as a client does
+    state = receiver.state_dict()
+    state.update({n: incoming[n] for n in shared_names(receiver, "fedavg")})
+    receiver.load_state_dict(state)
+    reference = new_model(config).state_dict()
+    edges = [n for n in reference if n.endswith("edge_index")]
+    moved = [n for n in edges if not torch.equal(receiver.state_dict()[n], reference[n])]
+    assert edges and not moved, moved
+    assert not any("edge_index" in n for n in incoming)
+    names = list(incoming)
+    expected = weighted_mean([m.state_dict() for m in clients], weights, names)
+    for n in names:
+        torch.testing.assert_close(receiver.state_dict()[n], expected[n], atol=1e-6, rtol=1e-5)
+
+
 def test_fedavg_aggregate_is_the_example_weighted_mean_and_a_failing_client_is_left_out(tmp_path):
     config = FederatedConfig(rounds=2, local_steps=3, batch_size=8, eval_batches=1,
                              eval_batch_size=8, model=TINY, save_clients=True,

@@ -95,9 +95,12 @@ def new_model(config: FederatedConfig) -> DecoderOnlyLM:
 
 
 def shared_names(model: nn.Module, mode: str) -> list[str]:
-    """The state-dict entries the server averages: all (``fedavg``), all but the routers
-    and head graphs (``personal``), none (``local``)."""
-    names = list(model.state_dict())
+    """The state-dict entries the server averages: every floating-point one (``fedavg``),
+    all of those but the routers' and head graphs' (``personal``), none (``local``).
+    Integer entries (a head graph's ``edge_index``) stay with each client: a weighted
+    mean of them, truncated back to integers on loading, moved edges and made
+    self-loops and duplicate edges."""
+    names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
     if mode == "personal":
         return [n for n in names if ".router." not in n]
     return [] if mode == "local" else names
