@@ -66,7 +66,7 @@ def _federated(args: argparse.Namespace) -> int:
 
     keys = ("rounds", "local_steps", "mode", "proximal_mu", "seed")
     config = FederatedConfig(num_clients=args.clients, **{k: getattr(args, k) for k in keys})
-    records = run_federated(config, args.out)
+    records = run_federated(config, args.out, restart=args.restart)
     if records:
         last = {k: v for k, v in records[-1].items() if not k.startswith("usage")}
         print(json.dumps(last, indent=1))
@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--out", type=Path, default=Path("runs/federated"), help="run folder")
     fed.add_argument("--clients", type=int, default=2, help="clients (each its own tasks)")
     fed.add_argument("--rounds", type=int, default=5, help="federated rounds")
+    fed.add_argument(
+        "--restart", action="store_true", help="start over in a folder that holds a run"
+    )
     fed.add_argument("--local-steps", type=int, default=40, help="local steps per task held")
     fed.add_argument("--mode", choices=["fedavg", "personal", "local"], default="fedavg")
     fed.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")

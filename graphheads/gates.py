@@ -225,13 +225,13 @@ def routed_head_counts(routed_mask: Tensor, token_mask: Tensor | None = None) ->
     (all when ``None``), then the number of those tokens. Masks by multiplication, so it
     never waits for the host; counts of several micro-batches or processes add up
     (all-reduce them with a sum) before :func:`apply_balance_step` turns them into loads."""
-    # fp64: counts stay exact integers past 2^24 tokens per step
-    chosen = routed_mask.reshape(-1, routed_mask.size(-1)).detach().double()  # (tokens, r)
+    chosen = routed_mask.reshape(-1, routed_mask.size(-1)).detach()  # (tokens, r)
     if token_mask is None:
         weight = chosen.new_ones((chosen.size(0), 1))
     else:
         weight = token_mask.reshape(-1, 1).to(chosen.dtype)  # (tokens, 1), 0 at padding
-    return torch.cat([(chosen * weight).sum(0), weight.sum(0)])  # (r + 1,)
+    sums = [(chosen * weight).sum(0, dtype=torch.float64), weight.sum(0, dtype=torch.float64)]
+    return torch.cat(sums)  # (r + 1,), fp64: exact integers past 2^24 tokens per step
 
 
 @torch.no_grad()
@@ -245,9 +245,9 @@ def apply_balance_step(bias: Tensor, counts: Tensor, rate: float) -> Tensor:
             f"apply_balance_step: counts must be (routed heads + 1,) = ({bias.numel() + 1},), "
             f"got {tuple(counts.shape)} (routed_head_counts makes them)"
         )
-    load = (counts[:-1] / counts[-1].clamp_min(1.0)).to(bias.dtype)  # (r,)
-    bias.add_(rate * torch.sign(load.mean() - load))
-    return load
+    load = counts[:-1] / counts[-1].clamp_min(1.0)  # (r,), the sign taken in the counts' dtype
+    bias.add_(rate * torch.sign(load.mean() - load).to(bias.dtype))
+    return load.to(bias.dtype)
 
 
 @torch.no_grad()

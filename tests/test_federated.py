@@ -4,6 +4,7 @@ client is left out of its round, personal routers stay with their clients, and a
 restarted server continues from its last round."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -84,7 +85,9 @@ def test_fedavg_aggregate_is_the_example_weighted_mean_and_a_failing_client_is_l
     final = load(tmp_path / "global.pt")
     assert final["round"] == 2
     # round 1: client 1 failed, so the aggregate is client 0's weights alone
-    assert not (tmp_path / "client1_round1.pt").exists()
+    round1 = load(tmp_path / "global_round1.pt")["state"]
+    client0 = load(tmp_path / "client0_round1.pt")["state"]
+    assert round1.keys() and all(torch.equal(t, client0[n]) for n, t in round1.items())
     # round 2: both, weighted by examples (client 0 holds 3 tasks, client 1 holds 2)
     clients = [load(tmp_path / f"client{c}_round2.pt") for c in (0, 1)]
     weights = [c["examples"] for c in clients]
@@ -119,6 +122,22 @@ def test_personal_routers_stay_local_and_a_restarted_server_resumes(tmp_path):
         torch.testing.assert_close(t.float(), expected[n], atol=1e-6, rtol=1e-5)
     lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2]
+    # each line holds the evaluation of its own round (the clients say which)
+    assert all("accuracy-client0" in json.loads(x) for x in lines)
+
+
+def test_a_run_of_another_configuration_is_refused_before_anything_is_written(tmp_path):
+    """As `train` and `continual` do: continuing a folder with other settings (here
+    another mode) would mix two runs in rounds.jsonl; only `rounds` may grow."""
+    from graphheads.integrations.federated import CONFIG_NAME
+
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(asdict(FederatedConfig(mode="fedavg"))))
+    (tmp_path / "global.pt").write_bytes(b"round 3")
+    (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"another configuration \(changed: mode\).*--restart"):
+        run_federated(FederatedConfig(mode="local", rounds=5), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_fedprox_term_pulls_local_training_towards_the_global_weights():

@@ -140,10 +140,13 @@ def test_cuda_without_an_index_names_this_process_gpu(monkeypatch):
     refuse an index-less CUDA device (a stand-in CUDA here: the machine has none)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert resolve_device("cuda") == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun: the rank's own GPU
     assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each rank sees its own
+    assert resolve_device("cuda") == torch.device("cuda", 0)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
@@ -195,6 +198,13 @@ def test_the_bias_update_follows_deepseek_v3s_rule():
     load = update_balance_bias(bias, chosen, 0.1)  # loads 0.75, 0.25, 0.5; mean 0.5
     torch.testing.assert_close(load, torch.tensor([0.75, 0.25, 0.5]))
     torch.testing.assert_close(bias, torch.tensor([-0.1, 0.1, 0.0]))  # sign(mean - load)
+    # the sign is taken on the exact loads, not on loads rounded to a bf16 bias's dtype
+    from graphheads.gates import apply_balance_step
+
+    half = torch.zeros(4, dtype=torch.bfloat16)
+    counts = torch.tensor([2503.0, 2497.0, 2500.0, 2500.0, 10000.0], dtype=torch.float64)
+    apply_balance_step(half, counts, 1.0)
+    assert half.tolist() == [-1.0, 1.0, 0.0, 0.0]
 
 
 def test_the_selection_bias_picks_heads_but_gates_come_from_the_scores():
@@ -233,3 +243,26 @@ def head_load_spread(balance: str) -> float:
 def test_bias_balancing_evens_out_head_loads_without_an_auxiliary_loss():
     none, bias = head_load_spread("aux_loss"), head_load_spread("bias")  # aux weight 0 in both
     assert bias < 0.5 * none, (bias, none)
+
+
+def test_a_fused_optimizer_resumes_a_checkpoint_of_a_plain_one():
+    """Loading replaces param groups: a fused AdamW (CUDA) resuming a checkpoint written by
+    a plain one (CPU, an older run) kept the saved flags and broke fp16's GradScaler, which
+    passes its scale only to fused kernels ("Expected grad_scale and found_inf to be
+    None"). The optimizer keeps its own kernel choice."""
+    from graphheads.train.checkpoint import full_state, load_full_state
+
+    model = torch.nn.Linear(4, 2)
+    plain = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    plain.step()
+    state = full_state(model, plain)
+    model.zero_grad(set_to_none=True)  # as a resuming run starts
+    fused = torch.optim.AdamW(model.parameters(), fused=True)
+    load_full_state(model, fused, state)
+    assert fused.param_groups[0]["fused"] is True
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    scaler.step(fused)  # raised before
+    scaler.update()
+    assert int(fused.state_dict()["state"][0]["step"]) == 2

@@ -25,7 +25,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "PAD", "SEP", "TASKS", "TaskBatch", "TaskSuite", "copy_task"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PAD",
+    "SEP",
+    "TASKS",
+    "TaskBatch",
+    "TaskSuite",
+    "copy_task",
+    "to_device",
+]
 
 IGNORE_INDEX = -100
 PAD, SEP = 0, 1
@@ -62,8 +71,12 @@ def to_device(x: Tensor, device: torch.device | str, non_blocking: bool = False)
     """``x`` on ``device``. A non-blocking copy from the CPU to CUDA goes through pinned
     memory: from pageable memory CUDA copies a large tensor only once the GPU's queued
     work is done, which would make the host wait."""
-    pin = non_blocking and x.device.type == "cpu" and torch.device(device).type == "cuda"
-    return (x.pin_memory() if pin else x).to(device, non_blocking=non_blocking)
+    if non_blocking and x.device.type == "cpu" and torch.device(device).type == "cuda":
+        if x.is_contiguous():
+            x = x.pin_memory()
+        else:  # a strided pinned tensor would be staged through pageable memory again
+            x = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
+    return x.to(device, non_blocking=non_blocking)
 
 
 def _finish(seq: Tensor, answer_start: int) -> TaskBatch:

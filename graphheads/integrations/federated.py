@@ -24,7 +24,7 @@ round's aggregate (FedAvg keeps only valid replies), so it cannot corrupt the mo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,8 @@ def _build_client_app(config: FederatedConfig, out_dir: Path) -> ClientApp:
     @app.evaluate()
     def evaluate_client(msg: Message, context: Context) -> Message:
         client = int(context.node_config["partition-id"])
+        settings: Any = msg.content["config"]
+        absolute = int(settings["server-round"]) + int(settings["round-offset"])
         model = _client_model(msg, context, config, out_dir, client)
         suite = TaskSuite(client_tasks(client, config.num_clients))
         result = evaluate(
@@ -238,6 +240,7 @@ def _build_client_app(config: FederatedConfig, out_dir: Path) -> ClientApp:
             "num-examples": config.eval_batches * config.eval_batch_size * len(suite.tasks),
             "accuracy": accuracy,
             "client": client,
+            "round": absolute,
             "usage": [] if per_head is None else per_head.tolist(),
         }
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -253,6 +256,10 @@ def _aggregate_evaluation(contents: list[RecordDict], weight_key: str) -> Metric
     out["accuracy"] = sum(float(m["accuracy"]) * float(m[weight_key]) for m in records) / max(
         total, 1.0
     )
+    rounds = {int(m["round"]) for m in records}
+    if len(rounds) != 1:
+        raise ValueError(f"federated: evaluation replies of several rounds {sorted(rounds)}")
+    out["round"] = rounds.pop()
     for metrics in records:
         client = int(metrics["client"])
         out[f"accuracy-client{client}"] = metrics["accuracy"]
@@ -277,8 +284,8 @@ def _build_server_app(config: FederatedConfig, out_dir: Path) -> ServerApp:
         per_round: dict[int, dict[str, Any]] = {}
 
         def aggregate(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-            record = _aggregate_evaluation(contents, weight_key)
-            per_round[len(per_round) + 1] = dict(record)
+            record = _aggregate_evaluation(contents, weight_key)  # keyed by its own round:
+            per_round[int(record["round"])] = dict(record)  # type: ignore[arg-type]
             return record
 
         def checkpoint_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -287,7 +294,9 @@ def _build_server_app(config: FederatedConfig, out_dir: Path) -> ServerApp:
             absolute = start_round + server_round
             global_state = arrays.to_torch_state_dict()
             save_checkpoint(checkpoint, {"round": absolute, "state": global_state})
-            line = {"round": absolute, **per_round.get(server_round, {})}
+            if config.save_clients:  # tests: every round's aggregate too
+                save_checkpoint(out_dir / f"global_round{absolute}.pt", {"state": global_state})
+            line = {**per_round.get(absolute, {}), "round": absolute}
             lines = _read_lines(out_dir / "rounds.jsonl", before=absolute)
             write_text_atomically(
                 out_dir / "rounds.jsonl", "".join(f"{json.dumps(x)}\n" for x in [*lines, line])
@@ -308,6 +317,7 @@ def _build_server_app(config: FederatedConfig, out_dir: Path) -> ServerApp:
             initial_arrays=ArrayRecord(torch_state_dict={n: state[n] for n in shared}),
             num_rounds=remaining,
             train_config=ConfigRecord({"round-offset": start_round}),
+            evaluate_config=ConfigRecord({"round-offset": start_round}),
             evaluate_fn=checkpoint_round,
         )
 
@@ -321,11 +331,43 @@ def _read_lines(path: Path, *, before: int) -> list[dict[str, Any]]:
     return [x for x in lines if int(x["round"]) < before]
 
 
-def run_federated(config: FederatedConfig, out_dir: str | Path) -> list[dict[str, Any]]:
+CONFIG_NAME = "federated.json"
+RUN_FILES = ("global*.pt", "rounds.jsonl", "client*_kept.pt", "client*_round*.pt")
+
+
+def check_resumable(config: FederatedConfig, out: Path) -> None:
+    """ValueError naming the settings that differ when ``out`` holds a run of another
+    configuration (only ``rounds`` may grow, and the test settings differ), before
+    anything in it is written."""
+    path = out / CONFIG_NAME
+    if not path.exists() or not (out / "global.pt").exists():
+        return
+    saved, given = json.loads(path.read_text()), asdict(config)
+    free = ("rounds", "fail_client", "save_clients")
+    changed = sorted(k for k in given if k not in free and saved.get(k) != given[k])
+    if changed:
+        raise ValueError(
+            f"federated: {out} holds a run with another configuration (changed: "
+            f"{', '.join(changed)}); use a new folder, the same settings, or --restart"
+        )
+
+
+def run_federated(
+    config: FederatedConfig, out_dir: str | Path, *, restart: bool = False
+) -> list[dict[str, Any]]:
     """Run ``config`` on Flower's simulation runtime (one virtual SuperNode per client)
-    and return the per-round records of ``out_dir/rounds.jsonl``."""
+    and return the per-round records of ``out_dir/rounds.jsonl``. A folder holding a run
+    continues it (more ``rounds``); one of another configuration is refused before
+    anything is written; ``restart`` starts over (its round files are removed)."""
     out = Path(out_dir)
+    if restart:
+        for pattern in RUN_FILES:
+            for stale in out.glob(pattern):
+                stale.unlink()
+    else:
+        check_resumable(config, out)
     out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out / CONFIG_NAME, json.dumps(asdict(config), indent=2))
     server, client = _build_server_app(config, out), _build_client_app(config, out)
     run_simulation(
         server_app=server,

@@ -145,8 +145,14 @@ def load_full_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
     """Load what :func:`full_state` wrote (each rank keeps its shard under FSDP); an
-    optimizer state keyed by parameter index (checkpoints of 0.2) loads as it was saved."""
+    optimizer state keyed by parameter index (checkpoints of 0.2) loads as it was saved.
+    The optimizer keeps its own kernel choice (``fused``, ``foreach``): loading replaces
+    the param groups, and a fused optimizer handed a saved non-fused group broke fp16's
+    GradScaler (which passes its scale to fused kernels only)."""
     load = StateDictOptions(full_state_dict=True)
+    kernels = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    for group in state["optimizer"]["param_groups"]:
+        group.update(kernels)
     set_model_state_dict(model, state["model"], options=load)
     if all(isinstance(k, int) for k in state["optimizer"]["state"]):
         optimizer.load_state_dict(state["optimizer"])

@@ -38,9 +38,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def resolve_device(name: str) -> torch.device:
     """The device ``train.device`` names; ValueError naming it when it cannot be used."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
+        return resolve_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -50,8 +48,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"train.device {name!r}: only 'auto', 'cpu' and 'cuda[:N]' are supported")
     if device.type == "cuda" and device.index is None:  # this process's GPU, with its index
-        local_rank = os.environ.get("LOCAL_RANK")  # (set_device and DDP need one)
-        index = int(local_rank) if local_rank is not None else torch.cuda.current_device()
+        local_rank = os.environ.get("LOCAL_RANK")  # (set_device and DDP need one); modulo
+        # the visible GPUs: a launcher may show each rank only its own
+        index = torch.cuda.current_device()
+        if local_rank is not None:
+            index = int(local_rank) % torch.cuda.device_count()
         device = torch.device("cuda", index)
     return device
 

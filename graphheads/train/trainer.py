@@ -131,8 +131,8 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.cpu_group: Any = None  # the stop flag's (a device flag would wait for the GPU)
-        if self.world_size > 1 and self.device.type != "cpu":  # else the default is gloo
+        self.cpu_group: Any = None  # the stop flag's; None: the default group serves CPU
+        if self.world_size > 1 and "gloo" not in dist.get_backend():  # (a GPU flag waits)
             self.cpu_group = dist.new_group(backend="gloo")
         if train.batch_size % (self.world_size * train.grad_accum):
             raise ValueError(

@@ -201,7 +201,7 @@ def head_loss_scale(config: TransformerConfig, device: torch.device, num_tokens:
             "step; with several micro-batches per step call megatron.core."
             "num_microbatches_calculator.init_num_microbatches_calculator (Megatron-LM's "
             "training loop does)",
-            stacklevel=3,
+            stacklevel=2,
         )
         return loss_scale
     return loss_scale / microbatches_calculator.get_num_microbatches()

@@ -88,16 +88,18 @@ def build_gpt(
             derived ones (``bf16``, ``params_dtype``, ``use_cpu_initialization``, ...).
     """
     _check_convertible(config)
-    # what pipeline stages send each other: the parameters' dtype, as Megatron-LM sets it
+    # the parameters' dtype follows bf16/fp16 unless given, and pipeline stages send that
+    # dtype to each other, as Megatron-LM sets both
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    pipeline_dtype = transformer_config.get("params_dtype") or next(
+    params_dtype = transformer_config.get("params_dtype") or next(
         (dtype for key, dtype in half.items() if transformer_config.get(key)), torch.float32
     )
     derived: dict[str, Any] = {
         # the parallel layout Megatron's parallel state was initialised with
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-        "pipeline_dtype": pipeline_dtype,
+        "params_dtype": params_dtype,
+        "pipeline_dtype": params_dtype,
         "num_layers": config.num_layers,
         "hidden_size": config.d_model,
         "num_attention_heads": config.num_heads,
