@@ -247,6 +247,38 @@ def test_one_block_equals_graphheads_attention(kind):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.parametrize("no_rope", [False, True])
+def test_with_every_head_on_a_routed_block_is_megatrons_own_self_attention(no_rope):
+    """Megatron's SelfAttention is the oracle for what RoutedSelfAttention re-implements:
+    with uniform routing and every head on (all gates 1) they agree, rotary positions
+    included, also on a layer that ``no_rope_freq`` exempts from them (which the routed
+    block used to rotate anyway)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from graphheads.integrations.megatron import TorchCoreAttention, rotary_on_cpu
+
+    mc = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=8,
+                           num_query_groups=4, use_cpu_initialization=True,
+                           hidden_dropout=0.0, attention_dropout=0.0,
+                           no_rope_freq=[1] if no_rope else None)  # fmt: skip
+    dense_spec = get_gpt_layer_local_spec().submodules.self_attention
+    dense_spec.submodules.core_attention = TorchCoreAttention
+    dense = build_module(dense_spec, config=mc, layer_number=1).eval()
+    routed = build_module(
+        goh_layer_spec(2, 6).submodules.self_attention, config=mc, layer_number=1
+    ).eval()
+    routed.router.reset_to_uniform()  # every gate exactly 1
+    routed.load_state_dict(dense.state_dict(), strict=False)
+    x = torch.randn(12, 3, 32)  # [s, b, d]
+    rope = RotaryEmbedding(kv_channels=4, rotary_percent=1.0, use_cpu_initialization=True)
+    rotary_on_cpu(rope)
+    emb = rope(12)
+    expected, _ = dense(x, None, rotary_pos_emb=emb)
+    out, _ = routed(x, None, rotary_pos_emb=emb)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_core_attention_reads_megatron_boolean_masks():
     """Megatron's masks are boolean, True = masked: a causal mask given explicitly changes
     nothing, and a key-padding mask gives graphheads' key_padding_mask result."""
@@ -376,6 +408,11 @@ def _config(**overrides) -> TransformerConfig:
         ("sequence_parallel", {"sequence_parallel": True, "tensor_model_parallel_size": 2}),
         ("context_parallel_size", {"context_parallel_size": 2}),
         ("attention_output_gate", {"attention_output_gate": True}),
+        ("fused_single_qkv_rope", {"fused_single_qkv_rope": True}),
+        (
+            "fine_grained_activation_offloading",
+            {"fine_grained_activation_offloading": True, "offload_modules": ["core_attn"]},
+        ),
     ],
 )
 def test_unsupported_parallelism_is_refused_by_name(key, overrides):

@@ -33,12 +33,15 @@ number of layers, as graphheads' trainer adds ``beta * mean over layers``.
 
 Supported: tensor parallelism, pipeline parallelism (the router is layer-local; nothing
 crosses layers), data parallelism (DDP, distributed optimizer), grouped-query attention,
-also with fewer key/value groups than tensor-parallel ranks, rotary or learned
-positions, selective recomputation of the core attention (Megatron's
-own path, CUDA only). Refused with
-a ValueError: sequence parallelism (the router would need the full sequence on every
-rank), context parallelism, the attention output gate, and, at forward, Megatron's
-inference contexts (KV cache) and packed sequences.
+also with fewer key/value groups than tensor-parallel ranks, rotary (with YaRN's
+``mscale`` and ``no_rope_freq``'s layers without it) or learned positions, selective
+recomputation of the core attention (Megatron's own path, CUDA only). Refused with a
+ValueError: sequence parallelism (the router would need the full sequence on every
+rank), context parallelism, the attention output gate, ``fused_single_qkv_rope``,
+fine-grained activation offloading of the attention's own inputs, and, at forward,
+Megatron's inference contexts (KV cache) and packed sequences. The forward follows
+megatron-core 0.16's ``Attention.forward`` (the extra pins ``<0.17``); Megatron's own
+``SelfAttention`` is its oracle in the tests (every head on).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core import num_microbatches_calculator as microbatches_calculator
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -335,13 +341,17 @@ class RoutedSelfAttention(SelfAttention):
         if rotary_pos_cos is not None or rotary_pos_sin is not None:
             raise ValueError(f"{name}: precomputed rotary cos/sin are not supported")
         query, key, value = self.get_query_key_value_tensors(hidden_states, key_value_states)
+        no_rope = self.config.no_rope_freq  # layers without rotary positions, as Megatron's
+        if no_rope and no_rope[self.layer_number - 1]:
+            rotary_pos_emb = None
         if rotary_pos_emb is not None:
             pos_q, pos_k = (
                 rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             )
-            cp = self.pg_collection.cp
-            query = apply_rotary_pos_emb(query, pos_q, config=self.config, cp_group=cp)
-            key = apply_rotary_pos_emb(key, pos_k, config=self.config, cp_group=cp)
+            rope = {"config": self.config, "cp_group": self.pg_collection.cp}
+            rope["mscale"] = _yarn_get_concentration_factor_from_config(self.config)  # YaRN's
+            query = apply_rotary_pos_emb(query, pos_q, **rope)
+            key = apply_rotary_pos_emb(key, pos_k, **rope)
         routing = self.route(hidden_states)
         attend = self.core_attention
         if self.checkpoint_core_attention and self.training:  # Megatron's selective recompute
@@ -393,6 +403,15 @@ def check_megatron_config(config: TransformerConfig) -> None:
         "attention_output_gate": (
             config.attention_output_gate,
             "the heads already have graphheads' gates",
+        ),
+        "fused_single_qkv_rope": (
+            config.fused_single_qkv_rope,
+            "routed attention applies rotary positions to the split queries and keys",
+        ),
+        "fine_grained_activation_offloading": (
+            config.fine_grained_activation_offloading
+            and bool({"qkv_linear", "core_attn", "attn_proj"} & set(config.offload_modules or [])),
+            "routed attention does not offload its inputs (offload other modules only)",
         ),
     }
     refuse(config, refused)
