@@ -484,3 +484,43 @@ def test_pretraining_example_trains_under_torchrun_at_tp2(tmp_path):
     first, last = metrics["loss"][0], metrics["loss"][-1]
     assert last < 0.8 * first, metrics["loss"]
     assert metrics["head_load_balancing_loss"] > 0
+
+
+def test_megatron_lm_spec_comes_from_the_environment_and_logs_its_head_loss():
+    """``pretrain_gpt.py --spec graphheads.integrations.megatron.lm layer_spec``: the spec
+    the GRAPHHEADS_* variables describe builds the GPT that build_gpt builds; bad values
+    are refused by name; log_head_loss gives the mean over layers and clears it."""
+    from megatron.core.models.gpt import GPTModel
+
+    from graphheads.integrations.megatron import lm, rotary_on_cpu
+
+    env = {"GRAPHHEADS_ATTENTION": "goh", "GRAPHHEADS_NUM_SHARED": "1", "GRAPHHEADS_TOP_K": "2",
+           "GRAPHHEADS_FEATURE_DIM": "8", "GRAPHHEADS_GRAPH_LAYERS": "1"}  # fmt: skip
+    spec = lm.spec_from_env(env)
+    params = spec.submodules.self_attention.params
+    assert (params["router"], params["num_shared"], params["top_k"]) == ("goh", 1, 2)
+    assert params["router_kwargs"] == {"feature_dim": 8, "num_layers": 1}
+    moh = lm.spec_from_env({**env, "GRAPHHEADS_ATTENTION": "moh"}).submodules.self_attention
+    assert moh.params["router"] == "moh"
+    for bad, match in (
+        ({"GRAPHHEADS_TOP_K": "two"}, "GRAPHHEADS_TOP_K='two' is not a int"),
+        ({"GRAPHHEADS_ATENTION": "goh"}, r"unknown setting\(s\) \['GRAPHHEADS_ATENTION'\]"),
+        ({"GRAPHHEADS_ATTENTION": "mha"}, "GRAPHHEADS_ATTENTION='mha', expected"),
+        ({"GRAPHHEADS_CORE_ATTENTION": "flash"}, "GRAPHHEADS_CORE_ATTENTION='flash'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            lm.spec_from_env({**env, **bad})
+    config = llama_config("goh", graph_feature_dim=8, graph_layers=1)
+    reference = build_gpt(config)
+    gpt = GPTModel(reference.config, spec, vocab_size=64, max_sequence_length=32,
+                   position_embedding_type="rope")  # fmt: skip
+    rotary_on_cpu(gpt)
+    shapes = {n: p.shape for n, p in gpt.named_parameters()}
+    assert shapes == {n: p.shape for n, p in reference.named_parameters()}
+    clear_aux_losses_tracker()
+    ids, positions = tokens()
+    gpt.train()(ids, positions, None, labels=ids).mean().backward()
+    per_layer = get_moe_layer_wise_logging_tracker()[AUX_LOSS_NAME]["values"].clone()
+    logged = lm.log_head_loss(iteration=1)
+    torch.testing.assert_close(logged[AUX_LOSS_NAME], per_layer.mean())
+    assert get_moe_layer_wise_logging_tracker()[AUX_LOSS_NAME]["values"].abs().sum() == 0
