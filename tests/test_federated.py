@@ -138,6 +138,14 @@ def test_a_run_of_another_configuration_is_refused_before_anything_is_written(tm
     with pytest.raises(ValueError, match=r"another configuration \(changed: mode\).*--restart"):
         run_federated(FederatedConfig(mode="local", rounds=5), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    (tmp_path / CONFIG_NAME).unlink()  # run files with no settings to check: refused too
+    with pytest.raises(ValueError, match=r"no federated.json to check them against"):
+        run_federated(FederatedConfig(mode="local"), tmp_path)
+    config = FederatedConfig(mode="local", rounds=1, local_steps=1, batch_size=8,
+                             eval_batches=1, eval_batch_size=8, model=TINY)  # fmt: skip
+    records = run_federated(config, tmp_path, restart=True)  # starts over
+    assert [r["round"] for r in records] == [1]
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["mode"] == "local"
 
 
 def test_fedprox_term_pulls_local_training_towards_the_global_weights():

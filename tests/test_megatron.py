@@ -507,9 +507,11 @@ def test_megatron_lm_spec_comes_from_the_environment_and_logs_its_head_loss():
         ({"GRAPHHEADS_ATENTION": "goh"}, r"unknown setting\(s\) \['GRAPHHEADS_ATENTION'\]"),
         ({"GRAPHHEADS_ATTENTION": "mha"}, "GRAPHHEADS_ATTENTION='mha', expected"),
         ({"GRAPHHEADS_CORE_ATTENTION": "flash"}, "GRAPHHEADS_CORE_ATTENTION='flash'"),
+        ({"GRAPHHEADS_LOAD_BALANCE_COEFF": "nan"}, "must be a finite number >= 0"),
     ):
         with pytest.raises(ValueError, match=match):
             lm.spec_from_env({**env, **bad})
+    assert lm.spec_from_env({**env, "GRAPHHEADS_HOME": "/x"})  # not a name of ours
     config = llama_config("goh", graph_feature_dim=8, graph_layers=1)
     reference = build_gpt(config)
     gpt = GPTModel(reference.config, spec, vocab_size=64, max_sequence_length=32,
@@ -519,6 +521,10 @@ def test_megatron_lm_spec_comes_from_the_environment_and_logs_its_head_loss():
     assert shapes == {n: p.shape for n, p in reference.named_parameters()}
     clear_aux_losses_tracker()
     ids, positions = tokens()
+    with torch.no_grad():  # full recomputation's first pass: not tracked (it used to be)
+        gpt.train()(ids, positions, None, labels=ids)
+    tracked = get_moe_layer_wise_logging_tracker().get(AUX_LOSS_NAME, {"values": torch.zeros(1)})
+    assert tracked["values"].abs().sum() == 0
     gpt.train()(ids, positions, None, labels=ids).mean().backward()
     per_layer = get_moe_layer_wise_logging_tracker()[AUX_LOSS_NAME]["values"].clone()
     logged = lm.log_head_loss(iteration=1)

@@ -332,7 +332,13 @@ def _read_lines(path: Path, *, before: int) -> list[dict[str, Any]]:
 
 
 CONFIG_NAME = "federated.json"
-RUN_FILES = ("global*.pt", "rounds.jsonl", "client*_kept.pt", "client*_round*.pt")
+RUN_FILES = (  # a run's files besides federated.json
+    "rounds.jsonl",
+    "client*_kept.pt",
+    "client*_round*.pt",
+    "global_round*.pt",
+    "global.pt",
+)
 
 
 def check_resumable(config: FederatedConfig, out: Path) -> None:
@@ -340,8 +346,13 @@ def check_resumable(config: FederatedConfig, out: Path) -> None:
     configuration (only ``rounds`` may grow, and the test settings differ), before
     anything in it is written."""
     path = out / CONFIG_NAME
-    if not path.exists() or not (out / "global.pt").exists():
-        return
+    if not any(next(out.glob(pattern), None) is not None for pattern in RUN_FILES):
+        return  # nothing to continue
+    if not path.exists():  # an interrupted --restart, or a run from before federated.json
+        raise ValueError(
+            f"federated: {out} holds run files but no {CONFIG_NAME} to check them against; "
+            "use a new folder or --restart"
+        )
     saved, given = json.loads(path.read_text()), asdict(config)
     free = ("rounds", "fail_client", "save_clients")
     changed = sorted(k for k in given if k not in free and saved.get(k) != given[k])
@@ -360,7 +371,8 @@ def run_federated(
     continues it (more ``rounds``); one of another configuration is refused before
     anything is written; ``restart`` starts over (its round files are removed)."""
     out = Path(out_dir)
-    if restart:
+    if restart:  # the settings go first: a folder left half-cleared is refused, not resumed
+        (out / CONFIG_NAME).unlink(missing_ok=True)
         for pattern in RUN_FILES:
             for stale in out.glob(pattern):
                 stale.unlink()

@@ -374,7 +374,9 @@ class RoutedSelfAttention(SelfAttention):
         s, b, _ = heads_out.shape
         heads_out = heads_out.view(s, b, heads_local, -1) * gates.unsqueeze(-1).to(heads_out.dtype)
         output, bias = self.linear_proj(heads_out.view(s, b, -1))
-        if self.training and self.load_balance_coeff > 0:
+        # not in a forward without autograd (full recomputation runs the layer once under
+        # no_grad, then again in backward): the loss would be tracked twice
+        if self.training and torch.is_grad_enabled() and self.load_balance_coeff > 0:
             loss = routing.load_balance_loss
             save_to_aux_losses_tracker(
                 AUX_LOSS_NAME, loss, self.layer_number, self.config.num_layers

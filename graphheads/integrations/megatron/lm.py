@@ -19,6 +19,8 @@ beside ``training_log``), and without it the tracker only sums up.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -91,18 +93,35 @@ def spec_from_env(env: Mapping[str, str] | None = None) -> ModuleSpec:
     :class:`~graphheads.integrations.megatron.RoutedSelfAttention`. A ValueError names
     a variable whose value cannot be used."""
     env = os.environ if env is None else env
-    unknown = sorted(k for k in env if k.startswith("GRAPHHEADS_") and k not in SETTINGS)
-    if unknown:
+    prefix = "GRAPHHEADS_"
+    ours = [name.removeprefix(prefix) for name in SETTINGS]
+    misspelt = sorted(  # a name close to a setting's; other GRAPHHEADS_* names are not ours
+        k
+        for k in env
+        if k.startswith(prefix)
+        and k not in SETTINGS
+        and difflib.get_close_matches(k.removeprefix(prefix), ours, n=1, cutoff=0.8)
+    )
+    if misspelt:
         raise ValueError(
-            f"graphheads.integrations.megatron.lm: unknown setting(s) {unknown}; "
+            f"graphheads.integrations.megatron.lm: unknown setting(s) {misspelt}; "
             f"known: {sorted(SETTINGS)}"
         )
     attention = env.get("GRAPHHEADS_ATTENTION", SETTINGS["GRAPHHEADS_ATTENTION"][1])
+    coeff = _read(env, "GRAPHHEADS_LOAD_BALANCE_COEFF", float)
+    if not (math.isfinite(coeff) and coeff >= 0):
+        raise ValueError(
+            f"graphheads.integrations.megatron.lm: GRAPHHEADS_LOAD_BALANCE_COEFF={coeff} must "
+            "be a finite number >= 0"
+        )
     common: dict[str, Any] = {
         "core_attention": _core_attention(
             env.get("GRAPHHEADS_CORE_ATTENTION", SETTINGS["GRAPHHEADS_CORE_ATTENTION"][1])
         ),
-        "load_balance_coeff": _read(env, "GRAPHHEADS_LOAD_BALANCE_COEFF", float),
+        "load_balance_coeff": coeff,
+        # Megatron's torch norm follows config.normalization (LayerNorm or RMSNorm);
+        # the default (apex's fused LayerNorm where apex is installed) refuses RMSNorm
+        "normalization": "RMSNorm",
     }
     num_shared = _read(env, "GRAPHHEADS_NUM_SHARED", int)
     top_k = _read(env, "GRAPHHEADS_TOP_K", int)
@@ -132,10 +151,12 @@ def log_head_loss(
     """Log the head load-balance loss of the iteration that just ended and clear it:
     Megatron's ``track_moe_metrics`` for :data:`AUX_LOSS_NAME` (summed over pipeline
     stages, averaged over micro-batches and layers), to a TensorBoard and/or W&B writer.
-    Returns ``{AUX_LOSS_NAME: value}`` (empty before any routed layer trained in this
-    process). Call it on every rank, once per iteration, after the step. It clears
-    Megatron's whole auxiliary-loss tracker: for models without experts (with experts,
-    Megatron-LM's own ``track_moe_metrics`` call logs the head loss too)."""
+    Returns ``{AUX_LOSS_NAME: value}``, one data-parallel replica's value (empty before
+    any routed layer trained in this process: every pipeline stage must have trained one,
+    since the stages all-reduce). Call it on every rank, once per iteration, after the
+    step. It clears Megatron's whole auxiliary-loss tracker: meant for models without
+    experts (with experts, Megatron-LM's own call logs it too, divided by the number of
+    expert layers)."""
     tracker = get_moe_layer_wise_logging_tracker()
     if AUX_LOSS_NAME not in tracker:
         return {}
