@@ -292,7 +292,8 @@ class Trainer:
         counts: list[Tensor] = []  # per router: (r + 1,) head choices and tokens, summed
         for i in range(t.grad_accum):
             start = self.rank * per_rank + i * micro
-            part = batch.rows(slice(start, start + micro))  # on the CPU: forward_batch moves it
+            part = batch.rows(slice(start, start + micro))  # seq2seq: split on the CPU first
+            part = part.to(self.device, non_blocking=True) if t.model_type == "lm" else part
             last = i == t.grad_accum - 1
             sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if not last and isinstance(self.model_ddp, nn.parallel.DistributedDataParallel):
@@ -311,8 +312,7 @@ class Trainer:
                 loss = ce_sum * self.world_size / n_scored + aux_weight * aux / t.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if balance != "aux_loss":  # real tokens' choices, for the bias update below
-                pad = part.padding
-                real = None if pad is None else ~to_device(pad, self.device, non_blocking=True)
+                real = None if t.model_type != "lm" or part.padding is None else ~part.padding
                 step = [routed_head_counts(r.routed_mask, _fitting(real, r)) for r in out.routing]
                 counts = step if not counts else [a + b for a, b in zip(counts, step, strict=True)]
             ce_total += ce_sum.detach()
