@@ -62,8 +62,16 @@ def _continual(args: argparse.Namespace) -> int:
 
 
 def _federated(args: argparse.Namespace) -> int:
-    from graphheads.integrations.federated import FederatedConfig, plot_rounds, run_federated
+    from graphheads.integrations.federated import (
+        APP_DIR,
+        FederatedConfig,
+        plot_rounds,
+        run_federated,
+    )
 
+    if args.app_dir:  # for `flwr run "$(graphheads federated --app-dir)"`
+        print(APP_DIR)
+        return 0
     keys = ("rounds", "local_steps", "mode", "proximal_mu", "seed")
     config = FederatedConfig(num_clients=args.clients, **{k: getattr(args, k) for k in keys})
     records = run_federated(config, args.out, restart=args.restart)
@@ -365,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--mode", choices=["fedavg", "personal", "local"], default="fedavg")
     fed.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")
     fed.add_argument("--seed", type=int, default=0)
+    fed.add_argument(
+        "--app-dir", action="store_true", help="print the Flower app folder for `flwr run`, exit"
+    )
     fed.set_defaults(func=_federated)
     conv = sub.add_parser(
         "convert",

@@ -1,10 +1,19 @@
 """Federated training with Flower's simulation runtime (the federated extra; CI installs
 it): FedAvg's aggregate is the example-weighted mean of the clients' weights, a failing
-client is left out of its round, personal routers stay with their clients, and a
-restarted server continues from its last round."""
+client is left out of its round, personal routers stay with their clients, a restarted
+server continues from its last round exactly as an uninterrupted run, clients return
+everything in messages, and `flwr run` on the app folder writes what `graphheads
+federated` writes."""
 
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,11 +85,14 @@ def test_aggregation_never_touches_the_head_graphs_edges(weights):
         torch.testing.assert_close(receiver.state_dict()[n], expected[n], atol=1e-6, rtol=1e-5)
 
 
-def test_fedavg_aggregate_is_the_example_weighted_mean_and_a_failing_client_is_left_out(tmp_path):
+def test_fedavg_aggregate_is_the_example_weighted_mean_and_a_failing_client_is_left_out(
+    tmp_path, capfd
+):
     config = FederatedConfig(rounds=2, local_steps=3, batch_size=8, eval_batches=1,
                              eval_batch_size=8, model=TINY, save_clients=True,
                              fail_client=1)  # fmt: skip
     records = run_federated(config, tmp_path)
+    assert "run_simulation" not in "".join(capfd.readouterr())  # Flower's deprecation
     assert [r["round"] for r in records] == [1, 2]
     final = load(tmp_path / "global.pt")
     assert final["round"] == 2
@@ -100,27 +112,38 @@ def test_fedavg_aggregate_is_the_example_weighted_mean_and_a_failing_client_is_l
     assert 0.0 <= records[-1]["accuracy"] <= 1.0 and "accuracy-client1" in records[-1]
 
 
-def test_personal_routers_stay_local_and_a_restarted_server_resumes(tmp_path):
+def test_personal_routers_stay_local_and_a_restarted_server_resumes_exactly(tmp_path):
+    """Interrupted after round 1 and continued, the run equals one made in one go: the
+    restarted clients have no Flower node state, so their routers come back from the
+    server's checkpoint in the first round's message."""
     base = {"local_steps": 3, "batch_size": 8, "eval_batches": 1, "eval_batch_size": 8,
             "model": TINY, "save_clients": True, "mode": "personal"}  # fmt: skip
-    run_federated(FederatedConfig(rounds=1, **base), tmp_path)
-    round1 = (tmp_path / "client0_round1.pt").read_bytes()
-    records = run_federated(FederatedConfig(rounds=2, **base), tmp_path)  # restart
+    run_federated(FederatedConfig(rounds=1, **base), tmp_path / "resumed")
+    round1 = (tmp_path / "resumed" / "client0_round1.pt").read_bytes()
+    records = run_federated(FederatedConfig(rounds=2, **base), tmp_path / "resumed")
     assert [r["round"] for r in records] == [1, 2]
-    assert (tmp_path / "client0_round1.pt").read_bytes() == round1  # not trained again
-    final = load(tmp_path / "global.pt")
-    assert not any(".router." in n for n in final["state"])  # routers never leave clients
-    clients = [load(tmp_path / f"client{c}_round2.pt") for c in (0, 1)]
+    assert (tmp_path / "resumed" / "client0_round1.pt").read_bytes() == round1  # not redone
+    at_once = run_federated(FederatedConfig(rounds=2, **base), tmp_path / "at_once")
+    assert records == at_once  # the same accuracies and head usage, every round
+    final, reference = (
+        load(tmp_path / "resumed" / "global.pt"),
+        load(tmp_path / "at_once" / "global.pt"),
+    )
+    for n, t in reference["state"].items():
+        assert torch.equal(final["state"][n], t), n
+    assert not any(".router." in n for n in final["state"])  # routers are never averaged
+    clients = [load(tmp_path / "resumed" / f"client{c}_round2.pt") for c in (0, 1)]
     routers = [{n: t for n, t in c["state"].items() if ".router." in n} for c in clients]
     assert routers[0] and any(not torch.equal(routers[0][n], routers[1][n]) for n in routers[0])
-    kept = load(tmp_path / "client0_kept.pt")["state"]
-    for n, t in kept.items():  # each client's kept router is its own latest one
-        assert torch.equal(t, clients[0]["state"][n])
+    for c in (0, 1):  # the checkpoint holds each client's own latest routers
+        for n, t in routers[c].items():
+            assert torch.equal(final["kept"][c][n], t)
+            assert torch.equal(reference["kept"][c][n], t)
     weights = [c["examples"] for c in clients]
     expected = weighted_mean([c["state"] for c in clients], weights, list(final["state"]))
     for n, t in final["state"].items():
         torch.testing.assert_close(t.float(), expected[n], atol=1e-6, rtol=1e-5)
-    lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    lines = (tmp_path / "resumed" / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2]
     # each line holds the evaluation of its own round (the clients say which)
     assert all("accuracy-client0" in json.loads(x) for x in lines)
@@ -164,3 +187,161 @@ def test_fedprox_term_pulls_local_training_towards_the_global_weights():
                     proximal_mu=mu, generator=torch.Generator().manual_seed(0))  # fmt: skip
         drift[mu] = sum((p - anchor[n]).square().sum() for n, p in model.named_parameters())
     assert drift[100.0] < 0.2 * drift[0.0]
+
+
+def test_the_run_config_round_trips_and_the_app_folder_holds_the_same_defaults(tmp_path):
+    """`flwr run` reads FederatedConfig from the app folder's [tool.flwr.app.config]: the
+    same keys and defaults, the components that run_federated runs, and bad values named."""
+    import tomllib
+
+    from graphheads.integrations.federated.run import APP_DIR, CLIENT_APP, SERVER_APP
+
+    config = FederatedConfig(mode="personal", proximal_mu=0.5, model=TINY, rounds=4)
+    assert FederatedConfig.from_run_config(config.run_config(tmp_path)) == (config, tmp_path)
+    app = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
+    defaults = FederatedConfig().run_config(Path.home() / ".graphheads" / "federated")
+    assert {k: v for k, v in app["config"].items() if k != "restart"} == {
+        **defaults, "out-dir": "~/.graphheads/federated"}  # fmt: skip
+    assert FederatedConfig.from_run_config(app["config"])[1].is_absolute()
+    with pytest.raises(ValueError, match="'model' must be a JSON object"):
+        FederatedConfig.from_run_config({**config.run_config(tmp_path), "model": "{d_model: 3"})
+    with pytest.raises(ValueError, match="absolute path, got 'runs/x'"):
+        FederatedConfig.from_run_config(config.run_config("runs/x"))
+    with pytest.raises(ValueError, match="no 'local-steps'"):  # one key missing
+        FederatedConfig.from_run_config(
+            {k: v for k, v in config.run_config(tmp_path).items() if k != "local-steps"}
+        )
+
+
+def _message(content, monkeypatch):
+    """A Flower message as a ServerApp's grid would deliver it (Flower stamps messages
+    with the identity of the task that makes them)."""
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    return Message(content=content, dst_node_id=2, message_type="train")
+
+
+def test_a_client_trains_from_its_messages_alone_and_writes_no_file(tmp_path, monkeypatch):
+    """Clients return what they trained in their reply (shared arrays, and the weights
+    they keep for the server's checkpoint); nothing is written: no shared file system."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from graphheads.integrations.federated import client_app, new_model, sent_names
+
+    monkeypatch.chdir(tmp_path)
+    config = FederatedConfig(mode="personal", local_steps=1, batch_size=4, model=TINY)
+    model = new_model(config)
+    shared = {n: model.state_dict()[n] for n in sent_names(model, config.mode)}
+    settings = ConfigRecord({"server-round": 1, "round-offset": 0, "proximal-mu": 0.0})
+    message = _message(RecordDict({"arrays": ArrayRecord(torch_state_dict=shared),
+                                   "config": settings}), monkeypatch)  # fmt: skip
+    nodes = {"partition-id": 1, "num-partitions": 2}
+    context = Context(run_id=1, node_id=2, node_config=nodes, state=RecordDict(),
+                      run_config=config.run_config(tmp_path / "server"))  # fmt: skip
+    reply = client_app(message, context).content
+    assert list(tmp_path.iterdir()) == []  # not even the server's folder
+    assert set(reply["arrays"].to_torch_state_dict()) == set(shared)
+    assert not any(".router." in n for n in shared)
+    from graphheads.integrations.federated.app import _from_bytes
+
+    kept = _from_bytes(reply["client"]["kept"])
+    assert int(reply["client"]["partition-id"]) == 1
+    assert kept and all(".router." in n or not t.is_floating_point() for n, t in kept.items())
+    trained = context.state["kept"].to_torch_state_dict()  # kept for its next round too
+    assert all(torch.equal(trained[n], t) for n, t in kept.items())
+    assert int(reply["metrics"]["num-examples"]) == 2 * 1 * 4  # 2 tasks x 1 step x 4
+    context.node_config["num-partitions"] = 3  # a federation of another size: named
+    with pytest.raises(ValueError, match="3 SuperNodes but the run config says num-clients = 2"):
+        client_app(message, context)
+
+
+def test_fedprox_is_flowers_own_and_a_restart_sends_the_kept_weights_once(tmp_path, monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    from graphheads.integrations.federated.app import _from_bytes, strategy_for
+
+    _message(RecordDict(), monkeypatch)  # the task identity a ServerApp has
+
+    class Grid:  # the two SuperNodes a simulation federation has
+        def get_node_ids(self):
+            return [5, 6]
+
+    kept = {0: {"a": torch.ones(2)}, 1: {"a": torch.zeros(2)}}
+    arrays = ArrayRecord(torch_state_dict={"w": torch.ones(1)})
+    plain = strategy_for(FederatedConfig(), tmp_path, 0, {})
+    assert isinstance(plain, FedAvg) and not isinstance(plain, FedProx)
+    strategy = strategy_for(FederatedConfig(proximal_mu=0.5), tmp_path, 3, kept)
+    assert isinstance(strategy, FedProx)
+    first = strategy.configure_train(1, arrays, ConfigRecord(), Grid())
+    assert sorted(m.metadata.dst_node_id for m in first) == [5, 6]
+    for message in first:
+        assert message.content["config"]["proximal-mu"] == 0.5  # the clients' term
+        assert torch.equal(_from_bytes(message.content["kept"]["client1"])["a"], torch.zeros(2))
+    evaluate = strategy.configure_evaluate(1, arrays, ConfigRecord(), Grid())
+    assert all("kept" in m.content for m in evaluate)
+    second = strategy.configure_train(2, arrays, ConfigRecord(), Grid())
+    assert all("kept" not in m.content for m in second)  # the clients hold them by then
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="needs Flower's flwr command")
+def test_flwr_run_on_the_app_folder_writes_what_graphheads_federated_writes(tmp_path):
+    """The way Flower users run an app: `flwr run` on the app folder, on the local
+    simulation federation (Flower starts its own SuperLink: here on free ports, with its
+    home in tmp_path, stopped afterwards). Same seed, same settings: the same
+    rounds.jsonl and aggregate as run_federated's in-process run."""
+    from graphheads.integrations.federated import APP_DIR
+
+    config = FederatedConfig(rounds=2, local_steps=2, batch_size=8, eval_batches=1,
+                             eval_batch_size=8, model=TINY, mode="personal")  # fmt: skip
+    overrides = tmp_path / "run-config.toml"  # a TOML file: --run-config takes one
+    overrides.write_text("".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in config.run_config(tmp_path / "flwr").items()
+    ))  # fmt: skip
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}  # fmt: skip
+    flwr = Path(sys.executable).with_name("flwr")
+    command = [str(flwr) if flwr.exists() else "flwr", "run", str(APP_DIR), "--stream",
+               "--federation-config", f"num-supernodes={config.num_clients}",
+               "--run-config", str(overrides)]  # fmt: skip
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finally:  # the SuperLink that `flwr run` left running for later runs
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if str(home).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGTERM)
+            except OSError:
+                pass
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "run_simulation" not in done.stdout + done.stderr
+    records = run_federated(config, tmp_path / "in_process")
+    assert [r["round"] for r in records] == [1, 2]
+    assert (tmp_path / "flwr" / "rounds.jsonl").read_text() == (
+        tmp_path / "in_process" / "rounds.jsonl").read_text()  # fmt: skip
+    ours, theirs = (
+        load(tmp_path / "in_process" / "global.pt"),
+        load(tmp_path / "flwr" / "global.pt"),
+    )
+    assert all(torch.equal(t, theirs["state"][n]) for n, t in ours["state"].items())
+
+
+def test_the_cli_names_the_app_folder_for_flwr_run(capsys):
+    from graphheads.cli import main
+    from graphheads.integrations.federated import APP_DIR
+
+    assert main(["federated", "--app-dir"]) == 0
+    printed = Path(capsys.readouterr().out.strip())
+    assert printed == APP_DIR and (printed / "pyproject.toml").is_file()
