@@ -8,21 +8,31 @@ The server runs Flower's ``FedAvg`` strategy, or its ``FedProx`` when ``proximal
 term). Every
 reply carries, besides the shared arrays, the weights the client keeps (its routers in
 ``personal`` mode, integer buffers always) in a ``ConfigRecord``: the server writes them
-into its checkpoint and, on the first round after a restart, sends them back (each client
-takes its own). Clients write no files; everything they return travels in messages.
+into its checkpoint and, after a restart, sends each client its own until that client has
+trained again (a query message first asks each SuperNode which client it holds). Clients
+write no files; everything they return travels in messages.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
@@ -38,6 +48,7 @@ from graphheads.integrations.federated.config import (
     local_train,
     new_model,
     read_rounds,
+    restart_flag,
     sent_names,
     shared_names,
 )
@@ -75,6 +86,12 @@ def _from_bytes(data: bytes) -> dict[str, Tensor]:
 def _settings(context: Context) -> tuple[FederatedConfig, int]:
     """The run's settings and this client's partition (checked against the federation)."""
     config, _ = FederatedConfig.from_run_config(dict(context.run_config))
+    missing = [k for k in ("partition-id", "num-partitions") if k not in context.node_config]
+    if missing:
+        raise ValueError(
+            f"federated: the SuperNode's node config has no {missing}: the graphheads app "
+            "runs on Flower's simulation runtime, which gives every node its partition"
+        )
     client, partitions = (int(context.node_config[k]) for k in ("partition-id", "num-partitions"))
     if partitions != config.num_clients:
         raise ValueError(
@@ -144,6 +161,14 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
+@client_app.query()
+def _query(msg: Message, context: Context) -> Message:
+    """Which partition this SuperNode holds (the server asks after a restart)."""
+    _, client = _settings(context)
+    reply = RecordDict({"client": ConfigRecord({"partition-id": client})})
+    return Message(content=reply, reply_to=msg)
+
+
 @client_app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     config, client = _settings(context)
@@ -168,7 +193,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
 def _aggregate_evaluation(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """The example-weighted accuracy, and every client's own values as they are."""
     out: dict[str, Any] = {}
-    records: list[Any] = [c["metrics"] for c in contents]
+    records: list[Any] = sorted((c["metrics"] for c in contents), key=lambda m: int(m["client"]))
     total = sum(float(m[weight_key]) for m in records)
     out["accuracy"] = sum(float(m["accuracy"]) * float(m[weight_key]) for m in records) / max(
         total, 1.0
@@ -177,7 +202,7 @@ def _aggregate_evaluation(contents: list[RecordDict], weight_key: str) -> Metric
     if len(rounds) != 1:
         raise ValueError(f"federated: evaluation replies of several rounds {sorted(rounds)}")
     out["round"] = rounds.pop()
-    for metrics in sorted(records, key=lambda m: int(m["client"])):
+    for metrics in records:  # in client order: sums that do not depend on arrival
         client = int(metrics["client"])
         out[f"accuracy-client{client}"] = metrics["accuracy"]
         out[f"usage-client{client}"] = metrics["usage"]
@@ -186,9 +211,9 @@ def _aggregate_evaluation(contents: list[RecordDict], weight_key: str) -> Metric
 
 class _RunState:
     """What the graphheads strategies add to Flower's: each client's kept weights are
-    collected from its reply and returned on the first round after a restart, and the
-    run is checkpointed after every round (``global.pt``, atomically: round, aggregate
-    and kept weights; one ``rounds.jsonl`` line)."""
+    collected from its reply and, after a restart, sent back to that client alone until
+    it has trained again; the run is checkpointed after every round (``rounds.jsonl``
+    first, then ``global.pt``, atomically: round, aggregate and kept weights)."""
 
     def __init__(
         self, config: FederatedConfig, out: Path, start_round: int,
@@ -209,55 +234,93 @@ class _RunState:
             **kwargs,
         )
         self.config, self.out, self.start_round, self.kept = config, out, start_round, kept
+        self.pending = set(kept)  # clients whose kept weights only the server holds
+        self.partitions: dict[int, int] = {}  # SuperNode id -> client (partition)
         self.trained: dict[int, tuple[dict[str, Tensor], int]] = {}  # save_clients only
 
-    def _with_kept(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+    def ask_partitions(self, grid: Grid) -> None:
+        """Learn which SuperNode holds which client (a restart sends each its own)."""
+        nodes = list(grid.get_node_ids())
+        replies = grid.send_and_receive(
+            [
+                Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                for n in nodes
+            ]
+        )
+        for reply in replies:
+            if not reply.has_error():
+                client: Any = reply.content["client"]
+                self.partitions[reply.metadata.src_node_id] = int(client["partition-id"])
+
+    def _with_kept(self, messages: Iterable[Message]) -> list[Message]:
+        """Each message to a client the server holds kept weights for gets its own copy of
+        the content with those weights (the round's messages share one RecordDict)."""
         messages = list(messages)
-        if server_round == 1 and self.kept:  # a restart: clients have no node state
-            record: dict[str, Any] = {f"client{c}": _to_bytes(s) for c, s in self.kept.items()}
-            for message in messages:
-                message.content["kept"] = ConfigRecord(record)
+        for message in messages:
+            client = self.partitions.get(message.metadata.dst_node_id)
+            if client in self.pending:
+                own = ConfigRecord({f"client{client}": _to_bytes(self.kept[client])})
+                message.content = RecordDict({**message.content, "kept": own})
         return messages
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         return self._with_kept(
-            server_round,
-            super().configure_train(server_round, arrays, config, grid),  # type: ignore[misc]
+            super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
         )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         return self._with_kept(
-            server_round,
-            super().configure_evaluate(server_round, arrays, config, grid),  # type: ignore[misc]
+            super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
         )
+
+    def collect(self, replies: Iterable[Message]) -> list[Message]:
+        """Take each valid reply's kept weights; the replies in client order (sums that do
+        not depend on arrival). RuntimeError when no client trained: a round of nothing
+        but failures is not a round."""
+        valid: list[tuple[int, Message]] = []
+        failed: list[str] = []
+        for reply in replies:
+            if reply.has_error():
+                failed.append(str(reply.error.reason))
+                continue
+            content: Any = reply.content
+            try:
+                client = int(content["client"]["partition-id"])
+                kept = _from_bytes(content["client"]["kept"])
+            except (KeyError, ValueError, RuntimeError) as err:  # not one of our replies
+                failed.append(f"malformed reply ({err})")
+                continue
+            self.kept[client] = kept
+            self.pending.discard(client)
+            self.partitions[reply.metadata.src_node_id] = client
+            valid.append((client, reply))
+            if self.config.save_clients:
+                arrays = content["arrays"].to_torch_state_dict()
+                self.trained[client] = (arrays, int(content["metrics"]["num-examples"]))
+        if not valid:
+            raise RuntimeError(f"federated: every client failed this round: {failed}")
+        return [reply for _, reply in sorted(valid, key=lambda x: x[0])]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        for reply in replies:
-            if reply.has_error():
-                continue
-            content: Any = reply.content
-            client = int(content["client"]["partition-id"])
-            self.kept[client] = _from_bytes(content["client"]["kept"])
-            if self.config.save_clients:
-                arrays = content["arrays"].to_torch_state_dict()
-                self.trained[client] = (arrays, int(content["metrics"]["num-examples"]))
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        return super().aggregate_train(server_round, self.collect(replies))  # type: ignore[misc]
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """After each round (Flower's ``evaluate_fn``): write the run's state."""
+        """After each round (Flower's ``evaluate_fn``): write the run's state, its
+        ``global.pt`` last (a run stopped before that redoes the round and its line)."""
         if server_round == 0:
             return None
         absolute = self.start_round + server_round
         state = arrays.to_torch_state_dict()
-        save_checkpoint(
-            self.out / "global.pt", {"round": absolute, "state": state, "kept": self.kept}
+        line = {**self.per_round.get(absolute, {}), "round": absolute}
+        lines = read_rounds(self.out / "rounds.jsonl", before=absolute)
+        write_text_atomically(
+            self.out / "rounds.jsonl", "".join(f"{json.dumps(x)}\n" for x in [*lines, line])
         )
         if self.config.save_clients:  # tests: every round's aggregate and clients' weights
             save_checkpoint(self.out / f"global_round{absolute}.pt", {"state": state})
@@ -268,10 +331,8 @@ class _RunState:
                     {"state": full, "examples": examples},
                 )
             self.trained.clear()
-        line = {**self.per_round.get(absolute, {}), "round": absolute}
-        lines = read_rounds(self.out / "rounds.jsonl", before=absolute)
-        write_text_atomically(
-            self.out / "rounds.jsonl", "".join(f"{json.dumps(x)}\n" for x in [*lines, line])
+        save_checkpoint(
+            self.out / "global.pt", {"round": absolute, "state": state, "kept": self.kept}
         )
         return None
 
@@ -295,18 +356,54 @@ def strategy_for(
     return GraphHeadsFedAvg(config, out, start_round, kept)
 
 
+def _saved_run(out: Path, model: DecoderOnlyLM) -> tuple[int, dict[str, Tensor], dict[int, Any]]:
+    """(last round, aggregate, kept weights) of the run in ``out`` (nothing: round 0).
+    A folder of graphheads before 0.3 kept each client's weights in its own file."""
+    if not (out / "global.pt").exists():
+        return 0, model.state_dict(), {}
+    saved = torch.load(out / "global.pt", map_location="cpu", weights_only=True)
+    kept = saved.get("kept")
+    if kept is None:
+        kept = {
+            int(path.name.removeprefix("client").removesuffix("_kept.pt")): torch.load(
+                path, map_location="cpu", weights_only=True
+            )["state"]
+            for path in out.glob("client*_kept.pt")
+        }
+    return int(saved["round"]), saved["state"], kept
+
+
+def _federation_size(grid: Grid, timeout: float = 60.0) -> int:
+    """The SuperNodes of the simulation federation, once they have registered (all at
+    once, a moment after the ServerApp starts)."""
+    deadline = time.monotonic() + timeout
+    count = 0
+    while time.monotonic() < deadline:
+        now = len(list(grid.get_node_ids()))
+        if now and now == count:  # registered, and no more arriving
+            return now
+        count = now
+        time.sleep(0.2)
+    return count
+
+
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     config, out = FederatedConfig.from_run_config(dict(context.run_config))
-    prepare_run_folder(config, out, restart=bool(context.run_config.get("restart", False)))
+    prepare_run_folder(config, out, restart=restart_flag(dict(context.run_config)))
+    nodes = _federation_size(grid)
+    if nodes != config.num_clients:  # too few would wait for ever, too many fail each round
+        raise ValueError(
+            f"federated: the federation has {nodes} SuperNodes but the run config says "
+            f"num-clients = {config.num_clients}; set both to the same number"
+        )
     model = new_model(config)
-    start_round, state, kept = 0, model.state_dict(), {}
-    if (out / "global.pt").exists():  # a restarted server continues from the last round
-        saved = torch.load(out / "global.pt", map_location="cpu", weights_only=True)
-        start_round, state, kept = int(saved["round"]), saved["state"], saved["kept"]
+    start_round, state, kept = _saved_run(out, model)
     if config.rounds <= start_round:
         return
     strategy = strategy_for(config, out, start_round, kept)
+    if kept:  # a restart: each client gets its kept weights back, and only its own
+        strategy.ask_partitions(grid)
     shared = sent_names(model, config.mode)
     strategy.start(
         grid=grid,

@@ -1,12 +1,13 @@
 """A federated run's settings, its Flower run config, and what clients train and share.
 
-Nothing here imports Flower: the settings are checked (and a run folder refused) before
-Flower starts.
+This module does not use Flower itself: the settings are checked (and a run folder
+refused) before Flower starts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ MODES = ("fedavg", "personal", "local")
 CONFIG_NAME = "federated.json"
 RUN_FILES = (  # a run's files besides federated.json
     "rounds.jsonl",
+    "rounds.png",
     "client*_kept.pt",
     "client*_round*.pt",
     "global_round*.pt",
@@ -36,8 +38,8 @@ class FederatedConfig:
     """A federated run: clients, rounds, local training and what is shared."""
 
     num_clients: int = 2
-    rounds: int = 3
-    local_steps: int = 50  # per task a client holds, per round
+    rounds: int = 5
+    local_steps: int = 40  # per task a client holds, per round
     batch_size: int = 32
     lr: float = 3e-3
     mode: str = "fedavg"
@@ -50,6 +52,28 @@ class FederatedConfig:
     save_clients: bool = False  # also write each client's trained weights every round
 
     def __post_init__(self) -> None:
+        ints = ("num_clients", "rounds", "local_steps", "batch_size", "eval_batches",
+                "eval_batch_size", "seed", "fail_client")  # fmt: skip
+        for name in ints:  # a run config may carry any TOML value
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(
+                    f"FederatedConfig: {name} must be an int, got {getattr(self, name)!r}"
+                )
+        for name in ("lr", "proximal_mu"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"FederatedConfig: {name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.lr <= 0:
+            raise ValueError(f"FederatedConfig: lr must be > 0, got {self.lr}")
+        if not isinstance(self.save_clients, bool):
+            raise ValueError(
+                f"FederatedConfig: save_clients must be a bool, got {self.save_clients!r}"
+            )
         if self.mode not in MODES:
             raise ValueError(f"FederatedConfig: mode must be one of {MODES}, got {self.mode!r}")
         if not 1 <= self.num_clients <= len(TASKS):
@@ -96,6 +120,15 @@ class FederatedConfig:
                 f"federated: run config 'out-dir' must be an absolute path, got {str(out)!r}"
             )
         return cls(**values), out
+
+
+def restart_flag(run_config: dict[str, Any]) -> bool:
+    """The run config's ``restart`` (a TOML bool; ``"false"`` as a string is refused
+    rather than read as true: restarting deletes the run)."""
+    value = run_config.get("restart", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"federated: run config 'restart' must be true or false, got {value!r}")
+    return value
 
 
 def client_tasks(client: int, num_clients: int) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,11 @@ _SECTION = "[tool.flwr.app.config]"
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value) if isinstance(value, (int, float)) else json.dumps(str(value))
+    return (
+        repr(value)
+        if isinstance(value, int | float)
+        else json.dumps(str(value), ensure_ascii=False)
+    )
 
 
 def write_app(folder: Path, run_config: dict[str, Any]) -> Path:
@@ -63,19 +68,21 @@ def run_federated(
         # What `flwr run` does on the local simulation federation, minus the SuperLink
         # (flwr's own simulation process makes this same call): Flower's public
         # `run_simulation` takes no run config and is deprecated in favour of `flwr run`.
-        _run_simulation(
-            num_supernodes=config.num_clients,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            backend_name="ray",  # Flower's default resources, as `flwr run` gives them
-            backend_config={},  # (2 CPUs a client: the same threads, the same floats)
-            app_dir=str(app),
-            is_app=True,
-            server_app_context=Context(
-                run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-            ),
-            server_app_attr=SERVER_APP,
-            client_app_attr=CLIENT_APP,
-        )
+        with warnings.catch_warnings():  # Ray's tip on GPU variables (clients use no GPU)
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+            _run_simulation(
+                num_supernodes=config.num_clients,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                backend_name="ray",  # Flower's default resources, as `flwr run` gives them
+                backend_config={},  # (2 CPUs a client: the same threads, the same floats)
+                app_dir=str(app),
+                is_app=True,
+                server_app_context=Context(
+                    run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+                ),
+                server_app_attr=SERVER_APP,
+                client_app_attr=CLIENT_APP,
+            )
     return read_rounds(out / "rounds.jsonl", before=config.rounds + 1)
 
 
