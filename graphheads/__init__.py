@@ -14,6 +14,7 @@ from graphheads.gnn import HeadGCNConv, HeadMessagePassing
 from graphheads.goh import GoHAttention, GraphRouter, record_routing
 from graphheads.graph import HeadGraph
 from graphheads.integrations.pytorch import RoutedMultiheadAttention, route_heads
+from graphheads.loading import load
 from graphheads.moh import MoHAttention, MoHRouter
 from graphheads.routed import RoutedAttention
 from graphheads.transformer import (
@@ -58,6 +59,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerStack",
     "__version__",
+    "load",
     "record_routing",
     "route_heads",
     "scaled_dot_product_attention",

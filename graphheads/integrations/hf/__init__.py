@@ -38,18 +38,14 @@ except ImportError as err:
 from graphheads.integrations.hf.convert import (
     ATTENTION_NAME,
     RoutedHFAttention,
+    conversion_settings,
     convert_to_goh,
     converted_modules,
     dispatches_through_registry,
     head_layout,
     record_routing,
 )
-from graphheads.integrations.hf.io import (
-    conversion_settings,
-    load_converted,
-    load_pretrained,
-    save_converted,
-)
+from graphheads.integrations.hf.io import load_converted, load_pretrained, save_converted
 from graphheads.integrations.hf.llama import from_llama, llama_config
 from graphheads.integrations.hf.tuning import head_importance, mean_pool, tune
 

@@ -7,8 +7,10 @@ Shape legend: b batch, t tokens, h heads, e head width.
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import re
+import sys
 from typing import Any
 
 import torch
@@ -17,11 +19,14 @@ from torch import Tensor, nn
 from graphheads.gates import check_routing_config
 from graphheads.goh import GraphRouter, record_routing
 from graphheads.graph import HeadGraph
+from graphheads.hub import graph_spec
 
 __all__ = [
     "ATTENTION_NAME",
+    "CONFIG_KEY",
     "RoutedHFAttention",
     "attention_modules",
+    "conversion_settings",
     "convert_to_goh",
     "converted_modules",
     "dispatches_through_registry",
@@ -30,6 +35,45 @@ __all__ = [
 ]
 
 ATTENTION_NAME = "graphheads"
+CONFIG_KEY = "graphheads"  # the conversion settings in model.config (and config.json)
+_CLASS_PREFIX = "Routed__"  # routed classes by name: see __getattr__ below
+
+
+def _attention_with_weights(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """Attention that also returns its weights (b, h, t, s), for ``output_attentions``:
+    the same masks, key/value groups and causal rule as transformers' SDPA kernel."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and q_len > 1 and attention_mask is None
+    if causal and kv_len > q_len:  # as SDPA's kernel: the first q_len keys
+        key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = (query @ key.transpose(2, 3)) * scale
+    if kwargs.get("position_bias") is not None:
+        scores = scores + kwargs["position_bias"]
+    if causal:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask[..., :kv_len]
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
 
 
 def gated_sdpa_attention(
@@ -41,10 +85,12 @@ def gated_sdpa_attention(
     head_gates: Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
-    """transformers' SDPA kernel, then each head's output (b, t, h, e) times its gate."""
+    """transformers' SDPA kernel (or, with ``output_attentions``, attention that returns
+    its weights), then each head's output (b, t, h, e) times its gate."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kernel = _attention_with_weights if kwargs.get("output_attentions") else sdpa_attention_forward
+    out, weights = kernel(module, query, key, value, attention_mask, **kwargs)
     if head_gates is not None:
         out = out * head_gates.unsqueeze(-1).to(out.dtype)  # (b, t, h, e)
     return out, weights
@@ -70,16 +116,37 @@ class RoutedHFAttention(nn.Module):
     head_position: Tensor
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        implementation = getattr(getattr(self, "config", None), "_attn_implementation", None)
+        if implementation not in (None, ATTENTION_NAME):  # other kernels ignore the gates
+            raise ValueError(
+                f"{type(self).__name__}: routed heads need the {ATTENTION_NAME!r} attention "
+                f"kernel, but the model uses {implementation!r} (set_attn_implementation?); "
+                f"call model.set_attn_implementation({ATTENTION_NAME!r})"
+            )
         routing = self.router(hidden_states)
         gates = routing.gates.index_select(-1, self.head_position)  # (b, t, h), model order
         return super().forward(hidden_states, *args, head_gates=gates, **kwargs)
 
 
-def _routed_class(base: type, made: dict[type, type]) -> type:
-    """One routed subclass per attention class (``made`` holds this conversion's)."""
-    if base not in made:
-        made[base] = type(f"Routed{base.__name__}", (RoutedHFAttention, base), {})
-    return made[base]
+def routed_class(base: type) -> type:
+    """The routed subclass of attention class ``base``: one per class, importable from
+    this module by its qualified name (made on first use by :func:`__getattr__`), so that
+    converted models pickle (``torch.save(model)``) and unpickle in a fresh process."""
+    name = _CLASS_PREFIX + base.__module__.replace(".", "__") + "__" + base.__qualname__
+    return getattr(sys.modules[__name__], name)
+
+
+def __getattr__(name: str) -> type:
+    """PEP 562: ``Routed__<module path>__<class>`` is made from the transformers class."""
+    if not name.startswith(_CLASS_PREFIX):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    *module_path, qualname = name.removeprefix(_CLASS_PREFIX).split("__")
+    base = getattr(importlib.import_module(".".join(module_path)), qualname)
+    _register_kernel()  # an unpickled model finds its kernel in a fresh process too
+    cls = type(f"Routed{base.__name__}", (RoutedHFAttention, base), {"__module__": __name__})
+    cls.__qualname__ = name
+    globals()[name] = cls
+    return cls
 
 
 def dispatches_through_registry(cls: type) -> bool:
@@ -156,6 +223,24 @@ def converted_modules(model: nn.Module) -> list[RoutedHFAttention]:
     return [m for m in model.modules() if isinstance(m, RoutedHFAttention)]
 
 
+def conversion_settings(model: nn.Module) -> dict[str, Any]:
+    """The settings :func:`convert_to_goh` was called with, read off a converted model's
+    routers: enough to convert the base model again into the same shapes (the head graph
+    included), so that the converted weights load. ``convert_to_goh`` records them in
+    ``model.config.graphheads``: ``save_pretrained`` writes them into ``config.json``."""
+    modules = converted_modules(model)
+    if not modules:
+        raise ValueError(f"conversion_settings: {type(model).__name__} is not converted")
+    router = modules[0].router
+    return {
+        "num_shared": router.num_shared,
+        "top_k": router.top_k,
+        "feature_dim": router.feature_dim,
+        "num_layers": len(router.message_passing.layers),
+        "graph": graph_spec(router.graph),
+    }
+
+
 def convert_to_goh(
     model: nn.Module,
     *,
@@ -214,7 +299,6 @@ def convert_to_goh(
             "same head count in every module"
         )
     _register_kernel()
-    classes: dict[type, type] = {}
     for layer, (module, (num_heads, d_model)) in enumerate(zip(modules, layouts, strict=True)):
         param = next(module.parameters())
         template = (
@@ -237,8 +321,10 @@ def convert_to_goh(
             if head_importance is not None
             else torch.arange(num_heads)
         )
-        module.__class__ = _routed_class(type(module), classes)
+        module.__class__ = routed_class(type(module))
         module.add_module("router", router.to(device=param.device, dtype=param.dtype))
         module.register_buffer("head_position", torch.argsort(order).to(param.device))
     model.set_attn_implementation(ATTENTION_NAME)  # type: ignore[operator]
+    if config is not None:  # save_pretrained writes it into config.json
+        setattr(config, CONFIG_KEY, conversion_settings(model))
     return model

@@ -120,7 +120,8 @@ def tune(
     losses. With ``lora`` the adapters are merged back into the weights at the end.
     """
     target: Any = model
-    if lora:
+    trainable = {p: p.requires_grad for p in model.parameters()}  # the caller's choice,
+    if lora:  # read before PEFT freezes everything but its adapters
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as err:
@@ -146,7 +147,6 @@ def tune(
         target = get_peft_model(
             model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=present)
         )
-    trainable = {p: p.requires_grad for p in model.parameters()}  # the caller's choice
     for name, p in target.named_parameters():
         if ".router." in f".{name}":
             p.requires_grad_(True)

@@ -1,0 +1,168 @@
+"""Hugging Face Hub-style folders for graphheads' own models: ``config.json`` (the
+:class:`~graphheads.config.ModelConfig`, the head graph the model was built with, and
+anything the caller adds, e.g. the training run's settings) and ``model.safetensors``
+(weights; no pickle). The layout is the one ``huggingface_hub`` uploads and downloads, so
+a folder can be pushed with ``huggingface_hub.upload_folder`` and loaded from a Hub id
+when ``huggingface_hub`` is installed (the ``hf`` extra).
+
+Each file is written under a temporary name and renamed, weights first and config last:
+a folder never holds half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from graphheads.config import ModelConfig
+from graphheads.graph import HeadGraph
+
+__all__ = ["CONFIG_FILE", "MODEL_TYPE", "WEIGHTS_FILE", "HubMixin", "graph_from_spec", "graph_spec"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "graphheads"
+
+M = TypeVar("M", bound="HubMixin")
+
+
+def graph_spec(graph: HeadGraph) -> dict[str, Any]:
+    """What rebuilds ``graph``'s shapes (its weights travel with the model's):
+    :func:`graph_from_spec` is the inverse."""
+    labels = graph.node_labels
+    jsonable = labels is not None and all(isinstance(x, str | int | float) for x in labels)
+    return {
+        "num_heads": graph.num_heads,
+        "edge_index": graph.edge_index.tolist(),
+        "learnable": graph.learnable,
+        "num_shared": graph.num_shared,
+        "node_labels": labels if jsonable else None,
+    }
+
+
+def graph_from_spec(spec: dict[str, Any]) -> HeadGraph:
+    """The head graph :func:`graph_spec` describes (initial weights; load the model's)."""
+    return HeadGraph(
+        spec["num_heads"],
+        torch.tensor(spec["edge_index"], dtype=torch.long).reshape(2, -1),
+        learnable=spec["learnable"],
+        num_shared=spec["num_shared"],
+        node_labels=spec.get("node_labels"),
+    )
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` or what it held before, never part of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def resolve_folder(path: str | Path) -> Path:
+    """A local folder, or a Hub id downloaded (or found in the cache) by huggingface_hub;
+    FileNotFoundError naming ``path`` when it is neither."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"from_pretrained: {str(path)!r} is not a folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"from_pretrained: {str(path)!r} is not a local folder, and loading a Hub id "
+            "needs huggingface_hub (the 'hf' extra)"
+        ) from err
+    try:
+        return Path(snapshot_download(str(path)))
+    except Exception as err:  # offline, unknown id, ...: say which id failed
+        raise FileNotFoundError(
+            f"from_pretrained: {str(path)!r} is not a local folder and the Hub did not give it "
+            f"({type(err).__name__}: {err})"
+        ) from err
+
+
+class HubMixin(nn.Module):
+    """``save_pretrained`` / ``from_pretrained`` for models built as
+    ``cls(config: ModelConfig, *, graph: HeadGraph | None)``."""
+
+    config: ModelConfig
+
+    def save_pretrained(
+        self, save_directory: str | Path, *, extra: dict[str, Any] | None = None
+    ) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``save_directory`` (made if
+        needed; files of an earlier save are replaced). ``extra`` entries are recorded in
+        ``config.json`` beside the model's (JSON values). Returns the folder."""
+        from safetensors.torch import save_model
+
+        graphs = [m for m in self.modules() if isinstance(m, HeadGraph)]
+        config = {
+            "model_type": MODEL_TYPE,
+            "architectures": [type(self).__name__],
+            "graphheads_version": _version(),
+            "model_config": asdict(self.config),
+            "graph": graph_spec(graphs[0]) if graphs else None,
+            **(extra or {}),
+        }
+        try:  # before anything is written: JSON or refused
+            text = json.dumps(config, indent=2)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"save_pretrained: extra must hold JSON values ({err})") from err
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{WEIGHTS_FILE}.tmp"
+        save_model(self, str(tmp))  # shared (tied) weights stored once
+        os.replace(tmp, out / WEIGHTS_FILE)
+        write_atomically(out / CONFIG_FILE, text.encode())
+        return out
+
+    @classmethod
+    def from_pretrained(cls: type[M], path: str | Path, *, device: str | torch.device = "cpu") -> M:
+        """The model a :meth:`save_pretrained` folder (or a Hub id) holds, in eval mode.
+        ValueError when the folder holds another architecture or no graphheads model."""
+        from safetensors.torch import load_model
+
+        folder = resolve_folder(path)
+        config = read_config(folder)
+        if config["architectures"] != [cls.__name__]:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: {folder} holds a {config['architectures']} "
+                f"model; load it with graphheads.load({str(path)!r})"
+            )
+        spec = config.get("graph")
+        model = cls(
+            ModelConfig.from_dict(config["model_config"]),
+            graph=graph_from_spec(spec) if spec else None,
+        )
+        load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
+        return model.to(device).eval()
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a graphheads model folder; ValueError when it is not one."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"from_pretrained: no {CONFIG_FILE} in {folder}")
+    config = json.loads(path.read_text())
+    if config.get("model_type") != MODEL_TYPE or not (folder / WEIGHTS_FILE).is_file():
+        raise ValueError(
+            f"from_pretrained: {folder} is not a graphheads model folder (model_type "
+            f"{config.get('model_type')!r}; needs {MODEL_TYPE!r} and {WEIGHTS_FILE})"
+        )
+    return config
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graphheads")
+    except PackageNotFoundError:
+        return "unknown"
