@@ -4,10 +4,83 @@
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal, Union
 
-__all__ = ["LLAMA_PRESETS", "AttentionKind", "ModelConfig"]
+__all__ = ["LLAMA_PRESETS", "AttentionKind", "ModelConfig", "check_field_types", "check_known_keys"]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits type ``hint`` as a config file could give it (an int fits a
+    float; a bool fits neither an int nor a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:  # the type here; which values, the owner's own check names
+        return any(type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        return isinstance(value, tuple | list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # other types (nested dataclasses) check themselves
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0])}"
+    return {bool: "true or false", int: "an int", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def check_field_types(obj: Any) -> None:
+    """ValueError naming the first field of dataclass ``obj`` whose value does not fit
+    its annotation (what a YAML file or a ``--set`` gives is checked before use)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ValueError(
+                f"{type(obj).__name__}: {f.name} must be {_describe(hints[f.name])}, got {value!r}"
+            )
+
+
+def check_known_keys(owner: str, given: Any, known: Any, *, prefix: str = "") -> None:
+    """ValueError naming every key of ``given`` not in ``known``, each with the closest
+    known key ("did you mean ...?") when there is one."""
+    known = sorted(known)
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hints.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+    listed = ", ".join(f"{prefix}{k}" for k in known)
+    raise ValueError(f"{owner}: unknown key(s) {', '.join(hints)}; known: {listed}")
+
 
 AttentionKind = Literal["mha", "moh", "goh"]
 _ATTENTION_KINDS = ("mha", "moh", "goh")
@@ -55,6 +128,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary position base (block="llama")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         positive = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
         for name in positive:
             value = getattr(self, name)
@@ -166,10 +240,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> ModelConfig:
         """Build a config from a plain dict; an unknown key raises ValueError naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        check_known_keys("ModelConfig", values, {f.name for f in fields(cls)})
         return cls(**values)  # type: ignore[arg-type]
 
 

@@ -53,11 +53,15 @@ def test_run_config_from_yaml_and_overrides(tmp_path):
         RunConfig.load(None, ["data.tasks=copy,bogus"])
     with pytest.raises(ValueError, match="tasks must name at least one task"):
         RunConfig.load(None, ["data.tasks=,"])
-    with pytest.raises(ValueError, match=r"unknown train key\(s\) \['train.stepz'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) train.stepz \(did you mean train.steps\?\)"
+    ):
         RunConfig.load(None, ["train.stepz=3"])
-    with pytest.raises(ValueError, match=r"unknown model key\(s\) \['model.heads'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown key\(s\) model.heads \(did you mean model.num_heads\?\)"
+    ):
         RunConfig.load(None, ["model.heads=3"])
-    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optim'\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) optim; known: data, model, train"):
         RunConfig.from_dict({"optim": {}})
 
 
@@ -91,7 +95,10 @@ def test_bad_checkpoints_raise(tmp_path):
     ("argv", "message"),
     [
         (["train", "--set", 'data.tasks=["copyy"]'], "unknown task(s) ['copyy']"),
-        (["train", "--set", "train.stepz=3"], "unknown train key(s) ['train.stepz']"),
+        (
+            ["train", "--set", "train.stepz=3"],
+            "unknown key(s) train.stepz (did you mean train.steps?)",
+        ),
         (["train", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
         (["eval", "--run", "nowhere"], "no checkpoint at nowhere"),
     ],

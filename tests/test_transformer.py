@@ -140,8 +140,12 @@ def test_bad_config_raises(kwargs, match):
 
 
 def test_config_from_dict_names_unknown_key():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_head'\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) num_head \(did you mean num_heads\?\)"):
         ModelConfig.from_dict({"vocab_size": 10, "num_head": 4})
+    with pytest.raises(ValueError, match=r"ModelConfig: d_model must be an int, got '64'"):
+        ModelConfig(vocab_size=10, d_model="64")  # as a config file could give it
+    with pytest.raises(ValueError, match=r"ModelConfig: norm_first must be true or false"):
+        ModelConfig(vocab_size=10, norm_first="yes")
 
 
 def test_bad_model_inputs_raise():

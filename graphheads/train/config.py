@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from graphheads.config import ModelConfig
+from graphheads.config import ModelConfig, check_field_types, check_known_keys
 from graphheads.data import TASKS
 
 __all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config"]
@@ -40,6 +40,7 @@ class TrainConfig:
     parallel: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp" (FSDP2 shards)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.model_type not in ("lm", "seq2seq"):
             raise ValueError(
                 f"TrainConfig: model_type must be 'lm' or 'seq2seq', got {self.model_type!r}"
@@ -101,6 +102,7 @@ class DataConfig:
         if isinstance(tasks, str):  # "copy,sort" or "copy" (from --set or a YAML scalar)
             tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
         object.__setattr__(self, "tasks", tuple(tasks))
+        check_field_types(self)
         if self.text is not None and self.tokens is not None:
             raise ValueError("DataConfig: set data.text or data.tokens, not both")
         if not self.tasks:
@@ -158,10 +160,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, dict):
+            raise ValueError(f"RunConfig: model must be a mapping of keys, got {self.model!r}")
         known = {f.name for f in fields(ModelConfig)} | {"preset"}
-        unknown = sorted(set(self.model) - known)
-        if unknown:
-            raise ValueError(f"RunConfig: unknown model key(s) {[f'model.{k}' for k in unknown]}")
+        check_known_keys("RunConfig", self.model, known, prefix="model.")
 
     def model_config(self, vocab_size: int, max_seq_len: int) -> ModelConfig:
         """The model for data with this vocabulary and longest sequence."""
@@ -182,16 +184,16 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """From nested dicts; unknown sections or keys raise ValueError naming them."""
-        unknown = sorted(set(values) - {"model", "data", "train"})
-        if unknown:
-            raise ValueError(f"RunConfig: unknown section(s) {unknown}; use model, data, train")
+        check_known_keys("RunConfig", values, {"model", "data", "train"})
+        for name in ("model", "data", "train"):
+            if not isinstance(values.get(name) or {}, dict):
+                raise ValueError(f"RunConfig: section {name!r} must be a mapping of keys")
         parts: dict[str, Any] = {"model": dict(values.get("model") or {})}
         for name, klass in (("data", DataConfig), ("train", TrainConfig)):
             section = dict(values.get(name) or {})
-            allowed = {f.name for f in fields(klass)}
-            bad = sorted(set(section) - allowed)
-            if bad:
-                raise ValueError(f"RunConfig: unknown {name} key(s) {[f'{name}.{k}' for k in bad]}")
+            check_known_keys(
+                "RunConfig", section, {f.name for f in fields(klass)}, prefix=f"{name}."
+            )
             parts[name] = klass(**section)
         return cls(**parts)
 

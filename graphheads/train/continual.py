@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from graphheads.config import ModelConfig, check_field_types, check_known_keys
 from graphheads.data.tasks import TASKS
 
 __all__ = ["METHODS", "ContinualConfig", "Stage", "continual_metrics"]
@@ -81,6 +82,9 @@ class ContinualConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("ContinualConfig: stages must list at least one stage")
+        check_field_types(self)
+        known = {f.name for f in fields(ModelConfig)}
+        check_known_keys("ContinualConfig", self.model, known, prefix="model.")
         if self.method not in METHODS:
             raise ValueError(
                 f"ContinualConfig: method must be one of {METHODS}, got {self.method!r}"
@@ -119,10 +123,7 @@ class ContinualConfig:
     def from_dict(cls, values: dict[str, Any]) -> ContinualConfig:
         """From plain data (JSON/YAML); a bad stage raises a ValueError naming the stage
         and the key, an unknown top-level key names the key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ContinualConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        check_known_keys("ContinualConfig", values, {f.name for f in fields(cls)})
         raw = values.get("stages")
         if not isinstance(raw, Sequence) or isinstance(raw, str) or not raw:
             raise ValueError("ContinualConfig: 'stages' must be a non-empty list of stages")

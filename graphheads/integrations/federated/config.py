@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphheads.config import ModelConfig, check_field_types, check_known_keys
 from graphheads.data.tasks import IGNORE_INDEX, TASKS, TaskSuite
 from graphheads.train.config import default_model_config
 from graphheads.train.evaluation import forward_batch
@@ -52,28 +53,17 @@ class FederatedConfig:
     save_clients: bool = False  # also write each client's trained weights every round
 
     def __post_init__(self) -> None:
-        ints = ("num_clients", "rounds", "local_steps", "batch_size", "eval_batches",
-                "eval_batch_size", "seed", "fail_client")  # fmt: skip
-        for name in ints:  # a run config may carry any TOML value
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(
-                    f"FederatedConfig: {name} must be an int, got {getattr(self, name)!r}"
-                )
+        check_field_types(self)  # a run config may carry any TOML value
+        known = {f.name for f in fields(ModelConfig)}
+        check_known_keys("FederatedConfig", self.model, known, prefix="model.")
         for name in ("lr", "proximal_mu"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-            ):
-                raise ValueError(f"FederatedConfig: {name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(
+                    f"FederatedConfig: {name} must be finite, got {getattr(self, name)}"
+                )
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.lr <= 0:
             raise ValueError(f"FederatedConfig: lr must be > 0, got {self.lr}")
-        if not isinstance(self.save_clients, bool):
-            raise ValueError(
-                f"FederatedConfig: save_clients must be a bool, got {self.save_clients!r}"
-            )
         if self.mode not in MODES:
             raise ValueError(f"FederatedConfig: mode must be one of {MODES}, got {self.mode!r}")
         if not 1 <= self.num_clients <= len(TASKS):
@@ -86,8 +76,6 @@ class FederatedConfig:
                 raise ValueError(f"FederatedConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.proximal_mu < 0:
             raise ValueError(f"FederatedConfig: proximal_mu must be >= 0, got {self.proximal_mu}")
-        if not isinstance(self.model, dict):
-            raise ValueError(f"FederatedConfig: model must be a dict, got {self.model!r}")
 
     def run_config(self, out_dir: str | Path) -> dict[str, Any]:
         """The Flower run config of this run (``[tool.flwr.app.config]`` keys): every field
