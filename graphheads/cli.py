@@ -292,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart", action="store_true", help="start over in a folder that holds a run"
     )
     fed.add_argument("--local-steps", type=int, default=40, help="local steps per task held")
-    fed.add_argument("--mode", choices=["fedavg", "personal", "local"], default="fedavg")
+    fed.add_argument(
+        "--mode",
+        choices=["fedavg", "personal", "local"],
+        default="fedavg",
+        help="what the server averages: every weight, all but the routers, nothing",
+    )
     fed.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: off)")
     fed.add_argument("--seed", type=int, default=0)
     fed.add_argument(

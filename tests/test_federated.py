@@ -164,7 +164,9 @@ def test_a_run_of_another_configuration_is_refused_before_anything_is_written(tm
     (tmp_path / "global.pt").write_bytes(b"round 3")
     (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n')
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(ValueError, match=r"another configuration \(changed: mode\).*--restart"):
+    with pytest.raises(
+        ValueError, match=r"another configuration \(changed: mode 'fedavg' -> 'local'\).*--restart"
+    ):
         run_federated(FederatedConfig(mode="local", rounds=5), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     (tmp_path / CONFIG_NAME).unlink()  # run files with no settings to check: refused too
@@ -175,6 +177,11 @@ def test_a_run_of_another_configuration_is_refused_before_anything_is_written(tm
     records = run_federated(config, tmp_path, restart=True)  # starts over
     assert [r["round"] for r in records] == [1]
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["mode"] == "local"
+    torch.save({**load(tmp_path / "global.pt"), "round": 3}, tmp_path / "global.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"holds 3 rounds already; rounds \(2\) may only grow"):
+        run_federated(FederatedConfig(**{**asdict(config), "rounds": 2}), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_fedprox_term_pulls_local_training_towards_the_global_weights():
@@ -214,6 +221,8 @@ def test_the_run_config_round_trips_and_the_app_folder_holds_the_same_defaults(t
         FederatedConfig.from_run_config({**config.run_config(tmp_path), "model": "{d_model: 3"})
     with pytest.raises(ValueError, match="absolute path, got 'runs/x'"):
         FederatedConfig.from_run_config(config.run_config("runs/x"))
+    with pytest.raises(ValueError, match=r"run config local-steps must be an int, got 2\.5"):
+        FederatedConfig.from_run_config({**config.run_config(tmp_path), "local-steps": 2.5})
     with pytest.raises(ValueError, match="no 'local-steps'"):  # one key missing
         FederatedConfig.from_run_config(
             {k: v for k, v in config.run_config(tmp_path).items() if k != "local-steps"}

@@ -102,12 +102,19 @@ class FederatedConfig:
             raise ValueError(
                 f"federated: run config 'model' must be a JSON object, got {values['model']!r}"
             ) from err
+        try:
+            config = cls(**values)
+        except ValueError as err:  # name the run config's keys (dashes), not the fields
+            message = str(err)
+            for f in fields(cls):
+                message = message.replace(f" {f.name} must", f" {f.name.replace('_', '-')} must")
+            raise ValueError(message.replace("FederatedConfig:", "federated: run config")) from err
         out = Path(str(run_config.get("out-dir", ""))).expanduser()
         if not out.is_absolute():  # under `flwr run` the SuperLink's folder is no one's guess
             raise ValueError(
                 f"federated: run config 'out-dir' must be an absolute path, got {str(out)!r}"
             )
-        return cls(**values), out
+        return config, out
 
 
 def restart_flag(run_config: dict[str, Any]) -> bool:
@@ -197,12 +204,32 @@ def check_resumable(config: FederatedConfig, out: Path) -> None:
         )
     saved, given = json.loads(path.read_text()), asdict(config)
     free = ("rounds", "fail_client", "save_clients")
-    changed = sorted(k for k in given if k not in free and saved.get(k) != given[k])
+    changed = [
+        f"{k} {saved.get(k)!r} -> {given[k]!r}"
+        for k in sorted(given)
+        if k not in free and saved.get(k) != given[k]
+    ]
     if changed:
         raise ValueError(
             f"federated: {out} holds a run with another configuration (changed: "
-            f"{', '.join(changed)}); use a new folder, the same settings, or --restart"
+            f"{', '.join(changed)}); use a new folder, the same settings, or restart it "
+            "(--restart; restart=true under flwr run)"
         )
+    done = _rounds_done(out)
+    if config.rounds < done:
+        raise ValueError(
+            f"federated: {out} holds {done} rounds already; rounds ({config.rounds}) may "
+            "only grow (or restart the folder)"
+        )
+
+
+def _rounds_done(out: Path) -> int:
+    """The last round the run in ``out`` checkpointed (0 when none)."""
+    if not (out / "global.pt").exists():
+        return 0
+    import torch
+
+    return int(torch.load(out / "global.pt", map_location="cpu", weights_only=True)["round"])
 
 
 def clear_run(out: Path) -> None:
