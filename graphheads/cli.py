@@ -1,7 +1,9 @@
-"""The ``graphheads`` command line: train, eval, generate, report, export.
+"""The ``graphheads`` command line.
 
-Errors in what the user gave (unknown task, config typo, missing or corrupt checkpoint)
-print one ``graphheads: error: ...`` line and exit with status 2.
+Errors in what the user gave (unknown task, config typo, missing or corrupt checkpoint),
+which graphheads' own checks raise, print one ``graphheads: error: ...`` line and exit
+with status 2; any other error keeps its traceback. Each command imports what it needs
+when it runs, so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
@@ -11,16 +13,22 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-import torch
+from graphheads import __version__
 
-from graphheads.data import SEP, ByteTextDataset, TokenShardDataset
-from graphheads.train import CheckpointError, RunConfig, Trainer, evaluate, load_run
-from graphheads.transformer import Transformer
+if TYPE_CHECKING:
+    import torch
+
+    from graphheads.data import ByteTextDataset, TokenShardDataset
+
+DESCRIPTION = "graphheads: attention heads as nodes of a learnable graph."
 
 EXAMPLES = """examples:
   graphheads train --out runs/default
   graphheads train --out runs/moh --set model.attention=moh --set train.steps=500
+  graphheads config > run.yaml    # every setting, its default and meaning; edit, then:
   graphheads train --config run.yaml --out runs/mine
   graphheads prepare --input corpus/ --tokenizer bytes --out shards/
   graphheads train --out runs/lm --set data.tokens='"shards/"' --set model.preset=llama-10m
@@ -82,6 +90,8 @@ def _federated(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from graphheads.train import RunConfig, Trainer
+
     config = RunConfig.load(args.config, args.set or [])
     trainer = Trainer(config, args.out, progress=not args.quiet)
     result = trainer.fit(resume=not args.restart)
@@ -95,12 +105,16 @@ def _train(args: argparse.Namespace) -> int:
         _leave_process_group()
         return 130 if result.interrupted == "SIGINT" else 143
     if trainer.is_main:
-        summary = {
-            k: v for k, v in result.final_eval.items() if k in ("loss", "accuracy", "bits_per_byte")
+        labels = {
+            "loss": "eval_loss",
+            "accuracy": "eval_accuracy",
+            "bits_per_byte": "bits_per_byte",
         }
+        summary = {labels[k]: v for k, v in result.final_eval.items() if k in labels}
         print(
             json.dumps(
-                {"step": result.step, "seconds": round(result.seconds, 1), **summary}, indent=2
+                {"step": result.step, "seconds_this_run": round(result.seconds, 1), **summary},
+                indent=2,
             )
         )
         if not args.no_report:
@@ -114,12 +128,16 @@ def _train(args: argparse.Namespace) -> int:
 def _leave_process_group() -> None:
     """Every rank tears the group down together: a rank that left while rank 0 still
     evaluated was seen to abort in gloo's teardown (SIGABRT at exit)."""
+    import torch
+
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from graphheads.train import evaluate, load_run
+
     model, config, data, step = load_run(args.run)
     t = config.train
     result = evaluate(
@@ -131,6 +149,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from graphheads.train import load_run
+
     model, run_config, _, step = load_run(args.run)
     extra = {"run_config": run_config.to_dict(), "step": step}
     out = model.save_pretrained(args.out, extra=extra)
@@ -139,6 +159,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from graphheads.data import ByteTextDataset, TokenShardDataset
+    from graphheads.train import load_run
+
     model, _, data, _ = load_run(args.run)
     gen = torch.Generator().manual_seed(args.seed)
     if isinstance(data, TokenShardDataset) and not data.bytes_level:
@@ -147,10 +172,33 @@ def _generate(args: argparse.Namespace) -> int:
         return _generate_text(args, model, data, gen)
     if args.max_new_tokens is not None:
         raise ValueError("--max-new-tokens is for text runs; a task's answer length is fixed")
-    task = args.task or data.tasks[0]
+    if args.task is None and args.prompt is not None and len(data.tasks) > 1:
+        raise ValueError(
+            f"generate: this run trained on {', '.join(data.tasks)}: say which task the "
+            "prompt is for with --task"
+        )
+    for task in [args.task] if args.task is not None else list(data.tasks):
+        _generate_task(args, model, data, task, gen)
+    return 0
+
+
+def _generate_task(
+    args: argparse.Namespace, model: Any, data: Any, task: str, gen: torch.Generator
+) -> None:
+    """Sampled prompts of ``task`` (or ``--prompt``) and what the model generates."""
+    from graphheads.data import SEP
+    from graphheads.transformer import Transformer
+
     if args.prompt is not None:
         prompt_tokens, answer_len = data.encode_prompt(task, args.prompt)
         expected = None
+        trained = data.prompt_length(task)
+        if prompt_tokens.size(1) != trained:
+            print(
+                f"graphheads: warning: this run trained on {task} prompts of {trained} "
+                f"tokens; this one has {prompt_tokens.size(1)}: the model never saw its length",
+                file=sys.stderr,
+            )
     else:
         batch = data.sample(args.num, gen, task=task)
         prompt_len = data.prompt_length(task)
@@ -170,7 +218,6 @@ def _generate(args: argparse.Namespace) -> int:
         if expected is not None:
             line += f" (expected {[t - first for t in expected[i].tolist()]})"
         print(line)
-    return 0
 
 
 def _generate_text(
@@ -180,6 +227,10 @@ def _generate_text(
     gen: torch.Generator,
 ) -> int:
     """Continue a byte-level prompt (``--prompt``, default: the start of the held-out text)."""
+    import torch
+
+    from graphheads.data import ByteTextDataset
+
     if args.task is not None:
         raise ValueError("--task is for task-suite runs; this run trained on text")
     text = args.prompt
@@ -199,7 +250,9 @@ def _generate_text(
     out = model.generate(  # type: ignore[operator]
         torch.tensor([prompt]), n, temperature=args.temperature, generator=gen
     )
-    print(text + bytes(out[0, len(prompt) :].tolist()).decode("utf-8", errors="replace"))
+    print(f"prompt ({len(prompt)} bytes):\n{text}")
+    print(f"generated ({n} bytes, {'greedy' if args.temperature == 0 else 'sampled'}):")
+    print(bytes(out[0, len(prompt) :].tolist()).decode("utf-8", errors="replace"))
     return 0
 
 
@@ -220,6 +273,13 @@ def _convert(args: argparse.Namespace) -> int:
     return convert(args)
 
 
+def _config(args: argparse.Namespace) -> int:
+    from graphheads.train.config import describe_settings
+
+    print(describe_settings(), end="")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from graphheads.report import make_report
 
@@ -230,11 +290,12 @@ def _report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphheads",
-        description=__doc__,
+        description=DESCRIPTION,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"graphheads {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser(
         "train",
         help="train a model (default: a small GoH LM on the built-in tasks)",
@@ -260,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, formatter_class=_HelpWithDefaults)
         p.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
         p.set_defaults(func=func)
+    conf = sub.add_parser(
+        "config", help="print every train setting with its default and meaning (a YAML file)"
+    )
+    conf.set_defaults(func=_config)
     export = sub.add_parser(
         "export",
         help="write a run's model as a Hugging Face-style folder (config.json, model.safetensors)",
@@ -365,15 +430,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="text runs: any text; task runs: symbols as numbers ('3 1 4'; mqar: "
         "'1 9 2 12 | 2'). Default: sampled task prompts, or the start of the held-out text",
     )
-    gen.add_argument("--task", help="task name (default: the run's first task)")
+    gen.add_argument(
+        "--task", help="task name (default: sampled prompts of every task; --prompt needs it)"
+    )
     gen.add_argument("--num", type=int, default=3, help="sampled task prompts")
     gen.add_argument(
         "--max-new-tokens", type=int, help="text runs: bytes to generate (default: up to 200)"
     )
-    gen.add_argument("--temperature", type=float, default=0.0, help="text runs: 0 = greedy")
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="text runs: sampling temperature (0: greedy, the default)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.set_defaults(func=_generate)
     return parser
+
+
+def _raised_by_graphheads(err: BaseException) -> bool:
+    """Whether ``err`` comes from a ``raise`` statement of graphheads' own code (a check of
+    what the user gave), not from a library or a builtin it called (a bug: shown in full)."""
+    import linecache
+
+    package = Path(__file__).parent
+    tb: TracebackType | None = err.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    filename = last.tb_frame.f_code.co_filename
+    line = linecache.getline(filename, last.tb_lineno).strip()
+    return Path(filename).is_relative_to(package) and line.startswith("raise")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,7 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
+        if not _raised_by_graphheads(err):  # CheckpointError is a RuntimeError of ours
+            raise
         parser.exit(2, f"graphheads: error: {err}\n")
     except KeyboardInterrupt:  # outside a training loop (which stops at a step boundary)
         parser.exit(130, "graphheads: interrupted\n")

@@ -74,12 +74,15 @@ def check_known_keys(owner: str, given: Any, known: Any, *, prefix: str = "") ->
     unknown = sorted(set(given) - set(known))
     if not unknown:
         return
-    hints = []
+    hints, guessed = [], True
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        guessed = guessed and bool(close)
         hints.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
-    listed = ", ".join(f"{prefix}{k}" for k in known)
-    raise ValueError(f"{owner}: unknown key(s) {', '.join(hints)}; known: {listed}")
+    message = f"{owner}: unknown key(s) {', '.join(hints)}"
+    if not guessed:  # no guess for some key: list them all
+        message += "; known: " + ", ".join(f"{prefix}{k}" for k in known)
+    raise ValueError(message)
 
 
 AttentionKind = Literal["mha", "moh", "goh"]

@@ -89,10 +89,10 @@ def decode(
         raise ValueError(f"{owner}: the prompt must hold at least one token per row")
     if max_new_tokens < 0:
         raise ValueError(f"{owner}: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if prompt.size(1) + max_new_tokens > max_len:
+    if prompt.size(1) + max_new_tokens - 1 > max_len:  # the last new token is not fed back
         raise ValueError(
-            f"{owner}: prompt ({prompt.size(1)}) + max_new_tokens ({max_new_tokens}) "
-            f"exceeds max_seq_len ({max_len})"
+            f"{owner}: prompt ({prompt.size(1)}) + max_new_tokens ({max_new_tokens}) - 1 "
+            f"positions exceed max_seq_len ({max_len})"
         )
     tokens, new, state = prompt, prompt, None
     for _ in range(max_new_tokens):

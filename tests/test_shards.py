@@ -1,6 +1,7 @@
 """graphheads prepare: token shards, training on them, and the errors."""
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -43,6 +44,9 @@ def test_prepare_train_eval_generate_on_shards(tmp_path, capsys):
     shards = tmp_path / "shards"
     assert main(["prepare", "--input", str(corpus(tmp_path)), "--out", str(shards)]) == 0
     assert json.loads(capsys.readouterr().out)["train_tokens"] > 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert shards.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     sets = ["data.seq_len=64", "train.steps=30", "train.batch_size=8", "train.eval_batches=2"]
     sets += ["model.d_model=32", "model.num_heads=4", "model.num_shared=1", "model.top_k=2"]
     sets += [f"data.tokens={json.dumps(str(shards))}", "train.log_every=10"]
@@ -50,13 +54,15 @@ def test_prepare_train_eval_generate_on_shards(tmp_path, capsys):
     argv = ["train", "--out", str(run), "--quiet", "--no-report"]
     assert main([*argv, *[x for s in sets for x in ("--set", s)]]) == 0
     capsys.readouterr()
+    assert "tasks" not in json.loads((run / "config.json").read_text())["run"]["data"]
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["tokens_per_s"] > 0
     assert main(["eval", "--run", str(run)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 30 and result["bits_per_byte"] < 8  # better than uniform bytes
     assert main(["generate", "--run", str(run), "--prompt", "Heads", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith("Heads")
+    out = capsys.readouterr().out
+    assert out.startswith("prompt (5 bytes):\nHeads\ngenerated (5 bytes, greedy):\n"), out
 
 
 def test_hugging_face_tokenizer_shards(tmp_path):

@@ -95,6 +95,9 @@ def prepare_tokens(
             "files": len(files),
         }
         (tmp / "header.json").write_text(json.dumps(header, indent=2))
+        umask = os.umask(0)  # mkdtemp made the folder private (0700): give it the usual mode
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

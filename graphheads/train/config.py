@@ -10,7 +10,7 @@ from typing import Any
 from graphheads.config import ModelConfig, check_field_types, check_known_keys
 from graphheads.data import TASKS
 
-__all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config"]
+__all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config", "describe_settings"]
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            reason = getattr(err, "problem", None) or err
+            raise ValueError(f"config file {path} is not valid YAML{line}: {reason}") from err
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"config file {path} is not valid JSON (line {err.lineno}): {err.msg}"
+            ) from err
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping, got {type(values).__name__}")
     return values
@@ -179,6 +190,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self.data)
         data["tasks"] = list(self.data.tasks)
+        if self.data.text is not None or self.data.tokens is not None:
+            del data["tasks"]  # a corpus run trains on no task
         return {"model": dict(self.model), "data": data, "train": asdict(self.train)}
 
     @classmethod
@@ -219,3 +232,51 @@ class RunConfig:
                 raise ValueError(f"config section {section!r} must be a mapping")
             values[section][name] = value
         return cls.from_dict(values)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field of dataclass ``cls`` in its source (its meaning)."""
+    import inspect
+    import re
+
+    found = re.findall(r"^    (\w+): [^=\n]+(?:= [^#\n]*)?#\s*(.*)$", inspect.getsource(cls), re.M)
+    return dict(found)
+
+
+def _yaml_value(value: Any) -> str:
+    """JSON, which YAML reads, but floats with a dot: YAML 1.1 reads ``1e-05`` as text."""
+    text = json.dumps(value)
+    if isinstance(value, float) and "e" in text and "." not in text:
+        text = text.replace("e", ".0e")
+    return text
+
+
+def describe_settings() -> str:
+    """Every setting of ``graphheads train`` with its default and meaning, as a YAML file
+    that loads back to the defaults (``graphheads config > run.yaml``)."""
+    from graphheads.data import TaskSuite
+
+    suite = TaskSuite()
+    model = asdict(default_model_config(suite.vocab_size, suite.max_seq_len))
+    sections: list[tuple[str, type, dict[str, Any]]] = [
+        ("model", ModelConfig, model),
+        ("data", DataConfig, RunConfig().to_dict()["data"]),
+        ("train", TrainConfig, asdict(TrainConfig())),
+    ]
+    lines = [
+        "# graphheads train: every setting, its default and its meaning. Set one with",
+        "# --set section.key=value, or save this as run.yaml, edit it and pass --config.",
+    ]
+    for name, cls, values in sections:
+        comments = _field_comments(cls)
+        lines.append(f"{name}:")
+        if name == "model":
+            lines.append("  # preset: llama-10m  # a Llama-style size instead of these defaults")
+        for f in fields(cls):
+            comment = comments.get(f.name, "")
+            if name == "model" and f.name in ("vocab_size", "max_seq_len"):
+                lines.append(f"  # {f.name}: (from the data)  # {comment}")
+                continue
+            value = _yaml_value(list(values[f.name]) if f.name == "tasks" else values[f.name])
+            lines.append(f"  {f.name}: {value}" + (f"  # {comment}" if comment else ""))
+    return "\n".join(lines) + "\n"

@@ -15,12 +15,22 @@ import torch
 from tqdm import tqdm
 
 
-def read_sentences(path: Path) -> list[str]:
-
+def read_sentences(path: Path, *, quiet: bool = False) -> list[str]:
+    """The sentences of a UTF-8 file, or of every UTF-8 file in a folder (other files,
+    images say, are skipped and named on stderr)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     if not path.exists() or not files:
         raise FileNotFoundError(f"no text at {path}")
-    text = " ".join(f.read_text(encoding="utf-8") for f in files)
+    texts = []
+    for file in files:
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            if path.is_file():
+                raise ValueError(f"--text {file} is not UTF-8 text ({err.reason})") from err
+            if not quiet:
+                print(f"convert: skipping {file} (not UTF-8 text)", file=sys.stderr)
+    text = " ".join(texts)
     parts = (" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+|\n\s*\n", text))
     return [p for p in parts if len(p.split()) >= 3]
 
@@ -42,7 +52,7 @@ def convert(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    sentences = read_sentences(args.text)
+    sentences = read_sentences(args.text, quiet=args.quiet)
     random.Random(args.seed).shuffle(sentences)
     held_out, train = sentences[: args.held_out], sentences[args.held_out :]
     if len(train) < args.batch_size:

@@ -50,6 +50,10 @@ def load_pretrained(path: str | Path) -> nn.Module:
     else the bare model. FileNotFoundError naming ``path`` when transformers cannot."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    local = Path(path).expanduser()
+    looks_local = local.exists() or local.is_absolute() or str(path).startswith((".", "~"))
+    if looks_local and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"no transformers model folder at {str(path)!r} (no config.json)")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
