@@ -184,4 +184,7 @@ def set_top_k(model: nn.Module, top_k: int) -> int:
     config = getattr(model, "config", None)
     if isinstance(config, ModelConfig):
         setattr(model, "config", dataclasses.replace(config, top_k=top_k))  # noqa: B010
+    recorded = getattr(config, "graphheads", None)  # a converted Hugging Face model's
+    if isinstance(recorded, dict) and "top_k" in recorded:  # settings, for save_pretrained
+        recorded["top_k"] = top_k
     return len(routers)

@@ -14,14 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
 
 from graphheads import __version__
-
-if TYPE_CHECKING:
-    import torch
-
-    from graphheads.data import ByteTextDataset, TokenShardDataset
 
 DESCRIPTION = "graphheads: attention heads as nodes of a learnable graph."
 
@@ -151,6 +145,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from graphheads.train import load_run
 
+    if (Path(args.out) / "checkpoint.pt").exists():
+        raise ValueError(f"export: {args.out} is a run folder; write the model to another one")
     model, run_config, _, step = load_run(args.run)
     extra = {"run_config": run_config.to_dict(), "step": step}
     out = model.save_pretrained(args.out, extra=extra)
@@ -159,101 +155,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    from graphheads.cli_generate import generate
 
-    from graphheads.data import ByteTextDataset, TokenShardDataset
-    from graphheads.train import load_run
-
-    model, _, data, _ = load_run(args.run)
-    gen = torch.Generator().manual_seed(args.seed)
-    if isinstance(data, TokenShardDataset) and not data.bytes_level:
-        raise ValueError("generate: runs on Hugging Face-tokenised shards are not supported yet")
-    if isinstance(data, ByteTextDataset | TokenShardDataset):
-        return _generate_text(args, model, data, gen)
-    if args.max_new_tokens is not None:
-        raise ValueError("--max-new-tokens is for text runs; a task's answer length is fixed")
-    if args.task is None and args.prompt is not None and len(data.tasks) > 1:
-        raise ValueError(
-            f"generate: this run trained on {', '.join(data.tasks)}: say which task the "
-            "prompt is for with --task"
-        )
-    for task in [args.task] if args.task is not None else list(data.tasks):
-        _generate_task(args, model, data, task, gen)
-    return 0
-
-
-def _generate_task(
-    args: argparse.Namespace, model: Any, data: Any, task: str, gen: torch.Generator
-) -> None:
-    """Sampled prompts of ``task`` (or ``--prompt``) and what the model generates."""
-    from graphheads.data import SEP
-    from graphheads.transformer import Transformer
-
-    if args.prompt is not None:
-        prompt_tokens, answer_len = data.encode_prompt(task, args.prompt)
-        expected = None
-        trained = data.prompt_length(task)
-        if prompt_tokens.size(1) != trained:
-            print(
-                f"graphheads: warning: this run trained on {task} prompts of {trained} "
-                f"tokens; this one has {prompt_tokens.size(1)}: the model never saw its length",
-                file=sys.stderr,
-            )
-    else:
-        batch = data.sample(args.num, gen, task=task)
-        prompt_len = data.prompt_length(task)
-        answer_len = 1 if task in ("mqar", "modadd") else data.length
-        prompt_tokens = batch.inputs[:, :prompt_len]
-        expected = batch.targets[:, prompt_len - 1 : prompt_len - 1 + answer_len]
-    if isinstance(model, Transformer):  # source up to SEP; the decoder starts at SEP
-        sep = int((prompt_tokens[0] == SEP).nonzero()[0])
-        start = prompt_tokens[:, sep:]
-        new = model.generate(prompt_tokens[:, : sep + 1], start, answer_len)[:, start.size(1) :]
-    else:
-        new = model.generate(prompt_tokens, answer_len)[:, prompt_tokens.size(1) :]
-    first = data.first_symbol
-    for i in range(prompt_tokens.size(0)):
-        got = [t - first for t in new[i].tolist()]
-        line = f"{data.render(prompt_tokens[i].tolist())} -> generated {got}"
-        if expected is not None:
-            line += f" (expected {[t - first for t in expected[i].tolist()]})"
-        print(line)
-
-
-def _generate_text(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    data: ByteTextDataset | TokenShardDataset,
-    gen: torch.Generator,
-) -> int:
-    """Continue a byte-level prompt (``--prompt``, default: the start of the held-out text)."""
-    import torch
-
-    from graphheads.data import ByteTextDataset
-
-    if args.task is not None:
-        raise ValueError("--task is for task-suite runs; this run trained on text")
-    text = args.prompt
-    if text is None:
-        held_out = data.val if isinstance(data, ByteTextDataset) else data.splits["val"]
-        text = bytes(held_out[:48].tolist()).decode("utf-8", errors="ignore")
-    prompt = list(text.encode("utf-8"))
-    if not prompt:
-        raise ValueError("--prompt is empty: give at least one character")
-    room = data.max_seq_len - len(prompt)
-    n = args.max_new_tokens if args.max_new_tokens is not None else min(200, room)
-    if n < 1 or n > room:
-        raise ValueError(
-            f"the prompt ({len(prompt)} bytes) + {n} new bytes must fit this run's "
-            f"{data.max_seq_len}-byte context; shorten --prompt or lower --max-new-tokens"
-        )
-    out = model.generate(  # type: ignore[operator]
-        torch.tensor([prompt]), n, temperature=args.temperature, generator=gen
-    )
-    print(f"prompt ({len(prompt)} bytes):\n{text}")
-    print(f"generated ({n} bytes, {'greedy' if args.temperature == 0 else 'sampled'}):")
-    print(bytes(out[0, len(prompt) :].tolist()).decode("utf-8", errors="replace"))
-    return 0
+    return generate(args)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -385,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--adapter-only",
         action="store_true",
-        help="save only the routers and settings (load them with --model as the base)",
+        help="save only the routers and settings; load_converted(out) puts them on --model",
     )
     conv.add_argument("--num-shared", type=int, required=True, help="always-on heads per layer")
     conv.add_argument("--top-k", type=int, required=True, help="routed heads per token")

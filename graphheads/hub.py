@@ -32,17 +32,28 @@ MODEL_TYPE = "graphheads"
 M = TypeVar("M", bound="HubMixin")
 
 
+def _label(value: Any) -> Any:
+    """A node label as JSON: scalars as they are, tuples (grid coordinates) as lists."""
+    if isinstance(value, str | int | float):
+        return value
+    if isinstance(value, tuple) and all(isinstance(x, str | int | float) for x in value):
+        return list(value)
+    raise ValueError(
+        f"graph_spec: node label {value!r} cannot be saved (str, int, float or a tuple of "
+        "them); relabel the graph's nodes first"
+    )
+
+
 def graph_spec(graph: HeadGraph) -> dict[str, Any]:
     """What rebuilds ``graph``'s shapes (its weights travel with the model's):
     :func:`graph_from_spec` is the inverse."""
     labels = graph.node_labels
-    jsonable = labels is not None and all(isinstance(x, str | int | float) for x in labels)
     return {
         "num_heads": graph.num_heads,
         "edge_index": graph.edge_index.tolist(),
         "learnable": graph.learnable,
         "num_shared": graph.num_shared,
-        "node_labels": labels if jsonable else None,
+        "node_labels": None if labels is None else [_label(x) for x in labels],
     }
 
 
@@ -53,15 +64,20 @@ def graph_from_spec(spec: dict[str, Any]) -> HeadGraph:
         torch.tensor(spec["edge_index"], dtype=torch.long).reshape(2, -1),
         learnable=spec["learnable"],
         num_shared=spec["num_shared"],
-        node_labels=spec.get("node_labels"),
+        node_labels=[tuple(x) if isinstance(x, list) else x for x in labels]
+        if (labels := spec.get("node_labels")) is not None
+        else None,
     )
 
 
 def write_atomically(path: Path, data: bytes) -> None:
     """``path`` holds ``data`` or what it held before, never part of it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resolve_folder(path: str | Path) -> Path:
@@ -102,6 +118,10 @@ class HubMixin(nn.Module):
         ``config.json`` beside the model's (JSON values). Returns the folder."""
         from safetensors.torch import save_model
 
+        reserved = {"model_type", "architectures", "graphheads_version", "model_config", "graph"}
+        clash = sorted(reserved & set(extra or {}))
+        if clash:
+            raise ValueError(f"save_pretrained: extra may not set {clash} (the model's own)")
         graphs = [m for m in self.modules() if isinstance(m, HeadGraph)]
         config = {
             "model_type": MODEL_TYPE,
@@ -118,8 +138,11 @@ class HubMixin(nn.Module):
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{WEIGHTS_FILE}.tmp"
-        save_model(self, str(tmp))  # shared (tied) weights stored once
-        os.replace(tmp, out / WEIGHTS_FILE)
+        try:
+            save_model(self, str(tmp))  # shared (tied) weights stored once
+            os.replace(tmp, out / WEIGHTS_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
         write_atomically(out / CONFIG_FILE, text.encode())
         return out
 

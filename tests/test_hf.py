@@ -397,7 +397,7 @@ def test_a_converted_folder_is_self_contained_and_an_adapter_needs_only_its_base
     assert sum(sizes.values()) < 0.02 * (tmp_path / "moved" / "model.safetensors").stat().st_size
     got = _in_fresh_process(tmp_path / "adapter", enc, tmp_path, path)  # base given apart
     torch.testing.assert_close(got, routed, atol=1e-5, rtol=1e-5)
-    with pytest.raises(FileNotFoundError, match=r"'base-model' named in .*pass base="):
+    with pytest.raises(FileNotFoundError, match=r"'base-model' named in .*pass load_converted\(\.\.\., base="):
         load_converted(tmp_path / "adapter")
     with pytest.raises(ValueError, match="adapter_only needs base_model"):
         save_converted(model, tmp_path / "other", adapter_only=True)
@@ -462,3 +462,120 @@ def test_another_attention_kernel_is_refused_and_attention_weights_are_returned(
     with pytest.raises(ValueError, match="need the 'graphheads' attention kernel, but the model "
                                          "uses 'sdpa'"):  # fmt: skip
         model(input_ids=TOKENS)
+
+
+def test_a_classification_head_reloads_in_both_forms_and_keeps_a_changed_top_k(tmp_path):
+    """The class the config names is loaded (not the bare model: its keys lack the
+    `bert.` prefix); set_top_k after conversion reaches transformers' save_pretrained."""
+    from graphheads import set_top_k
+    from graphheads.integrations.hf import load_converted, save_converted
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    base = transformers.BertForSequenceClassification(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = convert_to_goh(copy.deepcopy(base), num_shared=1, top_k=1)
+    set_top_k(model, 3)
+    with torch.no_grad():
+        for m in converted_modules(model):
+            m.router.score_bias.normal_()
+        want = model(input_ids=TOKENS).logits
+    model.save_pretrained(tmp_path / "full")
+    save_converted(model, tmp_path / "adapter", base_model=tmp_path / "base", adapter_only=True)
+    for folder in ("full", "adapter"):
+        loaded = load_converted(tmp_path / folder)
+        assert type(loaded).__name__ == "BertForSequenceClassification"
+        assert converted_modules(loaded)[0].router.top_k == 3
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=TOKENS).logits, want)
+
+
+def test_a_new_save_replaces_an_earlier_one_whole(tmp_path):
+    """No file of an earlier save (another form, shards) survives to be loaded instead;
+    a folder of other files is refused untouched."""
+    from graphheads.integrations.hf import load_converted, save_converted
+
+    base = tiny("gpt2")
+    base.save_pretrained(tmp_path / "base")
+    first = convert_to_goh(copy.deepcopy(base), num_shared=1, top_k=2)
+    second = convert_to_goh(copy.deepcopy(base), num_shared=1, top_k=2)
+    with torch.no_grad():
+        for m in converted_modules(second):
+            m.router.score_bias.normal_()
+    out = tmp_path / "out"
+    save_converted(first, out, base_model=tmp_path / "base", adapter_only=True)
+    first.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")  # a sharded save
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    save_converted(second, out, base_model=tmp_path / "base")  # full over the adapter
+    assert not (out / "graphheads_adapter.json").exists()
+    save_converted(second, tmp_path / "sharded")  # single file over the shards
+    assert not (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        want = outputs(second, TOKENS)
+        for folder in (out, tmp_path / "sharded"):
+            torch.testing.assert_close(outputs(load_converted(folder), TOKENS), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out", "sharded"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files"):
+        save_converted(second, tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_graphheads_0_2_folder_still_loads_with_another_base(tmp_path):
+    """The format save_converted wrote before: conversion JSON with an absolute base."""
+    import json
+
+    from safetensors.torch import save_model
+
+    from graphheads.hub import graph_spec
+    from graphheads.integrations.hf import load_converted
+
+    base = tiny("gpt2")
+    base.save_pretrained(tmp_path / "moved_base")
+    model = convert_to_goh(copy.deepcopy(base), num_shared=1, top_k=2)
+    with torch.no_grad():
+        for m in converted_modules(model):
+            m.router.score_bias.normal_()
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    router = converted_modules(model)[0].router
+    graph = {k: v for k, v in graph_spec(router.graph).items() if k != "node_labels"}
+    (legacy / "graphheads_conversion.json").write_text(json.dumps({
+        "base_model": "/gone/base", "num_shared": 1, "top_k": 2, "feature_dim": 16,
+        "num_layers": 2, "graph": graph}))  # fmt: skip
+    save_model(model, str(legacy / "graphheads_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="'/gone/base' named in"):
+        load_converted(legacy)
+    loaded = load_converted(legacy, base=tmp_path / "moved_base")
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(loaded, TOKENS), outputs(model, TOKENS))
+
+
+def test_the_kernel_refuses_what_it_would_drop():
+    """Logit soft-capping (Gemma 2) and attention sinks are not in the kernel: refused."""
+    from graphheads.integrations.hf.convert import gated_sdpa_attention
+
+    module = nn_module = torch.nn.Module()
+    q = k = v = torch.zeros(1, 2, 3, 4)
+    for key in ("softcap", "s_aux"):
+        with pytest.raises(ValueError, match=f"does not support '{key}'"):
+            gated_sdpa_attention(module, q, k, v, None, **{key: 1.0})
+    assert nn_module is module
+
+
+def test_attention_classes_pickle_cannot_name_still_convert():
+    """A class defined in a function (or __main__) gets a routed class that works."""
+
+    def make():
+        class LocalAttention(transformers.models.bert.modeling_bert.BertSelfAttention):
+            pass
+
+        return LocalAttention
+
+    from graphheads.integrations.hf.convert import routed_class
+
+    local = make()
+    cls = routed_class(local)
+    assert issubclass(cls, local) and routed_class(local) is cls

@@ -98,11 +98,33 @@ def test_a_trained_run_exported_generates_the_same_tokens_in_a_fresh_process(tmp
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 0
     saved = json.loads((tmp_path / "x" / "config.json").read_text())
     assert saved["step"] == 20 and saved["run_config"]["data"]["tasks"] == ["copy"]
+    from_run = graphheads.load(tmp_path / "run")  # the run folder itself, in one line
+    with pytest.raises(SystemExit):  # a run folder is not an export target
+        main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "run")])
     shutil.move(tmp_path / "x", tmp_path / "elsewhere")  # no path inside points back
     model, _, data, _ = load_run(tmp_path / "run")
     prompt = data.sample(1, torch.Generator().manual_seed(0), task="copy").inputs[:, :4]
     expected = model.generate(prompt, 6)[0].tolist()
+    assert from_run.generate(prompt, 6)[0].tolist() == expected
     words = " ".join(str(t) for t in prompt[0].tolist())
     done = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "elsewhere"), words],
                           capture_output=True, text=True, check=True)  # fmt: skip
     assert done.stdout.strip() == str(expected)
+
+
+def test_node_labels_that_are_tuples_come_back_and_others_are_refused(tmp_path):
+    import networkx as nx
+
+    graph = HeadGraph.from_networkx(nx.grid_2d_graph(2, 2), learnable="edge")  # (r, c) labels
+    config = ModelConfig(**TINY, attention="goh", num_shared=1, top_k=2)
+    DecoderOnlyLM(config, graph=graph).save_pretrained(tmp_path / "m")
+    loaded = graphheads.load(tmp_path / "m")
+    assert (
+        loaded.head_graphs()[0].node_labels == graph.node_labels == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    )
+    odd = HeadGraph.ring(4, node_labels=[object()] * 4)
+    with pytest.raises(ValueError, match="cannot be saved"):
+        DecoderOnlyLM(config, graph=odd).save_pretrained(tmp_path / "odd")
+    with pytest.raises(ValueError, match=r"extra may not set \['graph'\]"):
+        DecoderOnlyLM(config).save_pretrained(tmp_path / "x", extra={"graph": None})
+    assert not (tmp_path / "odd").exists() and not (tmp_path / "x").exists()

@@ -54,6 +54,7 @@ def _attention_with_weights(
     the same masks, key/value groups and causal rule as transformers' SDPA kernel."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
+    position_bias = kwargs.get("position_bias")
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -61,10 +62,12 @@ def _attention_with_weights(
     causal = bool(causal) and q_len > 1 and attention_mask is None
     if causal and kv_len > q_len:  # as SDPA's kernel: the first q_len keys
         key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_len]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = (query @ key.transpose(2, 3)) * scale
-    if kwargs.get("position_bias") is not None:
-        scores = scores + kwargs["position_bias"]
+    if position_bias is not None:
+        scores = scores + position_bias
     if causal:
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
     if attention_mask is not None and attention_mask.dtype == torch.bool:
@@ -89,6 +92,12 @@ def gated_sdpa_attention(
     its weights), then each head's output (b, t, h, e) times its gate."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    for unsupported in ("softcap", "s_aux"):  # logit soft-capping, attention sinks
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(
+                f"the {ATTENTION_NAME!r} attention kernel does not support {unsupported!r} "
+                f"({type(module).__name__}): this family cannot be routed yet"
+            )
     kernel = _attention_with_weights if kwargs.get("output_attentions") else sdpa_attention_forward
     out, weights = kernel(module, query, key, value, attention_mask, **kwargs)
     if head_gates is not None:
@@ -128,12 +137,31 @@ class RoutedHFAttention(nn.Module):
         return super().forward(hidden_states, *args, head_gates=gates, **kwargs)
 
 
+_UNNAMED: dict[type, type] = {}  # routed classes of bases pickle cannot find by name
+
+
 def routed_class(base: type) -> type:
     """The routed subclass of attention class ``base``: one per class, importable from
     this module by its qualified name (made on first use by :func:`__getattr__`), so that
-    converted models pickle (``torch.save(model)``) and unpickle in a fresh process."""
-    name = _CLASS_PREFIX + base.__module__.replace(".", "__") + "__" + base.__qualname__
-    return getattr(sys.modules[__name__], name)
+    converted models pickle (``torch.save(model)``) and unpickle in a fresh process. A
+    class defined in ``__main__``, in a function or in another class gets a routed class
+    that works but does not pickle."""
+    named = (
+        base.__module__ != "__main__"
+        and "." not in base.__qualname__
+        and "__" not in base.__module__ + base.__qualname__
+    )
+    if named:
+        name = _CLASS_PREFIX + base.__module__.replace(".", "__") + "__" + base.__qualname__
+        cls = getattr(sys.modules[__name__], name)
+        if cls.__bases__[1] is base:  # not a class of the same name that a reload replaced
+            return cls
+        globals().pop(name)
+        return getattr(sys.modules[__name__], name)
+    if base not in _UNNAMED:
+        _register_kernel()
+        _UNNAMED[base] = type(f"Routed{base.__name__}", (RoutedHFAttention, base), {})
+    return _UNNAMED[base]
 
 
 def __getattr__(name: str) -> type:
@@ -232,12 +260,14 @@ def conversion_settings(model: nn.Module) -> dict[str, Any]:
     if not modules:
         raise ValueError(f"conversion_settings: {type(model).__name__} is not converted")
     router = modules[0].router
+    same_heads = len({m.router.num_heads for m in modules}) == 1
     return {
         "num_shared": router.num_shared,
         "top_k": router.top_k,
         "feature_dim": router.feature_dim,
         "num_layers": len(router.message_passing.layers),
-        "graph": graph_spec(router.graph),
+        # modules with different head counts were given no template: each its default graph
+        "graph": graph_spec(router.graph) if same_heads else None,
     }
 
 

@@ -152,24 +152,25 @@ def tune(
             p.requires_grad_(True)
         elif routers_only:
             p.requires_grad_(False)
-    params = [p for p in target.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    target.train()
-    losses = []
-    for batch in batches:
-        with record_routing(target) as routing:
-            loss = loss_fn(target, batch)
-        if routing and aux_loss_weight > 0:
-            loss = (
-                loss + aux_loss_weight * torch.stack([r.load_balance_loss for r in routing]).mean()
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    target.eval()
-    if lora:
-        target.merge_and_unload()
-    for p, flag in trainable.items():
-        p.requires_grad_(flag)
+    losses: list[float] = []
+    try:
+        params = [p for p in target.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        target.train()
+        for batch in batches:
+            with record_routing(target) as routing:
+                loss = loss_fn(target, batch)
+            if routing and aux_loss_weight > 0:
+                balance = torch.stack([r.load_balance_loss for r in routing]).mean()
+                loss = loss + aux_loss_weight * balance
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:  # also when a step fails: the model back as it was given, adapters merged
+        target.eval()
+        if lora:
+            target.merge_and_unload()
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
     return losses
