@@ -32,3 +32,10 @@ def count_calls(monkeypatch):
 os.environ.setdefault("MPLBACKEND", "Agg")
 # models load from local files only; never ask a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The notebooks (executed by nbmake, each a minute or more) belong to the slow tier."""
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)

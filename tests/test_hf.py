@@ -397,7 +397,9 @@ def test_a_converted_folder_is_self_contained_and_an_adapter_needs_only_its_base
     assert sum(sizes.values()) < 0.02 * (tmp_path / "moved" / "model.safetensors").stat().st_size
     got = _in_fresh_process(tmp_path / "adapter", enc, tmp_path, path)  # base given apart
     torch.testing.assert_close(got, routed, atol=1e-5, rtol=1e-5)
-    with pytest.raises(FileNotFoundError, match=r"'base-model' named in .*pass load_converted\(\.\.\., base="):
+    with pytest.raises(
+        FileNotFoundError, match=r"'base-model' named in .*pass load_converted\(\.\.\., base="
+    ):
         load_converted(tmp_path / "adapter")
     with pytest.raises(ValueError, match="adapter_only needs base_model"):
         save_converted(model, tmp_path / "other", adapter_only=True)

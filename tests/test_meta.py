@@ -120,17 +120,21 @@ def test_outer_step_gradients(algorithm, adapt):
             torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
-@pytest.mark.slow
 def test_meta_training_makes_five_inner_steps_pay():
+    """30 first-order MAML steps (a few seconds): five inner steps then lift accuracy on
+    unseen variants far above what they do for the same network without meta-training
+    (measured: 0.33 against 0.12; at 60 steps 0.56)."""
     net = model()
+    unseen = variants(6, 99)
+    before = adaptation_curve(net, unseen, adapt="all", lr=0.2, checkpoints=(0, 5), width=WIDTH)
     learner = MetaLearner(net, variants(12, 0), algorithm="fomaml", inner_steps=3,
                           inner_lr=0.2, outer_lr=3e-3, meta_batch=4, width=WIDTH)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    for _ in range(60):
+    for _ in range(30):
         learner.meta_step(gen)
-    curve = adaptation_curve(net, variants(6, 99), adapt="all", lr=0.2, checkpoints=(0, 5),
-                             width=WIDTH)  # fmt: skip
-    assert curve[5] > curve[0] + 0.05, curve
+    curve = adaptation_curve(net, unseen, adapt="all", lr=0.2, checkpoints=(0, 5), width=WIDTH)
+    assert curve[5] > curve[0] + 0.05, curve  # the inner steps pay
+    assert curve[5] > before[5] + 0.1, (curve, before)  # because of meta-training
 
 
 def test_bad_meta_settings_are_named():

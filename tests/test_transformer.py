@@ -160,7 +160,9 @@ def test_bad_model_inputs_raise():
         model.generate(torch.zeros(2, 0, dtype=torch.long), 1)
     with pytest.raises(ValueError, match=r"expected token ids of shape \(batch, tokens\)"):
         model(torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"prompt \(30\) \+ max_new_tokens \(5\) exceeds"):
+    with pytest.raises(
+        ValueError, match=r"prompt \(30\) \+ max_new_tokens \(5\) - 1 positions exceed"
+    ):
         model.generate(torch.zeros(1, 30, dtype=torch.long), 5)
 
 
