@@ -70,6 +70,16 @@ def graph_from_spec(spec: dict[str, Any]) -> HeadGraph:
     )
 
 
+def usual_mode(path: Path) -> None:
+    """Give ``path`` (and, for a folder, all it holds) the mode a plain ``open`` or
+    ``mkdir`` gives under the process's umask: temporary files and folders (safetensors'
+    own, ``mkdtemp``) are private (0600/0700), which a shared model folder must not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """``path`` holds ``data`` or what it held before, never part of it."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -140,6 +150,7 @@ class HubMixin(nn.Module):
         tmp = out / f".{WEIGHTS_FILE}.tmp"
         try:
             save_model(self, str(tmp))  # shared (tied) weights stored once
+            usual_mode(tmp)
             os.replace(tmp, out / WEIGHTS_FILE)
         finally:
             tmp.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Hugging Face integration: converted models reproduce the originals exactly."""
 
 import copy
+import os
 import pathlib
 import random
 
@@ -518,6 +519,10 @@ def test_a_new_save_replaces_an_earlier_one_whole(tmp_path):
         for folder in (out, tmp_path / "sharded"):
             torch.testing.assert_close(outputs(load_converted(folder), TOKENS), want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out", "sharded"]
+    umask = os.umask(0)
+    os.umask(umask)  # not mkdtemp's 0700 nor safetensors' 0600: the folder is to be shared
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="holds other files"):

@@ -3,6 +3,7 @@ save_pretrained / from_pretrained / graphheads.load, `graphheads export`, and th
 trip from a trained run to a fresh process that loads and generates."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def test_a_saved_model_loads_back_equal_with_its_own_head_graph(tmp_path, attent
                                                                   "model.safetensors"]  # fmt: skip
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["model_type"] == "graphheads" and saved["architectures"] == ["DecoderOnlyLM"]
+    umask = os.umask(0)
+    os.umask(umask)  # safetensors writes private (0600) files: a shared folder needs the usual
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     loaded = DecoderOnlyLM.from_pretrained(tmp_path / "m")
     assert not loaded.training
     if attention == "goh":

@@ -27,6 +27,7 @@ import torch
 
 from graphheads.data.tasks import TaskBatch
 from graphheads.data.text import read_text, sample_windows, text_files
+from graphheads.hub import usual_mode
 
 __all__ = ["SHARD_FORMAT", "TokenShardDataset", "prepare_tokens"]
 
@@ -95,9 +96,7 @@ def prepare_tokens(
             "files": len(files),
         }
         (tmp / "header.json").write_text(json.dumps(header, indent=2))
-        umask = os.umask(0)  # mkdtemp made the folder private (0700): give it the usual mode
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+        usual_mode(tmp)  # mkdtemp made the folder private (0700): the usual mode
         os.replace(tmp, out)
     finally:
         if tmp.exists():

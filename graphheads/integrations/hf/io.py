@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from graphheads.hub import graph_from_spec
+from graphheads.hub import graph_from_spec, usual_mode
 from graphheads.integrations.hf.convert import CONFIG_KEY, conversion_settings, convert_to_goh
 
 __all__ = [
@@ -191,9 +191,7 @@ def save_converted(
                 setattr(config, CONFIG_KEY, recorded)
             if base_model is not None:
                 _copy_tokenizer(base_model, stage)
-        umask = os.umask(0)  # mkdtemp made the folder private (0700): the usual mode
-        os.umask(umask)
-        stage.chmod(0o777 & ~umask)
+        usual_mode(stage)  # mkdtemp and safetensors make private files: the usual modes
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         if out.exists():
             os.replace(out, old)
