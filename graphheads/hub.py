@@ -90,6 +90,17 @@ def write_atomically(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def is_pretrained_folder(folder: Path) -> bool:
+    """A :meth:`HubMixin.save_pretrained` folder (a run folder has a config.json too)."""
+    config = folder / CONFIG_FILE
+    if not config.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except json.JSONDecodeError:
+        return False
+
+
 def resolve_folder(path: str | Path) -> Path:
     """A local folder, or a Hub id downloaded (or found in the cache) by huggingface_hub;
     FileNotFoundError naming ``path`` when it is neither."""
@@ -146,6 +157,13 @@ class HubMixin(nn.Module):
         except (TypeError, ValueError) as err:
             raise ValueError(f"save_pretrained: extra must hold JSON values ({err})") from err
         out = Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"save_pretrained: {out} is a file, not a folder")
+        if out.is_dir() and any(out.iterdir()) and not is_pretrained_folder(out):
+            raise ValueError(
+                f"save_pretrained: {out} holds other files (a run folder, or your own); "
+                "write the model to a new or empty folder"
+            )
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{WEIGHTS_FILE}.tmp"
         try:

@@ -586,3 +586,18 @@ def test_attention_classes_pickle_cannot_name_still_convert():
     local = make()
     cls = routed_class(local)
     assert issubclass(cls, local) and routed_class(local) is cls
+
+
+def test_an_adapter_on_a_base_of_another_shape_is_named(tmp_path):
+    from graphheads.integrations.hf import load_converted, save_converted
+
+    model = convert_to_goh(tiny("bert"), num_shared=1, top_k=2)  # 4 heads
+    save_converted(model, tmp_path / "adapter", base_model="unused", adapter_only=True)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "two_heads")
+    with pytest.raises(ValueError, match="made for a base with 4 heads per layer"):
+        load_converted(tmp_path / "adapter", base=tmp_path / "two_heads")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        (tmp_path / "afile").write_text("x")
+        save_converted(model, tmp_path / "afile")

@@ -65,8 +65,8 @@ def test_an_encoder_decoder_loads_back_and_the_wrong_class_is_named(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="not a graphheads model folder"):
-        graphheads.load(tmp_path / "other")
-    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        DecoderOnlyLM.from_pretrained(tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="nothing at"):
         graphheads.load(tmp_path / "nowhere" / "model")
 
 
@@ -132,3 +132,26 @@ def test_node_labels_that_are_tuples_come_back_and_others_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"extra may not set \['graph'\]"):
         DecoderOnlyLM(config).save_pretrained(tmp_path / "x", extra={"graph": None})
     assert not (tmp_path / "odd").exists() and not (tmp_path / "x").exists()
+
+
+def test_save_and_load_name_what_a_folder_is_and_refuse_other_files(tmp_path):
+    """save_pretrained never writes over a run folder's or the user's own files; load
+    says which forms it takes and points a converted HF folder to load_converted."""
+    model = DecoderOnlyLM(ModelConfig(**TINY))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="holds other files"):
+        model.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "config.json").read_text() == '{"mine": 1}'
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["config.json"]
+    model.save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")  # an earlier save of its own is replaced
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"is not a save_pretrained folder .* run folder"):
+        graphheads.load(tmp_path / "empty")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "bert", "graphheads": {}}')
+    with pytest.raises(ValueError, match="load it with load_converted"):
+        graphheads.load(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match=r"nothing at '\./runs/nowhere'"):
+        graphheads.load("./runs/nowhere")  # a path, not a Hub id: no network call

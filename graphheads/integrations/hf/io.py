@@ -165,6 +165,8 @@ def save_converted(
     settings = {**conversion_settings(model), "extra": extra or {}}
     json.dumps(settings)  # JSON or refused, before anything is written
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"save_converted: {out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not _is_converted_save(out):
         raise ValueError(f"save_converted: {out} holds other files; write to a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,10 +233,17 @@ def load_converted(path: str | Path, *, base: str | Path | None = None) -> nn.Mo
     folder = Path(path)
     if (folder / ADAPTER_CONFIG).is_file():
         adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
-        model = _load_base(
-            base or adapter["base_model"], folder / ADAPTER_CONFIG, adapter.get("architecture")
-        )
-        _convert_as_saved(model, adapter[CONFIG_KEY])
+        chosen = base or adapter["base_model"]
+        model = _load_base(chosen, folder / ADAPTER_CONFIG, adapter.get("architecture"))
+        try:
+            _convert_as_saved(model, adapter[CONFIG_KEY])
+        except ValueError as err:  # e.g. another head count than the adapter's
+            graph = adapter[CONFIG_KEY].get("graph") or {}
+            heads = f" with {graph['num_heads']} heads per layer" if "num_heads" in graph else ""
+            raise ValueError(
+                f"load_converted: the adapter in {folder} was made for a base{heads}; "
+                f"{str(chosen)!r} does not fit it ({err})"
+            ) from err
         reader = _safetensors_reader([folder / ADAPTER_WEIGHTS])
         _load_router_state(model, reader, folder / ADAPTER_WEIGHTS)
         return model.eval()
@@ -252,9 +261,14 @@ def load_converted(path: str | Path, *, base: str | Path | None = None) -> nn.Mo
         )
     settings = json.loads(config_file.read_text()).get(CONFIG_KEY)
     if settings is None:
+        hint = (
+            "a graphheads model: load it with graphheads.load"
+            if json.loads(config_file.read_text()).get("model_type") == "graphheads"
+            else "convert it with convert_to_goh, then save_pretrained"
+        )
         raise ValueError(
             f"load_converted: {config_file} has no {CONFIG_KEY!r} section: not a converted "
-            "model (convert it with convert_to_goh, then save_pretrained)"
+            f"model ({hint})"
         )
     model = _load_full(folder)
     _convert_as_saved(model, settings)
