@@ -46,7 +46,7 @@ def test_config_lists_every_setting_and_loads_back_to_the_defaults(tmp_path, cap
     for cls in (ModelConfig, DataConfig, TrainConfig):
         for f in fields(cls):
             assert f"  {f.name}: " in text or f"  # {f.name}: " in text, f.name
-    assert "  steps: 2000  # optimiser steps" in text
+    assert "  steps: 2500  # optimiser steps" in text
     (tmp_path / "run.yaml").write_text(text)
     loaded, suite = RunConfig.load(tmp_path / "run.yaml"), TaskSuite()
     assert loaded.data == DataConfig() and loaded.train == TrainConfig()

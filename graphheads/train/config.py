@@ -17,7 +17,7 @@ __all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config", "de
 class TrainConfig:
     """Optimisation and bookkeeping of a training run."""
 
-    steps: int = 2000  # optimiser steps
+    steps: int = 2500  # optimiser steps
     batch_size: int = 32  # global batch (split across DDP ranks)
     lr: float = 3e-3  # peak learning rate
     warmup_steps: int = 100  # linear warm-up, then cosine decay
