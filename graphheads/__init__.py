@@ -86,8 +86,15 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'graphheads' has no attribute {name!r}")
+    if module is None:  # a submodule (graphheads.train, ...), as before the names were lazy
+        try:
+            value = importlib.import_module(f"graphheads.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"graphheads.{name}":
+                raise
+            raise AttributeError(f"module 'graphheads' has no attribute {name!r}") from None
+        globals()[name] = value
+        return value
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -24,6 +24,8 @@ def generate(args: argparse.Namespace) -> int:
         return _generate_text(args, model, data, gen)
     if args.max_new_tokens is not None:
         raise ValueError("--max-new-tokens is for text runs; a task's answer length is fixed")
+    if args.temperature != 0:
+        raise ValueError("--temperature is for text runs; task answers are greedy")
     if args.task is None and args.prompt is not None and len(data.tasks) > 1:
         raise ValueError(
             f"generate: this run trained on {', '.join(data.tasks)}: say which task the "
@@ -85,7 +87,7 @@ def _generate_text(
     prompt = list(text.encode("utf-8"))
     if not prompt:
         raise ValueError("--prompt is empty: give at least one character")
-    room = data.max_seq_len - len(prompt)
+    room = data.max_seq_len - len(prompt) + 1  # the last new byte is not fed back
     n = args.max_new_tokens if args.max_new_tokens is not None else min(200, room)
     if n < 1 or n > room:
         raise ValueError(

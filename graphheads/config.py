@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import difflib
+import numbers
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -27,10 +28,10 @@ def _matches(value: Any, hint: Any) -> bool:
         return any(type(value) is type(a) for a in args)
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is int:  # numpy's ints too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
     if origin in (tuple, list):
@@ -49,7 +50,7 @@ def _describe(hint: Any) -> str:
     if hint is type(None):
         return "null"
     if origin in (tuple, list):
-        return f"a list of {_describe(args[0])}"
+        return f"a list ({_describe(args[0])} each)"
     return {bool: "true or false", int: "an int", float: "a number", str: "a string"}.get(
         hint, getattr(hint, "__name__", str(hint))
     )
@@ -71,7 +72,7 @@ def check_known_keys(owner: str, given: Any, known: Any, *, prefix: str = "") ->
     """ValueError naming every key of ``given`` not in ``known``, each with the closest
     known key ("did you mean ...?") when there is one."""
     known = sorted(known)
-    unknown = sorted(set(given) - set(known))
+    unknown = sorted({str(k) for k in given} - set(known))  # YAML keys may be 1, true, ...
     if not unknown:
         return
     hints, guessed = [], True
@@ -104,7 +105,7 @@ class ModelConfig:
     num_decoder_layers: int | None = None  # encoder-decoder only; None = num_layers
     activation: Literal["relu", "gelu"] = "relu"  # FFN non-linearity (ReLU in the paper)
     norm_first: bool = False  # pre-LN; False = post-LN as in the paper
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # epsilon of every layer norm
     tie_embeddings: bool = True  # share the token embedding with the output projection
     # --- Mixture-of-Head (attention="moh" or "goh") ---
     num_shared: int = 0  # always-on heads (the first num_shared heads)

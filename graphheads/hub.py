@@ -70,12 +70,25 @@ def graph_from_spec(spec: dict[str, Any]) -> HeadGraph:
     )
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (setting it, even for a moment,
+    would race with other threads creating files) where Linux shows it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # elsewhere: the only portable way to read it
+    os.umask(umask)
+    return umask
+
+
 def usual_mode(path: Path) -> None:
     """Give ``path`` (and, for a folder, all it holds) the mode a plain ``open`` or
     ``mkdir`` gives under the process's umask: temporary files and folders (safetensors'
     own, ``mkdtemp``) are private (0600/0700), which a shared model folder must not be."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 

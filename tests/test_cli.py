@@ -79,15 +79,51 @@ def test_a_bad_config_file_is_named_in_one_line(tmp_path, capsys, command, conte
 
 
 def test_only_our_own_checks_become_one_line_errors(monkeypatch, capsys):
-    """A ValueError from inside a library (a bug to see in full) keeps its traceback."""
-    import graphheads.cli as cli
+    """A ValueError that no check of ours raised (here a builtin failing inside
+    graphheads' own code: a bug to see in full) keeps its traceback."""
+    import graphheads.train.config as config_module
 
-    def buggy(args):
-        return int("not a number")  # ValueError raised by a builtin, not by a check
+    monkeypatch.setattr(config_module, "_yaml_value", float)  # float("goh") fails inside
+    with pytest.raises(ValueError, match="could not convert string to float"):
+        main(["config"])
 
-    monkeypatch.setattr(cli, "_report", buggy)
-    with pytest.raises(ValueError, match="invalid literal"):
-        main(["report", "--run", "x"])
+
+def test_yaml_floats_lists_and_keys_as_users_write_them(tmp_path, capsys):
+    from graphheads.train import RunConfig
+
+    (tmp_path / "run.yaml").write_text("train:\n  lr: 3e-4\n  weight_decay: 1E-2\n")
+    assert RunConfig.load(tmp_path / "run.yaml").train.lr == 3e-4  # YAML 1.1 says '3e-4'
+    cases = [("train:\n  1: 2\n", "unknown key(s) train.1"),
+             ("data:\n  tasks: null\n", "tasks must be a list of task names"),
+             ("train: []\n", "section 'train' must be a mapping of keys, got []")]  # fmt: skip
+    for content, message in cases:
+        (tmp_path / "run.yaml").write_text(content)
+        with pytest.raises(SystemExit):
+            main(["train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "o")])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "is not a file" in capsys.readouterr().err
+
+
+def test_the_package_names_its_submodules_as_before_they_were_lazy():
+    import graphheads
+
+    assert graphheads.train.RunConfig is not None and graphheads.transformer.DecoderOnlyLM
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        graphheads.nonexistent  # noqa: B018
+
+
+def test_train_reports_its_evaluation_by_name(tmp_path, capsys):
+    sets = ["model.d_model=32", "model.num_heads=4", "model.num_shared=1", "model.top_k=2",
+            "model.d_ff=64", "train.steps=2", "train.batch_size=4", "train.eval_batches=1",
+            "data.tasks=copy"]  # fmt: skip
+    argv = ["train", "--out", str(tmp_path / "run"), "--quiet", "--no-report"]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"step", "seconds_this_run", "eval_loss", "eval_accuracy"}
 
 
 def test_generate_samples_every_task_or_asks_which_one_a_prompt_is_for(tmp_path, capsys):
@@ -105,6 +141,11 @@ def test_generate_samples_every_task_or_asks_which_one_a_prompt_is_for(tmp_path,
         main(["generate", "--run", str(tmp_path / "run"), "--prompt", "3 1 4"])
     assert "trained on copy, sort: say which task" in capsys.readouterr().err
     argv = ["generate", "--run", str(tmp_path / "run"), "--task", "copy", "--prompt", "3 1 4"]
+    for bad, message in (("3 ²", "are not symbols"), (None, "--temperature is for text runs")):
+        extra = ["--prompt", bad] if bad else ["--temperature", "0.7"]
+        with pytest.raises(SystemExit):
+            main([*argv[:-2], *extra] if bad else [*argv, *extra])
+        assert message in capsys.readouterr().err
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "trained on copy prompts of 8 tokens; this one has 5" in captured.err

@@ -169,7 +169,10 @@ def test_resume_mid_stage_gives_the_uninterrupted_run(tmp_path):
         ({"name": "x", "tasks": ["copy"], "steps": 0}, r"stage 1 \('x'\): key 'steps'"),
         ({"name": "x", "tasks": ["cpy"], "steps": 5}, r"stage 1 \('x'\): key 'tasks'.*'cpy'"),
         ({"name": "x", "tasks": "copy", "steps": 5}, r"stage 1 \('x'\): key 'tasks'"),
-        ({"name": "x", "tasks": ["copy"], "step": 5}, r"stage 1 \('x'\): unknown key.*'step'"),
+        (
+            {"name": "x", "tasks": ["copy"], "step": 5},
+            r"stage 1 \('x'\): unknown key\(s\) step \(did you mean steps\?\)",
+        ),
     ],
 )
 def test_bad_stage_configs_name_the_stage_and_key(stage, message):

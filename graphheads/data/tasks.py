@@ -296,7 +296,7 @@ class TaskSuite:
 
     def _symbols(self, task: str, text: str) -> list[int]:
         words = text.replace(",", " ").split()
-        bad = [w for w in words if not w.isdigit() or int(w) >= self.num_symbols]
+        bad = [w for w in words if not (w.isascii() and w.isdigit()) or int(w) >= self.num_symbols]
         if bad:
             raise ValueError(
                 f"{task} prompt: {bad} are not symbols; write numbers in [0, {self.num_symbols})"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,15 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     warmup_steps: int = 100  # linear warm-up, then cosine decay
     min_lr_ratio: float = 0.1  # final learning rate = lr * min_lr_ratio
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     aux_loss_weight: float = 0.01  # beta: weight of the mean load-balance loss
     eval_every: int = 250  # steps between evaluations (and at the end)
     eval_batches: int = 4  # evaluation batches (of eval_batch_size rows)
-    eval_batch_size: int = 128
+    eval_batch_size: int = 128  # rows per evaluation batch
     checkpoint_every: int = 250  # steps between checkpoints (and at the end)
     log_every: int = 20  # steps between train-metric lines
-    seed: int = 0
+    seed: int = 0  # seeds the model's initial weights and every batch
     model_type: str = "lm"  # "lm": DecoderOnlyLM; "seq2seq": encoder-decoder Transformer
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK / cuda when available, else cpu), "cpu", ...
     precision: str = "fp32"  # "fp32", "bf16" (autocast; also on CPU), "fp16" (CUDA only)
@@ -91,8 +93,8 @@ class DataConfig:
 
     tasks: tuple[str, ...] = TASKS  # built-in tasks (graphheads.data.TASKS)
     length: int = 6  # symbols per prompt
-    num_symbols: int = 16
-    modulus: int = 11
+    num_symbols: int = 16  # data symbols in the vocabulary (mqar: keys, then values)
+    modulus: int = 11  # modadd's modulus
     text: str | None = None  # a UTF-8 file or folder: byte-level LM instead of tasks
     tokens: str | None = None  # a folder from `graphheads prepare`: token shards (memmap)
     seq_len: int = 128  # window length for text and tokens
@@ -101,7 +103,12 @@ class DataConfig:
         tasks = self.tasks
         if isinstance(tasks, str):  # "copy,sort" or "copy" (from --set or a YAML scalar)
             tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
+        if not isinstance(tasks, list | tuple):
+            raise ValueError(f"DataConfig: tasks must be a list of task names, got {tasks!r}")
         object.__setattr__(self, "tasks", tuple(tasks))
+        for name in ("text", "tokens"):  # a path given from Python
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         check_field_types(self)
         if self.text is not None and self.tokens is not None:
             raise ValueError("DataConfig: set data.text or data.tokens, not both")
@@ -112,18 +119,33 @@ class DataConfig:
             raise ValueError(f"DataConfig: unknown task(s) {unknown}; known: {list(TASKS)}")
 
 
+_YAML_FLOAT = re.compile(  # YAML 1.2's floats: PyYAML (1.1) reads 3e-4 as text
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+    r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a JSON or YAML (``.yaml``/``.yml``) file; FileNotFoundError or
     ValueError naming the file when it is missing or holds something else."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
+    if not path.is_file():
+        raise ValueError(f"config file {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason})") from err
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
         try:
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, Loader=Loader) or {}
         except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             line = f" (line {where.line + 1})" if where is not None else ""
@@ -199,8 +221,11 @@ class RunConfig:
         """From nested dicts; unknown sections or keys raise ValueError naming them."""
         check_known_keys("RunConfig", values, {"model", "data", "train"})
         for name in ("model", "data", "train"):
-            if not isinstance(values.get(name) or {}, dict):
-                raise ValueError(f"RunConfig: section {name!r} must be a mapping of keys")
+            section = values.get(name)
+            if section is not None and not isinstance(section, dict):
+                raise ValueError(
+                    f"RunConfig: section {name!r} must be a mapping of keys, got {section!r}"
+                )
         parts: dict[str, Any] = {"model": dict(values.get("model") or {})}
         for name, klass in (("data", DataConfig), ("train", TrainConfig)):
             section = dict(values.get(name) or {})
@@ -237,10 +262,12 @@ class RunConfig:
 def _field_comments(cls: type) -> dict[str, str]:
     """The comment after each field of dataclass ``cls`` in its source (its meaning)."""
     import inspect
-    import re
 
-    found = re.findall(r"^    (\w+): [^=\n]+(?:= [^#\n]*)?#\s*(.*)$", inspect.getsource(cls), re.M)
-    return dict(found)
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # an install without sources: no meanings to show
+        return {}
+    return dict(re.findall(r"^    (\w+): [^=\n]+(?:= [^#\n]*)?#\s*(.*)$", source, re.M))
 
 
 def _yaml_value(value: Any) -> str:
@@ -266,12 +293,12 @@ def describe_settings() -> str:
     lines = [
         "# graphheads train: every setting, its default and its meaning. Set one with",
         "# --set section.key=value, or save this as run.yaml, edit it and pass --config.",
+        "# model.preset (a Llama-style size, e.g. llama-10m) replaces the model defaults",
+        "# below: use it in a file without them, or every key listed here overrides it.",
     ]
     for name, cls, values in sections:
         comments = _field_comments(cls)
         lines.append(f"{name}:")
-        if name == "model":
-            lines.append("  # preset: llama-10m  # a Llama-style size instead of these defaults")
         for f in fields(cls):
             comment = comments.get(f.name, "")
             if name == "model" and f.name in ("vocab_size", "max_seq_len"):

@@ -159,11 +159,7 @@ def _stage(index: int, values: Any) -> Stage:
     if not isinstance(values, dict):
         raise ValueError(f"{where}: must be a mapping with name, tasks (or text, tokens), steps")
     where = f"{where} ({values.get('name', '?')!r})"
-    unknown = sorted(set(values) - {"name", "steps", *_SOURCES})
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {unknown}; use name, steps and one of tasks, text, tokens"
-        )
+    check_known_keys(where, values, {"name", "steps", *_SOURCES})
     if "steps" not in values:
         raise ValueError(f"{where}: missing key 'steps'")
     sources = [k for k in _SOURCES if k in values]

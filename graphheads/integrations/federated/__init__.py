@@ -20,6 +20,15 @@ run continues from the last round. A client that fails in a round is left out of
 round's aggregate.
 """
 
+try:  # the extra's package, named in the error rather than a bare ModuleNotFoundError
+    import flwr  # noqa: F401
+except ImportError as err:
+    raise ModuleNotFoundError(
+        f"graphheads.integrations.federated needs the 'federated' extra ({err.name} is "
+        "missing): pip install 'graphheads[federated]'",
+        name=err.name,
+    ) from err
+
 from graphheads.integrations.federated.app import client_app, server_app
 from graphheads.integrations.federated.config import (
     CONFIG_NAME,
