@@ -25,15 +25,9 @@ also become the shared heads (MoH-LLaMA3's recipe).
 Shape legend: b batch, t tokens, h heads, e head width.
 """
 
-try:  # the extra's packages, named in the error rather than a bare ModuleNotFoundError
-    import safetensors  # noqa: F401
-    import transformers  # noqa: F401
-except ImportError as err:
-    raise ModuleNotFoundError(
-        f"graphheads.integrations.hf needs the 'hf' extra ({err.name} is missing): "
-        "pip install 'graphheads[hf]'",
-        name=err.name,
-    ) from err
+from graphheads.integrations import require_extra
+
+require_extra("graphheads.integrations.hf", "hf", "safetensors", "transformers")
 
 from graphheads.integrations.hf.convert import (
     ATTENTION_NAME,
