@@ -26,6 +26,8 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens is for text runs; a task's answer length is fixed")
     if args.temperature != 0:
         raise ValueError("--temperature is for text runs; task answers are greedy")
+    if args.num < 1:
+        raise ValueError(f"generate: --num must be >= 1, got {args.num}")
     if args.task is None and args.prompt is not None and len(data.tasks) > 1:
         raise ValueError(
             f"generate: this run trained on {', '.join(data.tasks)}: say which task the "
@@ -43,11 +45,22 @@ def _generate_task(
     if args.prompt is not None:
         prompt_tokens, answer_len = data.encode_prompt(task, args.prompt)
         expected = None
-        trained = data.prompt_length(task)
-        if prompt_tokens.size(1) != trained:
+        trained, given = data.prompt_length(task), prompt_tokens.size(1)
+        # copy/reverse/sort: the symbols typed (the task token and SEP are not)
+        unit, extra = ("tokens", 0) if task in ("mqar", "modadd") else ("symbols", 2)
+        if given + answer_len - 1 > data.max_seq_len:
+            # n symbols take n + 2 prompt tokens and n answer tokens, the last not fed back
+            longest = (data.max_seq_len - 1) // 2 if extra else data.max_seq_len
+            raise ValueError(
+                f"generate: this {task} prompt ({given - extra} {unit}) and its answer do not "
+                f"fit the run's context ({data.max_seq_len} tokens); the longest that fits "
+                f"has {longest} {unit}"
+            )
+        if given != trained:
             print(
-                f"graphheads: warning: this run trained on {task} prompts of {trained} "
-                f"tokens; this one has {prompt_tokens.size(1)}: the model never saw its length",
+                f"graphheads: warning: this run trained on {task} prompts of "
+                f"{trained - extra} {unit}; this one has {given - extra}: the model never "
+                "saw its length",
                 file=sys.stderr,
             )
     else:

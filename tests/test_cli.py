@@ -148,5 +148,10 @@ def test_generate_samples_every_task_or_asks_which_one_a_prompt_is_for(tmp_path,
         assert message in capsys.readouterr().err
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "trained on copy prompts of 8 tokens; this one has 5" in captured.err
+    assert "trained on copy prompts of 6 symbols; this one has 3" in captured.err
+    for bad, message in ((["--prompt", "1 2 3 4 5 6 7 8 9 1"], "the longest that fits has 6"),
+                         (["--num", "0"], "--num must be >= 1, got 0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main([*argv[:-2], *bad] if bad[0] == "--prompt" else [*argv, *bad])
+        assert message in capsys.readouterr().err
     assert captured.out.startswith("copy: 3 1 4 | -> generated [")

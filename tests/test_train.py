@@ -530,3 +530,22 @@ def test_generate_on_an_empty_prompt_is_a_value_error():
     model = DecoderOnlyLM(ModelConfig(vocab_size=11, d_model=16, num_heads=2, max_seq_len=8))
     with pytest.raises(ValueError, match="at least one token"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+
+
+def test_the_run_commands_name_a_folder_they_do_not_take(tmp_path, capsys):
+    """A continual run's or an exported model's folder is named with what to do instead
+    (before: a KeyError traceback, and 'no checkpoint')."""
+    from graphheads import DecoderOnlyLM, ModelConfig
+
+    state = {"format": checkpoint_module.CHECKPOINT_FORMAT, "continual_config": {}}
+    (tmp_path / "cont").mkdir()
+    save_checkpoint(tmp_path / "cont" / "checkpoint.pt", state)
+    DecoderOnlyLM(ModelConfig(vocab_size=10)).save_pretrained(tmp_path / "exported")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for run, message in (("cont", "holds a continual run"),
+                         ("exported", "is an exported model folder"),
+                         ("notes.txt", "is corrupt or unreadable")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--run", str(tmp_path / run)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err

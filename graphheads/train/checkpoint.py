@@ -77,13 +77,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
     path = Path(path)
     if path.is_dir():
+        if not (path / CHECKPOINT_NAME).exists() and (path / "model.safetensors").exists():
+            raise CheckpointError(
+                f"{path} is an exported model folder, not a run folder: load it in Python "
+                f"with graphheads.load({str(path)!r})"
+            )
         path = path / CHECKPOINT_NAME
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason})") from err
     if isinstance(state, dict) and state.get("format") == "graphheads-checkpoint-v1":
         raise CheckpointError(
             f"{path} was written by graphheads 0.1, whose module layout 0.2 replaced; "

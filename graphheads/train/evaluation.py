@@ -21,7 +21,7 @@ from graphheads.data import (
     bits_per_byte,
     to_device,
 )
-from graphheads.train.checkpoint import load_checkpoint
+from graphheads.train.checkpoint import CheckpointError, load_checkpoint
 from graphheads.train.config import DataConfig, RunConfig
 from graphheads.transformer import DecoderOnlyLM, ModelConfig, ModelOutput, Transformer
 from graphheads.types import RoutingOutput
@@ -132,6 +132,12 @@ def scored_routing(out: ModelOutput) -> tuple[RoutingOutput, ...]:
 def load_run(path: str | Path) -> tuple[DecoderOnlyLM | Transformer, RunConfig, Data, int]:
     """Model (eval mode), run config, data and step from a run folder or checkpoint."""
     state = load_checkpoint(path)
+    if "run_config" not in state:
+        kind = "a continual run" if "continual_config" in state else "not a training run"
+        raise CheckpointError(
+            f"{path} holds {kind}, which the commands that read a `graphheads train` run "
+            "(eval, generate, export, report, graphheads.load) do not take"
+        )
     run_config = RunConfig.from_dict(state["run_config"])
     model = build_model(ModelConfig(**state["model_config"]), run_config.train.model_type)
     model.load_state_dict(state["model"])
