@@ -124,6 +124,14 @@ class HeadGraph(nn.Module):
         self.fixed_weight: Tensor | None
         self.raw_weight: nn.Parameter | None
         if learnable == "dense":
+            loops = edge_index[0] == edge_index[1]
+            if loops.any():  # the dense weights cover pairs of distinct heads only
+                heads = edge_index[0, loops].unique().tolist()
+                raise ValueError(
+                    f"HeadGraph: learnable='dense' weighs pairs of distinct heads; edge_index "
+                    f"has self-loops at heads {heads}, which it would drop (remove them, or "
+                    "use learnable='edge')"
+                )
             dense = torch.full((num_heads, num_heads), absent_weight)
             dense.index_put_((edge_index[0], edge_index[1]), edge_weight, accumulate=False)
             src, dst = torch.meshgrid(

@@ -258,3 +258,25 @@ def test_corpus_stage_configs_are_checked(tmp_path):
         ContinualConfig.from_dict(
             {"stages": [good, {"name": "sort", "text": str(tmp_path / "x.txt"), "steps": 5}]}
         )
+
+
+def test_ewc_fisher_is_that_of_the_task_loss_alone(monkeypatch):
+    """EWC's Fisher measures how the model's predictions depend on each weight: the
+    squared gradients of the cross-entropy, not of the load-balance term added in
+    training (which it included before)."""
+    import torch.nn.functional as F
+
+    from graphheads.data.tasks import IGNORE_INDEX
+    from graphheads.train.evaluation import forward_batch
+
+    run = ContinualRun(config("ewc"), progress=False)
+    seen = []
+    monkeypatch.setattr(run.ewc, "consolidate", lambda model, losses: seen.extend(losses))
+    run.run(stop_after=20)  # stage a, then its consolidation
+    assert len(seen) == 4
+    for loss_fn in seen:
+        batch = loss_fn.args[0]
+        out, targets = forward_batch(run.model, batch)
+        ce = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        assert out.aux_loss is not None and float(out.aux_loss) > 0  # a term there is to drop
+        torch.testing.assert_close(loss_fn(), ce)

@@ -110,3 +110,18 @@ def test_task_batches_mark_their_padding():
     assert torch.equal(half.padding, batch.padding[2:5]) and torch.equal(
         half.inputs, batch.inputs[2:5]
     )
+
+
+def test_every_window_of_a_split_is_drawn_and_the_shortest_split_works():
+    """Byte windows: the last window of a split was never drawn, and a split of exactly
+    seq_len + 1 tokens failed in randint."""
+    from graphheads.data.text import sample_windows
+
+    data = torch.arange(10)
+    gen = torch.Generator().manual_seed(0)
+    starts = {int(w[0]) for w in sample_windows(data, 4, 400, gen).inputs}
+    assert starts == set(range(10 - 4))  # starts 0..5: the window 5..9 included
+    one = sample_windows(torch.arange(5), 4, 3, gen)  # exactly one window
+    assert one.inputs.tolist() == [[0, 1, 2, 3]] * 3 and one.targets[0].tolist() == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="4 tokens hold no window of 5"):
+        sample_windows(torch.arange(4), 4, 1, gen)

@@ -120,3 +120,13 @@ def test_learnable_weights_start_at_given_values_and_get_gradients():
 def test_bad_graphs_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_dense_graph_refuses_self_loops_it_would_drop():
+    """learnable='dense' holds a weight per pair of distinct heads: a self-loop given in
+    edge_index (weight 5.0 here) came back as 0.0 without a word."""
+    edge_index = torch.tensor([[0, 1, 2], [0, 2, 1]])
+    with pytest.raises(ValueError, match=r"self-loops at heads \[0\], which it would drop"):
+        HeadGraph(3, edge_index, torch.tensor([5.0, 1.0, 1.0]), learnable="dense")
+    kept = HeadGraph(3, edge_index, torch.tensor([5.0, 1.0, 1.0]), learnable="edge")
+    assert kept.adjacency()[0, 0].item() == pytest.approx(5.0)

@@ -46,7 +46,10 @@ def sample_windows(
 ) -> TaskBatch:
     """Random windows of ``seq_len + 1`` tokens of ``data`` (a tensor or a memory map) ->
     (inputs, next-token targets), the starts drawn from ``generator``."""
-    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+    last = len(data) - seq_len - 1  # the last start whose window fits (inclusive)
+    if last < 0:
+        raise ValueError(f"sample_windows: {len(data)} tokens hold no window of {seq_len + 1}")
+    starts = torch.randint(0, last + 1, (batch_size,), generator=generator)
     rows = [np.asarray(data[s : s + seq_len + 1], dtype=np.int64) for s in starts.tolist()]
     windows = torch.from_numpy(np.stack(rows))
     return TaskBatch(windows[:, :-1], windows[:, 1:])

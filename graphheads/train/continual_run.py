@@ -179,12 +179,14 @@ class ContinualRun:
             batch = self.replay.mix(batch, c.replay_fraction, gen)
         return batch
 
-    def _loss(self, batch: TaskBatch) -> Tensor:
+    def _loss(self, batch: TaskBatch, *, aux: bool = True) -> Tensor:
+        """The training loss; ``aux=False``: the task's cross-entropy alone (EWC's Fisher
+        is that of the model's predictions, not of the load-balance term)."""
         out, targets = forward_batch(self.model, batch)
         loss = F.cross_entropy(
             out.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
         )
-        if out.routing and out.aux_loss is not None:
+        if aux and out.routing and out.aux_loss is not None:
             loss = loss + self.config.aux_loss_weight * out.aux_loss / len(out.routing)
         return loss
 
@@ -215,7 +217,8 @@ class ContinualRun:
             examples = self._draw(data, index, c.fisher_samples, gen)
             # the empirical Fisher: one squared gradient per example
             rows = [examples.rows(slice(i, i + 1)) for i in range(c.fisher_samples)]
-            self.ewc.consolidate(self.model, [functools.partial(self._loss, r) for r in rows])
+            losses = [functools.partial(self._loss, r, aux=False) for r in rows]
+            self.ewc.consolidate(self.model, losses)
         if c.method == "protect" and c.protect_heads > 0:
             stage_tasks = self.config.stages[self.stage].tasks
             usage = [row["head_usage"][t] for t in stage_tasks]
