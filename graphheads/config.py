@@ -171,6 +171,18 @@ class ModelConfig:
             raise ValueError(
                 "ModelConfig: task_embeddings condition the routers, and attention='mha' has none"
             )
+        routed_sparse = self.execution == "sparse" and self.attention != "mha"
+        if routed_sparse and self.block == "llama":  # found at forward, after the router ran
+            raise ValueError(
+                "ModelConfig: execution='sparse' has no rotary path, which block='llama' "
+                "needs; use execution 'auto' (sparse one-token decoding) or 'dense'"
+            )
+        if routed_sparse and self.sparse_backend == "flex" and self.dropout > 0:
+            raise ValueError(
+                f"ModelConfig: sparse_backend='flex' has no attention dropout, so training "
+                f"with dropout={self.dropout} cannot run; use sparse_backend 'auto' or "
+                "'chunked', or dropout=0"
+            )
         if self.balance_rate < 0:
             raise ValueError(f"ModelConfig: balance_rate must be >= 0, got {self.balance_rate}")
         if self.balance not in ("aux_loss", "bias", "both"):

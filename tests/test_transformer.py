@@ -130,8 +130,13 @@ def test_tiny_lm_learns_copy_task():
         ({"vocab_size": 0}, r"vocab_size must be a positive int, got 0"),
         ({"attention": "flash"}, r"attention must be one of .* got 'flash'"),
         ({"activation": "tanh"}, r"activation must be 'relu' or 'gelu', got 'tanh'"),
+        # combinations that failed only at forward or in training (issue 32)
+        ({"attention": "goh", "block": "llama", "execution": "sparse", "num_shared": 1},
+         r"execution='sparse' has no rotary path, which block='llama' needs"),
+        ({"attention": "moh", "execution": "sparse", "sparse_backend": "flex", "dropout": 0.1,
+          "num_shared": 1}, r"sparse_backend='flex' has no attention dropout"),
     ],
-)
+)  # fmt: skip
 def test_bad_config_raises(kwargs, match):
     cfg = dict(vocab_size=10, d_model=32, num_heads=4)
     cfg.update(kwargs)
