@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import numbers
 import types
 import typing
@@ -56,10 +57,16 @@ def _describe(hint: Any) -> str:
     )
 
 
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # once per class: configs are made often
+
+
 def check_field_types(obj: Any) -> None:
     """ValueError naming the first field of dataclass ``obj`` whose value does not fit
     its annotation (what a YAML file or a ``--set`` gives is checked before use)."""
-    hints = typing.get_type_hints(type(obj))
+    owner: Any = type(obj)  # classes are hashable; mypy types type(...) as not
+    hints = _hints(owner)
     for f in fields(obj):
         value = getattr(obj, f.name)
         if not _matches(value, hints[f.name]):
@@ -279,3 +286,8 @@ LLAMA_PRESETS: dict[str, dict[str, int]] = {
         "max_seq_len": 2048,
     },
 }
+
+
+def model_keys() -> frozenset[str]:
+    """The keys of :class:`ModelConfig`: what a run's ``model`` section may set."""
+    return frozenset(f.name for f in fields(ModelConfig))

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from graphheads.hub import write_atomically
 from graphheads.train.config import RunConfig
 
 __all__ = [
@@ -168,9 +169,7 @@ def load_full_state(
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` whole (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, text.encode())
 
 
 def metric_line_step(line: str) -> int:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from graphheads.config import ModelConfig, check_field_types, check_known_keys
+from graphheads.config import ModelConfig, check_field_types, check_known_keys, model_keys
 from graphheads.data import TASKS
 
 __all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config", "describe_settings"]
@@ -195,7 +195,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, dict):
             raise ValueError(f"RunConfig: model must be a mapping of keys, got {self.model!r}")
-        known = {f.name for f in fields(ModelConfig)} | {"preset"}
+        known = model_keys() | {"preset"}
         check_known_keys("RunConfig", self.model, known, prefix="model.")
 
     def model_config(self, vocab_size: int, max_seq_len: int) -> ModelConfig:

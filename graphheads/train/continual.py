@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from graphheads.config import ModelConfig, check_field_types, check_known_keys
+from graphheads.config import check_field_types, check_known_keys, model_keys
 from graphheads.data.tasks import TASKS
 
 __all__ = ["METHODS", "ContinualConfig", "Stage", "continual_metrics"]
@@ -83,8 +83,7 @@ class ContinualConfig:
         if not self.stages:
             raise ValueError("ContinualConfig: stages must list at least one stage")
         check_field_types(self)
-        known = {f.name for f in fields(ModelConfig)}
-        check_known_keys("ContinualConfig", self.model, known, prefix="model.")
+        check_known_keys("ContinualConfig", self.model, model_keys(), prefix="model.")
         if self.method not in METHODS:
             raise ValueError(
                 f"ContinualConfig: method must be one of {METHODS}, got {self.method!r}"

@@ -135,7 +135,8 @@ def _train(msg: Message, context: Context) -> Message:
     settings: Any = msg.content["config"]
     mu = float(settings.get("proximal-mu", 0.0))  # sent by FedProx
     shared = shared_names(model, config.mode)
-    anchor = {n: t.detach().clone() for n, t in model.state_dict().items() if n in shared}
+    shared_set = set(shared)
+    anchor = {n: t.detach().clone() for n, t in model.state_dict().items() if n in shared_set}
     gen = torch.Generator().manual_seed(config.seed * 7919 + client * 104729 + absolute)
     seen = local_train(  # more data, more steps: local_steps per task it holds
         model,
@@ -148,7 +149,7 @@ def _train(msg: Message, context: Context) -> Message:
         proximal_mu=mu,
     )
     state = model.state_dict()
-    kept = {n: t for n, t in state.items() if n not in set(shared)}
+    kept = {n: t for n, t in state.items() if n not in shared_set}
     context.state["kept"] = ArrayRecord(torch_state_dict=kept)
     sent = set(sent_names(model, config.mode))
     reply = RecordDict(

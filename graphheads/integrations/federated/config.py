@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphheads.config import ModelConfig, check_field_types, check_known_keys
+from graphheads.config import check_field_types, check_known_keys, model_keys
 from graphheads.data.tasks import IGNORE_INDEX, TASKS, TaskSuite
 from graphheads.train.config import default_model_config
 from graphheads.train.evaluation import forward_batch
@@ -54,8 +54,7 @@ class FederatedConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)  # a run config may carry any TOML value
-        known = {f.name for f in fields(ModelConfig)}
-        check_known_keys("FederatedConfig", self.model, known, prefix="model.")
+        check_known_keys("FederatedConfig", self.model, model_keys(), prefix="model.")
         for name in ("lr", "proximal_mu"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(
@@ -227,8 +226,6 @@ def _rounds_done(out: Path) -> int:
     """The last round the run in ``out`` checkpointed (0 when none)."""
     if not (out / "global.pt").exists():
         return 0
-    import torch
-
     return int(torch.load(out / "global.pt", map_location="cpu", weights_only=True)["round"])
 
 
