@@ -218,14 +218,33 @@ class HeadMessagePassing(nn.Module):
                 )
         self.activation = activation
 
-    def forward(self, z: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
-        adj_t = None  # the normalised (h, h) matrix, built once for all dense GCN layers
+    @property
+    def uses_gcn_propagation(self) -> bool:
+        """Whether a layer propagates with the dense GCN matrix (``adj_t`` of
+        :meth:`forward`)."""
+        return any(_dense_gcn(layer) for layer in self.layers)
+
+    def forward(
+        self,
+        z: Tensor,
+        edge_index: Tensor,
+        edge_weight: Tensor | None = None,
+        *,
+        adj_t: Tensor | None = None,
+    ) -> Tensor:
+        """``adj_t``: the graph's GCN propagation matrix (:func:`gcn_norm_dense`) when the
+        caller has it (e.g. cached by :meth:`~graphheads.graph.HeadGraph.gcn_propagation`);
+        else it is built here, once for all dense GCN layers."""
         for layer in self.layers:
-            if isinstance(layer, HeadGCNConv) and layer.propagation == "dense":
+            if _dense_gcn(layer):
                 if adj_t is None:
-                    adj_t = gcn_norm_dense(edge_index, edge_weight, z.size(-2)).to(z.dtype)
-                out = layer(z, edge_index, edge_weight, adj_t=adj_t)
+                    adj_t = gcn_norm_dense(edge_index, edge_weight, z.size(-2))
+                out = layer(z, edge_index, edge_weight, adj_t=adj_t.to(z.dtype))
             else:
                 out = layer(z, edge_index, edge_weight)
             z = z + self.activation(out)
         return z
+
+
+def _dense_gcn(layer: nn.Module) -> bool:
+    return isinstance(layer, HeadGCNConv) and layer.propagation == "dense"

@@ -269,7 +269,8 @@ class GraphRouter(nn.Module):
                     f"expected {tuple(z.shape)}"
                 )
             z = z + self.carry_proj(head_states)
-        z = self.message_passing(z, self.graph.edge_index, self.graph.edge_weight)
+        adj_t = self.graph.gcn_propagation() if self.message_passing.uses_gcn_propagation else None
+        z = self.message_passing(z, self.graph.edge_index, self.graph.edge_weight, adj_t=adj_t)
         # readout on the (h, b, t, F) view too: a copy here would also hand the layers'
         # backward gradients in the other layout (slow mixed-stride element-wise kernels)
         graph_scores = self.score(z.movedim(-2, 0)).squeeze(-1).movedim(0, -1)  # (b, t, h)

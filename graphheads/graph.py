@@ -16,7 +16,11 @@ Edge weights are
   ``softplus(Theta)``, initialised from the given graph (absent edges start at
   ``absent_weight``).
 
-Weights are recomputed from the parameters at every call, never cached.
+Weights are recomputed from the parameters at every call. The GCN propagation matrix
+(:meth:`HeadGraph.gcn_propagation`) is cached where it cannot go stale: for fixed
+weights, and for learnable ones outside autograd (inference), keyed on the storage and
+version of the edges and weights, so an in-place update, ``load_state_dict`` or ``.to()``
+recomputes it (PyG's ``GCNConv(cached=True)`` caches a fixed graph's normalisation too).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import coalesce
+
+from graphheads.gnn import gcn_norm_dense
 
 __all__ = ["EdgeLearning", "HeadGraph"]
 
@@ -141,6 +147,8 @@ class HeadGraph(nn.Module):
             edge_index = torch.stack([src[off_diagonal], dst[off_diagonal]])
             edge_weight = dense[off_diagonal]
         self.register_buffer("edge_index", edge_index)
+        # (key, matrix): the cached GCN propagation matrix (see gcn_propagation)
+        self._propagation: tuple[tuple[Any, ...], Tensor] | None = None
         if learnable == "fixed":
             self.register_buffer("fixed_weight", edge_weight)
             self.raw_weight = None
@@ -160,6 +168,32 @@ class HeadGraph(nn.Module):
             return F.softplus(self.raw_weight)
         assert self.fixed_weight is not None
         return self.fixed_weight
+
+    def gcn_propagation(self) -> Tensor:
+        """(H, H) GCN propagation matrix of the current weights (:func:`~graphheads.gnn.
+        gcn_norm_dense`: ``P[i, j]`` weighs the message from head j to head i).
+
+        Computed once and reused while the edges and weights stay the same (fixed
+        weights, or learnable ones outside autograd: a decoding loop builds it once, not
+        at every layer and step); recomputed under autograd and while compiling (where
+        it is part of the graph)."""
+        source = self.fixed_weight if self.raw_weight is None else self.raw_weight
+        assert source is not None
+        if torch.compiler.is_compiling() or (source.requires_grad and torch.is_grad_enabled()):
+            return gcn_norm_dense(self.edge_index, self.edge_weight, self.num_heads)
+        key = (
+            self.edge_index.data_ptr(),
+            self.edge_index._version,
+            source.data_ptr(),
+            source._version,
+            source.device,
+            source.dtype,
+        )
+        if self._propagation is None or self._propagation[0] != key:
+            with torch.no_grad():
+                matrix = gcn_norm_dense(self.edge_index, self.edge_weight, self.num_heads)
+            self._propagation = (key, matrix)
+        return self._propagation[1]
 
     def adjacency(self) -> Tensor:
         """(H, H) dense weights, ``A[source, target]``; parallel edges add up."""

@@ -9,10 +9,11 @@ Data flows one way::
 Execution paths give equal outputs (and, under autograd, gradients) up to rounding:
 ``"dense"`` computes every head and multiplies by the gates (static shapes:
 ``torch.compile``, DDP, FSDP); ``"sparse"`` computes only the active (token, head) pairs
-(:func:`graphheads.sparse.sparse_routed_attention`); ``"auto"`` (the default) runs dense
-except for one-token inference steps (decoding with a cache), which read only the
-active heads' caches (:func:`graphheads.sparse.routed_decode_attention`), as
-``"sparse"`` does too.
+(:func:`graphheads.sparse.sparse_routed_attention`), and one-token inference steps
+(decoding with a cache) read only the active heads' caches
+(:func:`graphheads.sparse.routed_decode_attention`); ``"auto"`` (the default) runs dense
+except for one-token inference steps where routed decoding pays: compiled, with a cache
+large enough (:func:`graphheads.sparse.decode_pays`).
 
 Shape legend: b batch, t query tokens, s key tokens, h heads, e head width, d model width.
 """
@@ -27,7 +28,12 @@ from torch import Tensor, nn
 from graphheads.attention import MultiHeadAttention
 from graphheads.flex import choose_sparse_backend
 from graphheads.rotary import RotaryEmbedding
-from graphheads.sparse import SparseBackend, routed_decode_attention, sparse_routed_attention
+from graphheads.sparse import (
+    SparseBackend,
+    decode_pays,
+    routed_decode_attention,
+    sparse_routed_attention,
+)
 from graphheads.types import AttentionOutput, KVCache, RoutingOutput
 
 __all__ = ["Execution", "RoutedAttention", "Router", "SparseBackendChoice"]
@@ -145,14 +151,23 @@ class RoutedAttention(MultiHeadAttention):
             head_dim=self.head_dim,
         )
 
-    def _decodes(self, query: Tensor) -> bool:
-        """One query token per sequence, inference: the decoding path applies."""
+    def _one_token_inference(self, query: Tensor) -> bool:
+        """One query token per sequence, inference: routed decoding could apply."""
         return (
             self.execution != "dense"
             and query.size(1) == 1
             and not torch.is_grad_enabled()
             and not (self.training and self.dropout > 0)
         )
+
+    def _decodes(self, key: Tensor, routing: RoutingOutput) -> bool:
+        """Whether this one-token inference step decodes through the routed kernel:
+        always under ``"sparse"``, under ``"auto"`` where it pays (compiled, a cache large
+        enough: :func:`~graphheads.sparse.decode_pays`)."""
+        if self.execution == "sparse":
+            return True
+        active = routing.num_shared + routing.top_k_indices.size(-1)
+        return decode_pays(key, self.num_heads, active)
 
     def forward(
         self,
@@ -176,12 +191,12 @@ class RoutedAttention(MultiHeadAttention):
         ``router_context`` (b, d): added to every token's router input (not to the
         attention's), e.g. a task embedding for task-conditioned routing."""
         key, value = self.resolve_inputs(query, key, value)
-        decoding = self._decodes(query)
-        sparse = self.execution == "sparse" and not decoding
+        one_token = self._one_token_inference(query)
+        sparse = self.execution == "sparse" and not one_token
         needs_queries = bool(getattr(self.router, "parameter_free", False))
         offset = kv_cache.length if kv_cache is not None else 0
         q = None
-        if needs_queries or not (sparse or decoding):
+        if needs_queries or not sparse:  # routed decoding takes every head's query too
             q = self.project_query(query, offset)
         router_input = query
         if router_context is not None:
@@ -199,6 +214,7 @@ class RoutedAttention(MultiHeadAttention):
         )
         kv = self.keys_values(key, value, kv_cache, memory_kv)
         cache = kv if use_cache else None
+        decoding = one_token and self._decodes(kv.key, routing)
         if decoding or sparse:
             s = kv.key.size(-2)
             bias = None
@@ -210,27 +226,18 @@ class RoutedAttention(MultiHeadAttention):
                     key_padding_mask=key_padding_mask,
                     is_causal=False,  # the causal part stays a flag (a key limit per chunk)
                 )
-            weights = {
-                "q_weight": self.q_proj.weight,
-                "q_bias": self.q_proj.bias,
-                "out_weight": self.out_proj.weight,
-                "out_bias": self.out_proj.bias,
-            }
         if decoding:  # one token with a causal cache sees every key: no causal mask
-            rotate = None
-            if self.rotary is not None:
-                rotary = self.rotary
-                rotate = lambda x: rotary(x, offset)  # noqa: E731
             output = routed_decode_attention(
                 query,
                 kv.key,
                 kv.value,
                 routing.gates,
-                routing.active_heads,
-                **weights,
+                routing.active_head_indices,
+                q_weight=self.q_proj.weight,
+                q_bias=self.q_proj.bias,
+                out_weight=self.out_proj.weight,
+                out_bias=self.out_proj.bias,
                 attn_bias=bias,
-                num_shared=routing.num_shared,
-                rotate=rotate,
                 queries=q,
                 fused_attention=self.fused_attention,
             )
@@ -245,7 +252,10 @@ class RoutedAttention(MultiHeadAttention):
                 values,
                 routing.gates,
                 routing.routed_mask,
-                **weights,
+                q_weight=self.q_proj.weight,
+                q_bias=self.q_proj.bias,
+                out_weight=self.out_proj.weight,
+                out_bias=self.out_proj.bias,
                 attn_bias=bias,
                 is_causal=is_causal and query.size(1) > 1,
                 dropout_p=self.dropout if self.training else 0.0,

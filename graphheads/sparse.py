@@ -50,7 +50,13 @@ from graphheads.attention import scaled_dot_product_attention
 from graphheads.flex import flex_routed_heads, flex_supported
 from graphheads.masks import build_attention_bias
 
-__all__ = ["SparseBackend", "routed_decode_attention", "sparse_routed_attention"]
+__all__ = [
+    "DECODE_MIN_SKIPPED_BYTES",
+    "SparseBackend",
+    "decode_pays",
+    "routed_decode_attention",
+    "sparse_routed_attention",
+]
 
 SparseBackend = Literal["chunked", "flex"]
 
@@ -327,19 +333,41 @@ def _routed_chunk(
     return torch.bmm(o.reshape(r, b * c, e), w_o)  # (r, b c, d)
 
 
+# The cache bytes per decoding step routed decoding must skip, compiled, to beat dense
+# attention on this kind of device. CPU: measured (torch 2.13, 2 cores, fp32, half the
+# heads active): the compiled kernel runs at 0.5-0.8x dense SDPA's speed where it skips
+# <= 4 MiB, 1.03x at 8 MiB, 1.08-1.6x at >= 16 MiB. CUDA: not measured yet (see
+# benchmarks/gpu_check.py); a cautious guess. Other devices (and ``meta``): never.
+DECODE_MIN_SKIPPED_BYTES = {"cpu": 12 * 2**20, "cuda": 64 * 2**20}
+
+
+def decode_pays(key: Tensor, num_heads: int, num_active: int) -> bool:
+    """Whether one routed decoding step (:func:`routed_decode_attention`) should beat
+    dense attention over the cache ``key`` (b, h_kv, s, e) with ``num_active`` of
+    ``num_heads`` query heads on: only under ``torch.compile`` (eager gathers copy the
+    caches) and when the bytes it skips reading, keys and values, reach
+    :data:`DECODE_MIN_SKIPPED_BYTES` for the device. Dense reads every key/value head
+    once; routed reads one per active query head (grouped heads may share one)."""
+    threshold = DECODE_MIN_SKIPPED_BYTES.get(key.device.type)
+    if threshold is None or not torch.compiler.is_compiling():
+        return False
+    b, h_kv, s, e = key.shape
+    skipped = 2 * b * s * e * key.element_size() * (h_kv - num_active)
+    return bool(skipped >= threshold)
+
+
 def routed_decode_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
     gates: Tensor,
-    active: Tensor,
+    heads: Tensor,
     *,
     q_weight: Tensor,
     q_bias: Tensor | None,
     out_weight: Tensor,
     out_bias: Tensor | None,
     attn_bias: Tensor | None = None,
-    num_shared: int = 0,
     rotate: Callable[[Tensor], Tensor] | None = None,
     queries: Tensor | None = None,
     fused_attention: bool = True,
@@ -353,89 +381,62 @@ def routed_decode_attention(
             ``i // (h / h_kv)``.
         value: (b, h_kv, s, e) values.
         gates: (b, 1, h) head gates.
-        active: (b, 1, h) bool, True for the heads each token uses.
+        heads: (b, 1, n) the indices of the n heads each token uses
+            (:attr:`~graphheads.types.RoutingOutput.active_head_indices`: the shared
+            heads and the top-k routed ones, so n is the same for every token).
         q_weight: the query projection's weight (h e, d).
         q_bias: its bias (h e,), or ``None``.
         out_weight: the output projection's weight (d, h e).
         out_bias: its bias (d,), or ``None``.
         attn_bias: additive mask (b or 1, h or 1, 1, s) or ``None``.
-        num_shared: the first ``num_shared`` heads are always active: they run batched.
-        rotate: applied to projected queries (1 or b, heads, 1, e) (rotary embeddings at this
+        rotate: applied to projected queries (b, h, 1, e) (rotary embeddings at this
             token's position), or ``None``.
         queries: (b, h, 1, e) all projected queries when the caller already has them.
-        fused_attention: PyTorch's SDPA kernel (else the plain math path).
+        fused_attention: PyTorch's SDPA kernel in eager mode (else the plain math path).
 
-    The shared heads run as one batched call; the active routed heads of each sequence
-    attend over views of their caches, a run of heads with a constant index stride per
-    call (two heads always make one run). The active heads are read once (one host sync).
+    Static shapes, index tensors only: no host sync and no Python loop over sequences or
+    heads, so a decoding step compiles with ``fullgraph=True`` and runs on ``meta``
+    tensors. Under ``torch.compile`` the cache reads are written as reductions over
+    ``key[b, heads]`` that Inductor fuses with the indexing, so only the active heads'
+    rows are read. In eager mode PyTorch has no kernel that attends over indexed cache
+    rows without copying them, so the active heads' caches are gathered (a copy) and
+    attend through SDPA: correct, but slower than dense attention, which is why
+    ``execution="auto"`` decodes through this kernel only when compiled (see
+    :func:`decode_pays`). The query and output projections run for every head (one GEMM
+    each; the skipped heads' outputs are zero): at one token per sequence they are a
+    small part of a step with a long cache.
     """
-    b, t, d = query.shape
+    b, t = query.shape[:2]
     if t != 1:
         raise ValueError(f"routed_decode_attention: expected one query token, got {t}")
-    h, h_kv, e = gates.size(-1), key.size(1), key.size(-1)
+    h, h_kv, s, e = gates.size(-1), key.size(1), key.size(2), key.size(3)
     groups = h // h_kv
-    x = query[:, 0]  # (b, d)
-    out = query.new_zeros(b, d) if out_bias is None else out_bias.expand(b, d).clone()
-    h_s = num_shared if num_shared % groups == 0 else 0  # batched shared heads read whole kv heads
-    bias = attn_bias
-    if h_s:
-        if queries is not None:
-            q_s = queries[:, :h_s]
-        else:
-            q_s = F.linear(x, q_weight[: h_s * e], None if q_bias is None else q_bias[: h_s * e])
-            q_s = q_s.view(b, h_s, 1, e)
-            q_s = q_s if rotate is None else rotate(q_s)
-        o_s = scaled_dot_product_attention(
-            q_s,
-            key[:, : h_s // groups],
-            value[:, : h_s // groups],
-            attn_mask=None if bias is None else bias[:, :h_s],
+    idx = heads[:, 0]  # (b, n)
+    n = idx.size(-1)
+    if queries is None:
+        queries = F.linear(query[:, 0], q_weight, q_bias).view(b, h, 1, e)
+        queries = queries if rotate is None else rotate(queries)
+    q = queries[:, :, 0].gather(1, idx.unsqueeze(-1).expand(b, n, e))  # (b, n, e)
+    kv_idx = idx if groups == 1 else torch.div(idx, groups, rounding_mode="floor")
+    bias = None
+    if attn_bias is not None:  # (b, n, s): each active head's row of the mask
+        bias = attn_bias.expand(b, h, 1, s)[:, :, 0].gather(1, idx.unsqueeze(-1).expand(b, n, s))
+    if torch.compiler.is_compiling():  # reductions over indexed rows: Inductor fuses them
+        rows = torch.arange(b, device=idx.device).unsqueeze(-1)
+        k, v = key[rows, kv_idx], value[rows, kv_idx]  # (b, n, s, e), never materialised
+        scores = (q.unsqueeze(2) * k).sum(-1) * e**-0.5  # (b, n, s)
+        if bias is not None:
+            scores = scores + bias
+        o = (scores.softmax(dim=-1).unsqueeze(-1) * v).sum(2)  # (b, n, e)
+    else:  # eager: gather the active caches, then one SDPA call
+        index = kv_idx[:, :, None, None].expand(b, n, s, e)
+        o = scaled_dot_product_attention(
+            q.unsqueeze(2),
+            key.gather(1, index),
+            value.gather(1, index),
+            attn_mask=None if bias is None else bias.unsqueeze(2),
             fused_attention=fused_attention,
-        )  # (b, h_s, 1, e)
-        o_s = o_s[:, :, 0] * gates[:, 0, :h_s].unsqueeze(-1)
-        out = out.addmm_(o_s.reshape(b, h_s * e), out_weight[:, : h_s * e].T)
-    if bias is not None:
-        bias = bias.expand(b, h, 1, -1)  # a view: rows are read per sequence and head
-    w_q = q_weight.view(h, e, d)
-    b_q = None if q_bias is None else q_bias.view(h, 1, e)
-    w_o = out_weight.view(d, h, e).permute(1, 2, 0)  # (h, e, d), a view
-    for i, row in enumerate(active[:, 0, h_s:].tolist()):  # the one host sync
-        heads = [h_s + j for j, on in enumerate(row) if on]
-        for first, count, stride in _head_runs(heads, groups):
-            hs = slice(first, first + (count - 1) * stride + 1, stride)  # heads: a view
-            kv_first = first // groups
-            kvs = slice(kv_first, kv_first + (count - 1) * (stride // groups) + 1, stride // groups)
-            if queries is not None:
-                q = queries[i : i + 1, hs]
-            else:
-                q = torch.matmul(w_q[hs], x[i].unsqueeze(-1)).transpose(1, 2)  # (n, 1, e)
-                q = (q if b_q is None else q + b_q[hs]).unsqueeze(0)  # (1, n, 1, e)
-                q = q if rotate is None else rotate(q)
-            o = scaled_dot_product_attention(  # 4-D: PyTorch's fused kernel on cache views
-                q,
-                key[i : i + 1, kvs],
-                value[i : i + 1, kvs],
-                attn_mask=None if bias is None else bias[i : i + 1, hs],
-                fused_attention=fused_attention,
-            )[0]  # (n, 1, e)
-            o = o * gates[i, 0, hs].view(count, 1, 1)
-            out[i] += torch.bmm(o, w_o[hs]).sum(dim=(0, 1))  # only these heads' slices
-    return out.unsqueeze(1)
-
-
-def _head_runs(heads: list[int], groups: int) -> list[tuple[int, int, int]]:
-    """Split sorted head indices into runs ``(first, count, stride)`` with a constant
-    stride (any two heads are one), so each run's weights and caches are strided views.
-    With grouped key/value heads a run's stride is a multiple of the group size."""
-    runs: list[tuple[int, int, int]] = []
-    i = 0
-    while i < len(heads):
-        count, stride = 1, 1
-        if i + 1 < len(heads) and (heads[i + 1] - heads[i]) % groups == 0:
-            stride = heads[i + 1] - heads[i]
-            count = 2
-            while i + count < len(heads) and heads[i + count] - heads[i + count - 1] == stride:
-                count += 1
-        runs.append((heads[i], count, stride if count > 1 else groups))
-        i += count
-    return runs
+        )[:, :, 0]  # (b, n, e)
+    o = o * gates[:, 0].gather(1, idx).unsqueeze(-1).to(o.dtype)
+    full = o.new_zeros(b, h, e).scatter(1, idx.unsqueeze(-1).expand(b, n, e), o)
+    return F.linear(full.view(b, 1, h * e), out_weight, out_bias)

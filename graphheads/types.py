@@ -142,6 +142,15 @@ class RoutingOutput:
         shared = self.routed_mask.new_ones((*self.routed_mask.shape[:-1], self.num_shared))
         return torch.cat([shared, self.routed_mask], dim=-1) > 0
 
+    @property
+    def active_head_indices(self) -> Tensor:
+        """(b, t, num_shared + k) long: the heads every token uses, shared heads first,
+        then the top-k routed heads (as head indices); the same count for every token."""
+        lead = self.top_k_indices.shape[:-1]
+        shared = torch.arange(self.num_shared, device=self.top_k_indices.device)
+        routed = self.top_k_indices.long() + self.num_shared
+        return torch.cat([shared.expand(*lead, self.num_shared), routed], dim=-1)
+
 
 @dataclass
 class AttentionOutput:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from graphheads import DecoderOnlyLM, ModelConfig, Transformer
+from graphheads.sparse import DECODE_MIN_SKIPPED_BYTES
 
 KINDS = ["mha", "moh", "goh"]
 
@@ -68,3 +69,25 @@ def test_goh_lm_compiles_with_inductor_and_trains_like_eager():
     for name, p in model.named_parameters():
         if name in grads:
             torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["moh", "goh"])
+def test_a_decoding_step_of_the_lm_compiles_whole_and_equals_the_full_forward(
+    attention, monkeypatch
+):
+    """A one-token step with a preallocated cache, the routed decoding kernel included
+    (threshold 0: every compiled step decodes routed), compiles with fullgraph=True and
+    dynamic shapes, for two cache lengths, and gives the full forward's last logits."""
+    monkeypatch.setitem(DECODE_MIN_SKIPPED_BYTES, "cpu", 0)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DecoderOnlyLM(_config(attention)).eval()
+    tokens = torch.randint(0, 30, (2, 9))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        cache = model(tokens[:, :7], cache=model.decoder.empty_cache(2, 9), use_cache=True).cache
+        for t in (7, 8):
+            out = compiled(tokens[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            full = model(tokens[:, : t + 1]).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, 0], full, atol=1e-5, rtol=1e-4)

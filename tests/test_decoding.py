@@ -8,6 +8,7 @@ import torch
 
 import graphheads.routed
 from graphheads import DecoderOnlyLM, GoHAttention, ModelConfig, MoHAttention, Transformer
+from graphheads.sparse import DECODE_MIN_SKIPPED_BYTES, decode_pays
 from graphheads.types import KVCache
 
 D, H, V = 32, 8, 40
@@ -126,7 +127,9 @@ def test_routed_decoding_equals_full_forward_with_padding(attention, execution, 
             )
             steps.append(out.logits)
             cache = out.cache
-    assert len(calls) == 8 * 2  # every decoding step, both layers
+    # every decoding step, both layers; eager "auto" decodes dense (gathering the active
+    # heads' caches would copy them: see decode_pays)
+    assert len(calls) == (8 * 2 if execution == "sparse" else 0)
     real = ~pad
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=1e-5, rtol=1e-4)
 
@@ -137,7 +140,7 @@ def test_decoding_never_reads_inactive_heads(kind):
     kernel reads only the active heads' keys and values (the dense path reads all)."""
     torch.manual_seed(0)
     cls = MoHAttention if kind == "moh" else GoHAttention
-    attn = cls(D, H, 2, 2).eval()
+    attn = cls(D, H, 2, 2, execution="sparse").eval()
     with torch.no_grad():
         for p in attn.router.parameters():
             p.normal_()
@@ -157,6 +160,75 @@ def test_decoding_never_reads_inactive_heads(kind):
     torch.testing.assert_close(again.output, out.output, rtol=0, atol=0)
     torch.testing.assert_close(out.output, dense.output, atol=1e-5, rtol=1e-4)
     assert dense_poisoned.output.isnan().any()
+
+
+def poisoned_step(execution: str = "auto", num_kv_heads: int | None = None):
+    """A GoH layer, a 10-token cache and one new token per sequence, with the cache of
+    every (sequence, head) pair the new token does not use set to NaN: only a kernel that
+    reads the active heads alone returns a finite output."""
+    torch.manual_seed(0)
+    attn = GoHAttention(D, H, 2, 2, execution=execution, num_kv_heads=num_kv_heads).eval()
+    with torch.no_grad():
+        for p in attn.router.parameters():
+            p.normal_()
+        past, x = torch.randn(4, 10, D), torch.randn(4, 1, D)
+        cache = attn(past, is_causal=True, use_cache=True).cache
+        attn.execution = "dense"
+        out = attn(x, kv_cache=cache)
+        attn.execution = execution
+    groups = H // (num_kv_heads or H)
+    active = out.routing.active_heads[:, 0].view(4, H // groups, groups).any(-1)  # kv heads
+    poisoned = KVCache(cache.key.clone(), cache.value.clone())
+    poisoned.key[~active] = float("nan")
+    poisoned.value[~active] = float("nan")
+    return attn, x, poisoned, out.output
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 4])
+def test_a_decode_step_compiles_fullgraph_reads_only_active_heads_and_equals_eager(
+    num_kv_heads, monkeypatch
+):
+    """Compiled, ``auto`` decodes through the routed kernel once the cache is large
+    enough; here the threshold is 0, so every one-token step does. The step compiles with
+    ``fullgraph=True`` (no host sync, no data-dependent branch) and equals the dense
+    eager step, with NaN in every cache row it must not read."""
+    monkeypatch.setitem(DECODE_MIN_SKIPPED_BYTES, "cpu", 0)
+    attn, x, poisoned, dense = poisoned_step(num_kv_heads=num_kv_heads)
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(x, kv_cache=poisoned).output
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_routed_decode_step_and_it_equals_eager(monkeypatch):
+    """Inductor's own kernel (the fused indexed reductions the speed comes from), with
+    the cache length dynamic (two lengths)."""
+    monkeypatch.setitem(DECODE_MIN_SKIPPED_BYTES, "cpu", 0)
+    attn, x, poisoned, dense = poisoned_step()
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        got = compiled(x, kv_cache=poisoned).output
+        shorter = KVCache(poisoned.key[:, :, :7], poisoned.value[:, :, :7])
+        attn.execution = "sparse"  # the eager kernel, on the shorter cache
+        expected = attn(x, kv_cache=shorter).output
+        attn.execution = "auto"
+        got_shorter = compiled(x, kv_cache=shorter).output
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_shorter, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_decodes_routed_only_compiled_and_where_the_skipped_bytes_pay(monkeypatch):
+    key = torch.empty(8, 8, 1024, 64)  # fp32: 16 MiB of keys, as many of values
+    assert not decode_pays(key, 8, 4)  # eager: never (the gathers would copy the caches)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert decode_pays(key, 8, 4)  # skips 4 of 8 heads: 16 MiB >= 12 MiB
+    assert not decode_pays(key[:, :, :256], 8, 4)  # 4 MiB: slower than dense here
+    assert not decode_pays(key, 8, 8)  # nothing to skip
+    assert not decode_pays(key[:, :2], 8, 4)  # grouped keys: 4 queries read 2 kv heads
+    assert not decode_pays(key.to("meta"), 8, 4)  # no measured crossover: dense
 
 
 @pytest.mark.parametrize("num_kv_heads", [2, 4])  # shared heads per pair / batched

@@ -4,7 +4,9 @@ import networkx as nx
 import pytest
 import torch
 
-from graphheads import HeadGraph
+import graphheads.graph
+from graphheads import DecoderOnlyLM, HeadGraph, ModelConfig
+from graphheads.gnn import gcn_norm_dense
 
 
 def edges(g: HeadGraph) -> set[tuple[int, int]]:
@@ -130,3 +132,35 @@ def test_a_dense_graph_refuses_self_loops_it_would_drop():
         HeadGraph(3, edge_index, torch.tensor([5.0, 1.0, 1.0]), learnable="dense")
     kept = HeadGraph(3, edge_index, torch.tensor([5.0, 1.0, 1.0]), learnable="edge")
     assert kept.adjacency()[0, 0].item() == pytest.approx(5.0)
+
+
+def test_the_gcn_propagation_is_built_once_while_the_graph_stays_the_same(count_calls):
+    """A fixed graph's normalised matrix is built once for a whole decoding run (not per
+    layer and step), as GCNConv(cached=True) does; a learnable graph outside autograd is
+    cached until its weights change in place; under autograd it is rebuilt every call
+    (and takes gradients)."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=20, d_model=32, num_heads=4, num_layers=2, d_ff=32, attention="goh",
+        num_shared=1, top_k=2, graph_learnable="fixed",
+    )  # fmt: skip
+    model = DecoderOnlyLM(config).eval()
+    calls = count_calls(graphheads.graph, "gcn_norm_dense")
+    model.generate(torch.randint(0, 20, (2, 3)), 6)
+    assert len(calls) == 2  # once per layer's graph (before: 6 forwards x 2 layers)
+
+    graph = HeadGraph.complete(4, learnable="edge")
+    fresh = lambda: gcn_norm_dense(graph.edge_index, graph.edge_weight, 4)  # noqa: E731
+    with torch.no_grad():
+        first = graph.gcn_propagation()
+        assert graph.gcn_propagation() is first
+        graph.raw_weight[0] += 2.0  # an optimiser step, in place
+        changed = graph.gcn_propagation()
+        torch.testing.assert_close(changed, fresh())
+        assert not torch.equal(changed, first)
+    assert graph.gcn_propagation().requires_grad  # under autograd: rebuilt, differentiable
+    graph.gcn_propagation().sum().backward()
+    assert graph.raw_weight.grad is not None
+    graph.to(torch.float64)
+    with torch.no_grad():
+        assert graph.gcn_propagation().dtype == torch.float64  # .to() rebuilds it

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from test_train import SMALL as TRAIN_SMALL
 
+import graphheads.routed
 import graphheads.train.trainer as trainer_module
 from graphheads import DecoderOnlyLM, ModelConfig, Transformer
 from graphheads.train import RunConfig, Trainer
@@ -76,18 +77,22 @@ def test_a_dense_decoding_step_runs_on_meta(attention):
     assert out.logits.shape == (2, 1, 20) and out.cache is not None and out.cache[0].length == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="routed decoding reads the active heads with .tolist() (a host sync); the "
-    "decoding issue (27) replaces it with index tensors, then this passes",
-)
 @pytest.mark.parametrize("attention", ["moh", "goh"])
-def test_a_routed_decoding_step_runs_on_meta(attention):
+def test_a_routed_decoding_step_runs_on_meta(attention, count_calls):
+    """The routed decoding kernel reads the active heads through index tensors (no
+    ``.tolist()``), so a decoding step through it runs on ``meta`` tensors."""
     model = DecoderOnlyLM(config(attention, "llama")).to(META).eval()
+    calls = count_calls(graphheads.routed, "routed_decode_attention")
     with torch.no_grad():
-        out = model(on_meta(2, 4), use_cache=True)
-        model(on_meta(2, 1), cache=out.cache, use_cache=True)
+        cache = model.decoder.empty_cache(2, 12, device=META)
+        out = model(on_meta(2, 4), cache=cache, use_cache=True)  # the prompt: dense
+        for module in model.modules():
+            if isinstance(module, graphheads.routed.RoutedAttention):
+                module.execution = "sparse"  # one-token steps: the routed kernel
+        out = model(on_meta(2, 1), cache=out.cache, use_cache=True)
+    assert len(calls) == 2  # both layers' step went through the kernel
+    assert out.logits.shape == (2, 1, 20) and out.logits.device == META
+    assert out.cache is not None and out.cache[0].length == 5
 
 
 SMALL = [*TRAIN_SMALL, "train.batch_size=8", "data.tasks=copy,reverse", "data.length=4"]
