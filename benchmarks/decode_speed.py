@@ -120,6 +120,10 @@ def main() -> None:
                 runnable: dict[str, torch.nn.Module] = dict(models)
                 if mode == "compiled":
                     torch._dynamo.reset()
+                    # five models share one forward: each needs its own compiles (static,
+                    # then dynamic; a threshold crossing), past dynamo's default limit of 8
+                    torch._dynamo.config.recompile_limit = 64
+                    torch._dynamo.config.accumulated_recompile_limit = 1024
                     runnable = {k: torch.compile(m, dynamic=True) for k, m in models.items()}
                 for length in args.lengths:
                     for batch in args.batches:

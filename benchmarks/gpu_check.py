@@ -329,6 +329,44 @@ def bf16_generate_in_place(device: str) -> None:
     )
 
 
+def compiled_routed_decoding(device: str) -> None:
+    """A compiled one-token step through the routed decoding kernel equals the dense one
+    (CUDA: Triton kernels with indexed loads), and how their times compare at a long
+    cache: the numbers that set graphheads.sparse.DECODE_MIN_SKIPPED_BYTES["cuda"]."""
+    import time
+
+    from graphheads.sparse import DECODE_MIN_SKIPPED_BYTES
+
+    saved = dict(DECODE_MIN_SKIPPED_BYTES)
+    results = {}
+    try:
+        for name, threshold in (("dense", float("inf")), ("routed", 0)):
+            DECODE_MIN_SKIPPED_BYTES[device] = threshold  # type: ignore[assignment]
+            torch._dynamo.reset()
+            model = small_goh_lm(device, vocab_size=64, d_model=512, top_k=2, max_seq_len=8200)
+            compiled = torch.compile(model, dynamic=True)
+            tokens = torch.randint(0, 64, (8, 8192), device=device)
+            with torch.no_grad():
+                cache = model(tokens[:, :-1], use_cache=True).cache
+                times = []
+                for _ in range(12):
+                    torch.cuda.synchronize() if device == "cuda" else None
+                    start = time.perf_counter()
+                    logits = compiled(tokens[:, -1:], cache=cache).logits[:, 0]
+                    torch.cuda.synchronize() if device == "cuda" else None
+                    times.append(time.perf_counter() - start)
+            results[name] = (logits.float(), sorted(times)[len(times) // 2])
+    finally:
+        DECODE_MIN_SKIPPED_BYTES.update(saved)
+    diff = max_diff(results["routed"][0], results["dense"][0])
+    ratio = results["dense"][1] / results["routed"][1]
+    check(
+        "compiled routed decoding == dense (8k cache, batch 8, 4 of 8 heads)",
+        diff < 1e-3,
+        f"{diff:.2e}; routed runs at {ratio:.2f}x dense's speed",
+    )
+
+
 def exact_resume(device: str) -> None:
     """Dropout on the device and (CUDA) fp16: 12 steps equal 6, a checkpoint, 6 more. The
     fp16 loss scaler doubles its scale every step (growth_interval 1), so a resume that
@@ -505,6 +543,7 @@ def main() -> None:
         trainer_collectives,
         torchrun_parallel,
         bf16_generate_in_place,
+        compiled_routed_decoding,
         exact_resume,
         routing_precision,
         left_padding_plain_path,

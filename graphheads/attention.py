@@ -269,18 +269,25 @@ class MultiHeadAttention(nn.Module):
                 f"key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
 
-    def project_query(self, query: Tensor, offset: int = 0) -> Tensor:
-        """Queries (b, h, t, e); rotated to positions ``offset ..`` with rotary."""
-        q = self.split_heads(self.q_proj(query))  # (b, h, t, e)
-        return q if self.rotary is None else self.rotary(q, offset)
+    def project_query(self, query: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """Queries (b, h, t, e); with rotary, rotated to the positions that follow
+        ``kv_cache``'s tokens (counted from each sequence's first real token)."""
+        return self._rotate(self.split_heads(self.q_proj(query)), kv_cache)  # (b, h, t, e)
+
+    def _rotate(self, x: Tensor, kv_cache: KVCache | None) -> Tensor:
+        """Rotary embeddings at the positions that follow ``kv_cache``'s tokens."""
+        if self.rotary is None:
+            return x
+        if kv_cache is None:
+            return self.rotary(x)
+        return self.rotary(x, kv_cache.length, kv_cache.left_padding)
 
     def project_kv(self, key: Tensor, value: Tensor, kv_cache: KVCache | None) -> KVCache:
         """Keys and values (b, h_kv, s, e) of ``kv_cache``'s tokens followed by these
         (keys rotated to their positions with rotary)."""
         k = self.split_heads(self.k_proj(key))  # (b, h_kv, s_new, e)
         v = self.split_heads(self.v_proj(value))  # (b, h_kv, s_new, e)
-        if self.rotary is not None:
-            k = self.rotary(k, kv_cache.length if kv_cache is not None else 0)
+        k = self._rotate(k, kv_cache)
         return KVCache(k, v) if kv_cache is None else kv_cache.append(k, v)
 
     def keys_values(
@@ -388,10 +395,10 @@ class MultiHeadAttention(nn.Module):
         if head_states is not None:
             raise ValueError(f"{type(self).__name__}: head_states is only used by GoH attention")
         key, value = self.resolve_inputs(query, key, value)
-        offset = kv_cache.length if kv_cache is not None else 0
+        q = self.project_query(query, kv_cache)
         kv = self.keys_values(key, value, kv_cache, memory_kv)
         heads = self.attend(
-            self.project_query(query, offset),
+            q,
             kv,
             attn_mask=attn_mask,
             key_padding_mask=key_padding_mask,

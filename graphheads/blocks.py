@@ -63,13 +63,18 @@ class SinusoidalPositionalEncoding(nn.Module):
         pe[:, 1::2] = torch.cos(position * div[: d_model // 2])
         self.register_buffer("pe", pe, persistent=False)  # a constant, not a parameter
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, shift: Tensor | None = None) -> Tensor:
+        """``shift`` (b,): subtracted from each sequence's positions (left padding; the
+        positions of padding, below 0, become 0)."""
         t = x.size(1)
         if offset + t > self.max_len:
             raise ValueError(
                 f"SinusoidalPositionalEncoding: positions {offset}..{offset + t - 1} exceed "
                 f"max_seq_len ({self.max_len})"
             )
+        if shift is not None:
+            positions = torch.arange(offset, offset + t, device=x.device) - shift.view(-1, 1)
+            return x + self.pe[positions.clamp_min(0)].to(x.dtype)  # (b, t, d)
         return x + self.pe[offset : offset + t].to(x.dtype)  # (b, t, d)
 
 
@@ -290,9 +295,11 @@ class TransformerStack(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        left_padding: Tensor | None = None,
     ) -> tuple[KVCache, ...]:
         """One empty :class:`~graphheads.types.KVCache` per block with room for
-        ``capacity`` tokens (decoding writes into it instead of concatenating)."""
+        ``capacity`` tokens (decoding writes into it instead of concatenating);
+        ``left_padding`` (b,) as in :meth:`~graphheads.types.KVCache.empty`."""
         caches = []
         for layer in self.layers:
             attn = layer.self_attn
@@ -308,6 +315,7 @@ class TransformerStack(nn.Module):
                     attn.head_dim,
                     dtype=dtype,
                     device=device,
+                    left_padding=left_padding,
                 )
             )
         return tuple(caches)

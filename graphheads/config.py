@@ -182,7 +182,7 @@ class ModelConfig:
         if routed_sparse and self.block == "llama":  # found at forward, after the router ran
             raise ValueError(
                 "ModelConfig: execution='sparse' has no rotary path, which block='llama' "
-                "needs; use execution 'auto' (sparse one-token decoding) or 'dense'"
+                "needs; use execution 'auto' (routed one-token decoding when compiled) or 'dense'"
             )
         if routed_sparse and self.sparse_backend == "flex" and self.dropout > 0:
             raise ValueError(

@@ -14,7 +14,13 @@ from torch import Tensor
 
 from graphheads.gates import autocast_dtype
 
-__all__ = ["cache_dtype", "check_token_ids", "decode", "sample_next_token"]
+__all__ = [
+    "cache_dtype",
+    "check_token_ids",
+    "decode",
+    "left_padding_counts",
+    "sample_next_token",
+]
 
 State = TypeVar("State")
 
@@ -35,6 +41,32 @@ def check_token_ids(tokens: Tensor, vocab_size: int, *, owner: str = "tokens") -
             raise ValueError(
                 f"{owner}: token ids must lie in [0, {vocab_size}), got range [{low}, {high}]"
             )
+
+
+def left_padding_counts(
+    key_padding_mask: Tensor, shape: torch.Size | tuple[int, ...], *, owner: str = "generate"
+) -> Tensor:
+    """(b,) long: the padding before each prompt's first token, from ``key_padding_mask``
+    (b, t) True at padding. ValueError unless the mask has the prompt's ``shape``, is
+    boolean, pads on the left only and leaves every prompt at least one token.
+
+    One host sync; call it where prompts enter, never in a forward pass."""
+    if tuple(key_padding_mask.shape) != tuple(shape) or key_padding_mask.dtype != torch.bool:
+        raise ValueError(
+            f"{owner}: key_padding_mask must be a bool tensor of the prompt's shape "
+            f"{tuple(shape)}, got {tuple(key_padding_mask.shape)} of {key_padding_mask.dtype}"
+        )
+    counts = key_padding_mask.sum(dim=1)
+    positions = torch.arange(key_padding_mask.size(1), device=key_padding_mask.device)
+    left = positions.unsqueeze(0) < counts.unsqueeze(1)  # what left padding would look like
+    bad = (left != key_padding_mask).any(dim=1) | (counts == key_padding_mask.size(1))
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{owner}: key_padding_mask must pad prompts on the left and leave each at least "
+            f"one token; rows {rows} do not"
+        )
+    return counts
 
 
 def cache_dtype(weight: Tensor) -> torch.dtype:

@@ -41,7 +41,9 @@ class RotaryEmbedding(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # a constant
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, shift: Tensor | None = None) -> Tensor:
+        """``shift`` (b,): subtracted from each sequence's positions (left padding; the
+        positions of padding, below 0, become 0)."""
         t = x.size(-2)
         if offset + t > self.max_len:
             raise ValueError(
@@ -49,8 +51,10 @@ class RotaryEmbedding(nn.Module):
                 f"({self.max_len})"
             )
         positions = torch.arange(offset, offset + t, device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq.to(x.device))  # (t, e / 2)
-        angles = torch.cat([angles, angles], dim=-1)  # (t, e)
+        if shift is not None:  # (b, 1, t): per sequence, broadcast over heads
+            positions = (positions - shift.view(-1, 1, 1).to(positions.dtype)).clamp_min(0)
+        angles = positions.unsqueeze(-1) * self.inv_freq.to(x.device)  # (..., t, e / 2)
+        angles = torch.cat([angles, angles], dim=-1)  # (..., t, e)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         half = x.size(-1) // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)

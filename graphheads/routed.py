@@ -194,10 +194,9 @@ class RoutedAttention(MultiHeadAttention):
         one_token = self._one_token_inference(query)
         sparse = self.execution == "sparse" and not one_token
         needs_queries = bool(getattr(self.router, "parameter_free", False))
-        offset = kv_cache.length if kv_cache is not None else 0
         q = None
         if needs_queries or not sparse:  # routed decoding takes every head's query too
-            q = self.project_query(query, offset)
+            q = self.project_query(query, kv_cache)
         router_input = query
         if router_context is not None:
             if router_context.shape != (query.size(0), query.size(-1)):

@@ -20,15 +20,16 @@ reads only the keys up to its last row's position, also with padding.
 
 :func:`routed_decode_attention` (one query token per sequence, inference): decoding with
 a long key/value cache is bound by memory traffic, and a token that does not use head h
-need not read head h's cache. Each active (sequence, head) pair attends over a *view* of
-its cache (nothing copied), with the query and output projections of that head's slice
-of the weights only.
+need not read head h's cache. The active heads come as an index tensor (shared plus
+top-k: static shapes, no host sync); compiled, the cache reads are fused with the
+indexing, so only the active heads' rows are read (:func:`decode_pays` says when that
+beats dense attention).
 
 Both equal the dense masked path up to rounding (the chunked path also in its gradients).
 They are functions of tensors (inputs, keys, values, gates, weights), not of a module, so
 any attention module can call them (:class:`~graphheads.routed.RoutedAttention` does).
-Both read which heads are active (one host sync per call), so they are meant for
-inference and long sequences; training uses the static-shape dense path
+The chunked path reads which rows are active (one host sync per call), so it is meant
+for inference and long sequences; training uses the static-shape dense path
 (``torch.compile``, DDP and FSDP friendly).
 
 Shape legend: b batch, t query tokens, s key tokens, h heads, r routed heads, m gathered

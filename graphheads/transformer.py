@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphheads.blocks import (
@@ -27,7 +28,13 @@ from graphheads.blocks import (
 )
 from graphheads.builders import build_attention, build_stack, graph_source
 from graphheads.config import ModelConfig
-from graphheads.generation import cache_dtype, check_token_ids, decode, sample_next_token
+from graphheads.generation import (
+    cache_dtype,
+    check_token_ids,
+    decode,
+    left_padding_counts,
+    sample_next_token,
+)
 from graphheads.goh import collect_head_graphs
 from graphheads.graph import HeadGraph
 from graphheads.hub import HubMixin
@@ -134,13 +141,15 @@ class TokenEmbedding(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.scale = math.sqrt(config.d_model) if config.block == "vaswani" else 1.0
 
-    def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, tokens: Tensor, offset: int = 0, shift: Tensor | None = None) -> Tensor:
+        """Embeddings of ``tokens`` (b, t) at positions ``offset ..`` less ``shift`` (b,)
+        (left padding) when given."""
         if tokens.dim() != 2:
             raise ValueError(
                 f"expected token ids of shape (batch, tokens), got {tuple(tokens.shape)}"
             )
         x = self.token(tokens) * self.scale
-        return self.dropout(x if self.position is None else self.position(x, offset))
+        return self.dropout(x if self.position is None else self.position(x, offset, shift))
 
 
 class DecoderOnlyLM(HubMixin):
@@ -197,7 +206,7 @@ class DecoderOnlyLM(HubMixin):
         embedding for task-conditioned routing (models with ``config.task_embeddings``).
         """
         offset = cache[0].length if cache else 0
-        x = self.embed(tokens, offset)
+        x = self.embed(tokens, offset, cache[0].left_padding if cache else None)
         context = None
         if task_ids is not None:
             if self.task_embedding is None:
@@ -233,25 +242,45 @@ class DecoderOnlyLM(HubMixin):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """Continue ``prompt`` (b, t) by ``max_new_tokens`` tokens; returns (b, t + n).
 
         ``temperature=0`` is greedy decoding. With ``use_cache`` each step feeds only the
         newest token and reuses the keys and values of the earlier ones.
-        """
 
+        Prompts of different lengths go in one batch left-padded: ``key_padding_mask``
+        (b, t) is True at the padding, which must come before each prompt's first token.
+        Each sequence is then continued as it would be alone: padding is never attended
+        to, and positions count from its first real token.
+        """
         capacity = prompt.size(1) + max_new_tokens
+        left_padding = None
+        if key_padding_mask is not None:
+            left_padding = left_padding_counts(key_padding_mask, prompt.shape)
+
+        def padding(tokens: Tensor) -> Tensor | None:  # (b, tokens so far)
+            if key_padding_mask is None:
+                return None
+            return F.pad(key_padding_mask, (0, tokens.size(1) - key_padding_mask.size(1)))
+
+        def empty() -> tuple[KVCache, ...]:  # preallocated: steps write in place
+            return self.decoder.empty_cache(
+                prompt.size(0),
+                capacity,
+                dtype=cache_dtype(self.lm_head.weight),
+                device=prompt.device,
+                left_padding=left_padding,
+            )
 
         def step(
             new: Tensor, tokens: Tensor, cache: tuple[KVCache, ...] | None
         ) -> tuple[Tensor, tuple[KVCache, ...] | None]:
-            if not use_cache:
-                return self(tokens).logits[:, -1], None
-            if cache is None:  # preallocated: each step writes its keys and values in place
-                cache = self.decoder.empty_cache(
-                    new.size(0), capacity, dtype=cache_dtype(self.lm_head.weight), device=new.device
-                )
-            out = self(new, cache=cache, use_cache=True)
+            mask = padding(tokens)
+            if not use_cache:  # the whole sequence again (an empty cache: its positions)
+                fresh = empty() if left_padding is not None else None
+                return self(tokens, key_padding_mask=mask, cache=fresh).logits[:, -1], None
+            out = self(new, key_padding_mask=mask, cache=cache or empty(), use_cache=True)
             return out.logits[:, -1], out.cache
 
         return decode(

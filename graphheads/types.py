@@ -47,6 +47,9 @@ class KVCache:
     key: Tensor  # (b, h, s, e)
     value: Tensor  # (b, h, s, e)
     buffer: KVBuffer | None = field(default=None, repr=False, compare=False)
+    # (b,) long: slots of left padding before each sequence's first token (ragged
+    # prompts); a token at slot j is at position j - left_padding (rotary, sinusoidal)
+    left_padding: Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(
@@ -58,13 +61,23 @@ class KVCache:
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        left_padding: Tensor | None = None,
     ) -> KVCache:
         """A cache of length 0 with room for ``capacity`` tokens, in ``dtype``; without one,
-        in the dtype of the first keys appended (bf16 under autocast)."""
+        in the dtype of the first keys appended (bf16 under autocast). ``left_padding``
+        (b,): slots of padding before each sequence's first token (left-padded prompts
+        of different lengths): positions count from each sequence's first real token."""
         if min(batch_size, num_heads, capacity, head_dim) < 1:
             raise ValueError(
                 "KVCache.empty: batch_size, num_heads, capacity and head_dim must be >= 1, got "
                 f"{(batch_size, num_heads, capacity, head_dim)}"
+            )
+        if left_padding is not None and (
+            tuple(left_padding.shape) != (batch_size,) or left_padding.is_floating_point()
+        ):
+            raise ValueError(
+                f"KVCache.empty: left_padding must be ({batch_size},) integers, got "
+                f"{tuple(left_padding.shape)} of {left_padding.dtype}"
             )
         shape = (batch_size, num_heads, capacity, head_dim)
         buffer = KVBuffer(
@@ -72,7 +85,7 @@ class KVCache:
             torch.empty(shape, dtype=dtype, device=device),
             adopt_dtype=dtype is None,
         )
-        return cls(buffer.key[:, :, :0], buffer.value[:, :, :0], buffer)
+        return cls(buffer.key[:, :, :0], buffer.value[:, :, :0], buffer, left_padding)
 
     @property
     def length(self) -> int:
@@ -101,13 +114,15 @@ class KVCache:
         )
         if not in_place:
             return KVCache(
-                torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
+                torch.cat([self.key, key], dim=-2),
+                torch.cat([self.value, value], dim=-2),
+                left_padding=self.left_padding,
             )
         assert buf is not None
         buf.key[:, :, s : s + n] = key
         buf.value[:, :, s : s + n] = value
         buf.filled = s + n
-        return KVCache(buf.key[:, :, : s + n], buf.value[:, :, : s + n], buf)
+        return KVCache(buf.key[:, :, : s + n], buf.value[:, :, : s + n], buf, self.left_padding)
 
 
 @dataclass

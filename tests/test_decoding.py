@@ -272,3 +272,36 @@ def test_memory_kv_is_refused_with_a_cache_or_the_wrong_batch():
         attn(torch.randn(2, 1, D), kv_cache=kv, memory_kv=kv)
     with pytest.raises(ValueError, match="memory_kv has keys"):
         attn(torch.randn(3, 1, D), memory_kv=kv)
+
+
+@pytest.mark.parametrize("attention", ["mha", "moh", "goh"])
+@pytest.mark.parametrize("block", ["vaswani", "llama"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_ragged_prompts_in_one_batch_continue_as_each_would_alone(attention, block, use_cache):
+    """Left-padded prompts of lengths 5, 2 and 7 with a padding mask: every sequence gets
+    the tokens (and logits) it gets alone, through prefill and decoding (sinusoidal and
+    rotary positions count from its first real token)."""
+    model = lm(attention, block=block)
+    lengths = [5, 2, 7]
+    prompts = [torch.randint(0, V, (1, n)) for n in lengths]
+    batch = torch.zeros(3, 7, dtype=torch.long)
+    pad = torch.ones(3, 7, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        batch[i, 7 - p.size(1) :] = p[0]
+        pad[i, 7 - p.size(1) :] = False
+    out = model.generate(batch, 6, key_padding_mask=pad, use_cache=use_cache)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p, 6, use_cache=use_cache)
+        torch.testing.assert_close(out[i, 7:], alone[0, p.size(1) :], rtol=0, atol=0)
+
+
+def test_a_padding_mask_that_is_not_left_padding_is_refused():
+    model = lm("goh")
+    prompt = torch.randint(0, V, (3, 4))
+    right = torch.zeros(3, 4, dtype=torch.bool)
+    right[1, 3:] = True  # right padding
+    right[2, :] = True  # nothing left
+    with pytest.raises(ValueError, match=r"pad prompts on the left .* rows \[1, 2\] do not"):
+        model.generate(prompt, 2, key_padding_mask=right)
+    with pytest.raises(ValueError, match=r"bool tensor of the prompt's shape \(3, 4\)"):
+        model.generate(prompt, 2, key_padding_mask=right[:, :3])
