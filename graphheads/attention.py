@@ -398,11 +398,7 @@ class MultiHeadAttention(nn.Module):
         q = self.project_query(query, kv_cache)
         kv = self.keys_values(key, value, kv_cache, memory_kv)
         heads = self.attend(
-            q,
-            kv,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
+            q, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
         )
         cache = kv if use_cache else None
         return AttentionOutput(self.out_proj(self.merge_heads(heads)), cache=cache)

@@ -14,13 +14,7 @@ from torch import Tensor
 
 from graphheads.gates import autocast_dtype
 
-__all__ = [
-    "cache_dtype",
-    "check_token_ids",
-    "decode",
-    "left_padding_counts",
-    "sample_next_token",
-]
+__all__ = ["cache_dtype", "check_token_ids", "decode", "left_padding_counts", "sample_next_token"]
 
 State = TypeVar("State")
 
