@@ -22,6 +22,7 @@ The low-level :func:`scaled_dot_product_attention` follows the convention of
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -269,9 +270,19 @@ class MultiHeadAttention(nn.Module):
                 f"key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
 
-    def project_query(self, query: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def project_query(self, query: Tensor, kv_cache: KVCache | int | None = None) -> Tensor:
         """Queries (b, h, t, e); with rotary, rotated to the positions that follow
-        ``kv_cache``'s tokens (counted from each sequence's first real token)."""
+        ``kv_cache``'s tokens (counted from each sequence's first real token). An integer
+        offset (the 0.3 signature) still works, with a DeprecationWarning."""
+        if isinstance(kv_cache, int):
+            warnings.warn(
+                "MultiHeadAttention.project_query(query, offset) is deprecated: pass the "
+                "KVCache the query follows (project_query(query, kv_cache))",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            q = self.split_heads(self.q_proj(query))
+            return q if self.rotary is None else self.rotary(q, kv_cache)
         return self._rotate(self.split_heads(self.q_proj(query)), kv_cache)  # (b, h, t, e)
 
     def _rotate(self, x: Tensor, kv_cache: KVCache | None) -> Tensor:

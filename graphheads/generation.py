@@ -38,13 +38,21 @@ def check_token_ids(tokens: Tensor, vocab_size: int, *, owner: str = "tokens") -
 
 
 def left_padding_counts(
-    key_padding_mask: Tensor, shape: torch.Size | tuple[int, ...], *, owner: str = "generate"
+    key_padding_mask: Tensor,
+    shape: torch.Size | tuple[int, ...],
+    device: torch.device,
+    *,
+    owner: str = "generate",
 ) -> Tensor:
     """(b,) long: the padding before each prompt's first token, from ``key_padding_mask``
-    (b, t) True at padding. ValueError unless the mask has the prompt's ``shape``, is
-    boolean, pads on the left only and leaves every prompt at least one token.
+    (b, t) True at padding. ValueError unless the mask has the prompt's ``shape`` and
+    ``device``, is boolean, pads on the left only and leaves every prompt at least one token.
 
     One host sync; call it where prompts enter, never in a forward pass."""
+    if key_padding_mask.device != device:
+        raise ValueError(
+            f"{owner}: key_padding_mask is on {key_padding_mask.device}, the prompt on {device}"
+        )
     if tuple(key_padding_mask.shape) != tuple(shape) or key_padding_mask.dtype != torch.bool:
         raise ValueError(
             f"{owner}: key_padding_mask must be a bool tensor of the prompt's shape "
@@ -104,18 +112,25 @@ def decode(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     owner: str = "generate",
+    sliding_window: bool = False,
 ) -> Tensor:
     """Continue ``prompt`` (b, t) by ``max_new_tokens`` tokens; returns (b, t + n).
 
     ``step(new_tokens, all_tokens, state)`` returns the next-token logits (b, v) and the
     state for the next call (e.g. a key/value cache; ``None`` at the first call).
+    With ``sliding_window`` the sequence may grow past ``max_len`` (``step`` keeps to the
+    window); the prompt must still fit.
     """
     check_token_ids(prompt, vocab_size, owner=f"{owner}: prompt")
     if prompt.size(1) == 0:
         raise ValueError(f"{owner}: the prompt must hold at least one token per row")
     if max_new_tokens < 0:
         raise ValueError(f"{owner}: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if prompt.size(1) + max_new_tokens - 1 > max_len:  # the last new token is not fed back
+    if sliding_window and prompt.size(1) > max_len:
+        raise ValueError(
+            f"{owner}: the prompt ({prompt.size(1)} tokens) exceeds max_seq_len ({max_len})"
+        )
+    if not sliding_window and prompt.size(1) + max_new_tokens - 1 > max_len:
         raise ValueError(
             f"{owner}: prompt ({prompt.size(1)}) + max_new_tokens ({max_new_tokens}) - 1 "
             f"positions exceed max_seq_len ({max_len})"

@@ -16,11 +16,13 @@ Edge weights are
   ``softplus(Theta)``, initialised from the given graph (absent edges start at
   ``absent_weight``).
 
-Weights are recomputed from the parameters at every call. The GCN propagation matrix
-(:meth:`HeadGraph.gcn_propagation`) is cached where it cannot go stale: for fixed
-weights, and for learnable ones outside autograd (inference), keyed on the storage and
-version of the edges and weights, so an in-place update, ``load_state_dict`` or ``.to()``
-recomputes it (PyG's ``GCNConv(cached=True)`` caches a fixed graph's normalisation too).
+Weights are recomputed from the parameters at every call. A fixed graph's GCN
+propagation matrix (:meth:`HeadGraph.gcn_propagation`) is cached, as PyG's
+``GCNConv(cached=True)`` caches a fixed graph's normalisation: keyed on the edge and
+weight tensors themselves (held, so their storage cannot be reused) and their versions,
+so an in-place update, ``load_state_dict`` or ``.to()`` recomputes it. Learnable weights
+are never cached (optimisers, FSDP and ``.data`` edits change them without a trace); the
+router builds their matrix once per forward for all message-passing layers.
 """
 
 from __future__ import annotations
@@ -173,27 +175,27 @@ class HeadGraph(nn.Module):
         """(H, H) GCN propagation matrix of the current weights (:func:`~graphheads.gnn.
         gcn_norm_dense`: ``P[i, j]`` weighs the message from head j to head i).
 
-        Computed once and reused while the edges and weights stay the same (fixed
-        weights, or learnable ones outside autograd: a decoding loop builds it once, not
-        at every layer and step); recomputed under autograd and while compiling (where
-        it is part of the graph)."""
-        source = self.fixed_weight if self.raw_weight is None else self.raw_weight
-        assert source is not None
-        if torch.compiler.is_compiling() or (source.requires_grad and torch.is_grad_enabled()):
+        For fixed weights it is computed once and reused while the edge and weight
+        tensors stay the same objects at the same version (a decoding loop builds it
+        once, not at every layer and step); learnable weights, inference tensors (no
+        version counter) and compiled code (where it is part of the graph) recompute."""
+        weight = self.fixed_weight
+        if (
+            weight is None
+            or torch.compiler.is_compiling()
+            or weight.is_inference()
+            or self.edge_index.is_inference()
+        ):
             return gcn_norm_dense(self.edge_index, self.edge_weight, self.num_heads)
-        key = (
-            self.edge_index.data_ptr(),
-            self.edge_index._version,
-            source.data_ptr(),
-            source._version,
-            source.device,
-            source.dtype,
-        )
-        if self._propagation is None or self._propagation[0] != key:
-            with torch.no_grad():
-                matrix = gcn_norm_dense(self.edge_index, self.edge_weight, self.num_heads)
-            self._propagation = (key, matrix)
-        return self._propagation[1]
+        key = (self.edge_index, self.edge_index._version, weight, weight._version)
+        cached = self._propagation
+        if cached is None or any(
+            a is not b if isinstance(a, Tensor) else a != b
+            for a, b in zip(cached[0], key, strict=True)
+        ):
+            cached = (key, gcn_norm_dense(self.edge_index, weight, self.num_heads))
+            self._propagation = cached
+        return cached[1]
 
     def adjacency(self) -> Tensor:
         """(H, H) dense weights, ``A[source, target]``; parallel edges add up."""

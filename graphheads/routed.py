@@ -166,8 +166,7 @@ class RoutedAttention(MultiHeadAttention):
         enough: :func:`~graphheads.sparse.decode_pays`)."""
         if self.execution == "sparse":
             return True
-        active = routing.num_shared + routing.top_k_indices.size(-1)
-        return decode_pays(key, self.num_heads, active)
+        return decode_pays(key, routing.num_shared + routing.top_k_indices.size(-1))
 
     def forward(
         self,

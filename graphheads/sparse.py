@@ -342,13 +342,16 @@ def _routed_chunk(
 DECODE_MIN_SKIPPED_BYTES = {"cpu": 12 * 2**20, "cuda": 64 * 2**20}
 
 
-def decode_pays(key: Tensor, num_heads: int, num_active: int) -> bool:
+def decode_pays(key: Tensor, num_active: int) -> bool:
     """Whether one routed decoding step (:func:`routed_decode_attention`) should beat
-    dense attention over the cache ``key`` (b, h_kv, s, e) with ``num_active`` of
-    ``num_heads`` query heads on: only under ``torch.compile`` (eager gathers copy the
-    caches) and when the bytes it skips reading, keys and values, reach
-    :data:`DECODE_MIN_SKIPPED_BYTES` for the device. Dense reads every key/value head
-    once; routed reads one per active query head (grouped heads may share one)."""
+    dense attention over the cache ``key`` (b, h_kv, s, e) with ``num_active`` query
+    heads on: only under ``torch.compile`` (eager gathers copy the caches) and when the
+    bytes it skips reading, keys and values, reach :data:`DECODE_MIN_SKIPPED_BYTES` for
+    the device. Dense reads every key/value head once; the routed kernel reads one per
+    active query head, even when grouped query heads share it, so with grouped-query
+    attention it pays only when fewer query heads are active than there are key/value
+    heads. The test is on the cache length, so a compiled decoding loop compiles once
+    more when its cache crosses the threshold."""
     threshold = DECODE_MIN_SKIPPED_BYTES.get(key.device.type)
     if threshold is None or not torch.compiler.is_compiling():
         return False
@@ -425,10 +428,12 @@ def routed_decode_attention(
     if torch.compiler.is_compiling():  # reductions over indexed rows: Inductor fuses them
         rows = torch.arange(b, device=idx.device).unsqueeze(-1)
         k, v = key[rows, kv_idx], value[rows, kv_idx]  # (b, n, s, e), never materialised
-        scores = (q.unsqueeze(2) * k).sum(-1) * e**-0.5  # (b, n, s)
+        # in fp32, as SDPA accumulates (the casts fuse into the reads)
+        scores = (q.float().unsqueeze(2) * e**-0.5 * k.float()).sum(-1)  # (b, n, s)
         if bias is not None:
-            scores = scores + bias
-        o = (scores.softmax(dim=-1).unsqueeze(-1) * v).sum(2)  # (b, n, e)
+            scores = scores + bias.float()
+        weights = scores.softmax(dim=-1).unsqueeze(-1)
+        o = (weights * v.float()).sum(2).to(value.dtype)  # (b, n, e)
     else:  # eager: gather the active caches, then one SDPA call
         index = kv_idx[:, :, None, None].expand(b, n, s, e)
         o = scaled_dot_product_attention(

@@ -200,10 +200,14 @@ class DecoderOnlyLM(HubMixin):
         """tokens (b, t) -> :class:`ModelOutput` with logits (b, t, v).
 
         ``key_padding_mask`` (b, past + t) marks padding (True) among the cached and the
-        new tokens: no query attends to it and the load-balance loss skips it.
-        ``cache`` is the ``ModelOutput.cache`` of an earlier call: the tokens given now
-        continue those sequences. ``task_ids`` (b,) select each sequence's task
-        embedding for task-conditioned routing (models with ``config.task_embeddings``).
+        new tokens: no query attends to it and the load-balance loss skips it. Positions
+        are not shifted by it: left-padded sequences keep their positions from each
+        one's first real token only through a cache made with ``left_padding``
+        (``self.decoder.empty_cache(b, capacity, left_padding=mask.sum(1))``), as
+        ``generate`` does. ``cache`` is the ``ModelOutput.cache`` of an earlier call
+        (or such an empty one): the tokens given now continue those sequences.
+        ``task_ids`` (b,) select each sequence's task embedding for task-conditioned
+        routing (models with ``config.task_embeddings``).
         """
         offset = cache[0].length if cache else 0
         x = self.embed(tokens, offset, cache[0].left_padding if cache else None)
@@ -243,6 +247,7 @@ class DecoderOnlyLM(HubMixin):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         key_padding_mask: Tensor | None = None,
+        sliding_window: bool = False,
     ) -> Tensor:
         """Continue ``prompt`` (b, t) by ``max_new_tokens`` tokens; returns (b, t + n).
 
@@ -253,34 +258,61 @@ class DecoderOnlyLM(HubMixin):
         (b, t) is True at the padding, which must come before each prompt's first token.
         Each sequence is then continued as it would be alone: padding is never attended
         to, and positions count from its first real token.
+
+        ``sliding_window=True`` (rotary positions: ``block="llama"``) generates past
+        ``max_seq_len``: each step sees the newest ``max_seq_len`` tokens, and the cache
+        keeps the keys and values computed when its tokens were seen (rotated at their
+        own positions), as a streaming cache does; without a cache each step recomputes
+        the window. The sinusoidal block's positions end at ``max_seq_len``: refused.
         """
+        window = self.config.max_seq_len
+        if sliding_window and self.config.block != "llama":
+            raise ValueError(
+                "generate: sliding_window needs rotary positions (block='llama'); the "
+                f"sinusoidal positions of block={self.config.block!r} end at max_seq_len "
+                f"({window})"
+            )
         capacity = prompt.size(1) + max_new_tokens
+        capacity = min(capacity, window) if sliding_window else capacity
         left_padding = None
         if key_padding_mask is not None:
-            left_padding = left_padding_counts(key_padding_mask, prompt.shape)
+            left_padding = left_padding_counts(key_padding_mask, prompt.shape, prompt.device)
 
-        def padding(tokens: Tensor) -> Tensor | None:  # (b, tokens so far)
+        def padding(tokens: Tensor, seen: int) -> Tensor | None:  # (b, the last `seen`)
             if key_padding_mask is None:
                 return None
-            return F.pad(key_padding_mask, (0, tokens.size(1) - key_padding_mask.size(1)))
+            mask = F.pad(key_padding_mask, (0, tokens.size(1) - key_padding_mask.size(1)))
+            return mask[:, mask.size(1) - seen :]
 
-        def empty() -> tuple[KVCache, ...]:  # preallocated: steps write in place
+        def empty(dropped: int = 0) -> tuple[KVCache, ...]:  # preallocated: in-place steps
+            shift = left_padding
+            if dropped:  # a window starting `dropped` tokens in: positions from there
+                base = prompt.new_zeros(prompt.size(0)) if shift is None else shift
+                shift = base - dropped
             return self.decoder.empty_cache(
                 prompt.size(0),
                 capacity,
                 dtype=cache_dtype(self.lm_head.weight),
                 device=prompt.device,
-                left_padding=left_padding,
+                left_padding=shift,
             )
 
         def step(
             new: Tensor, tokens: Tensor, cache: tuple[KVCache, ...] | None
         ) -> tuple[Tensor, tuple[KVCache, ...] | None]:
-            mask = padding(tokens)
             if not use_cache:  # the whole sequence again (an empty cache: its positions)
-                fresh = empty() if left_padding is not None else None
-                return self(tokens, key_padding_mask=mask, cache=fresh).logits[:, -1], None
-            out = self(new, key_padding_mask=mask, cache=cache or empty(), use_cache=True)
+                dropped = max(tokens.size(1) - window, 0)
+                fresh = empty(dropped) if left_padding is not None or dropped else None
+                mask = padding(tokens, tokens.size(1) - dropped)
+                out = self(tokens[:, dropped:], key_padding_mask=mask, cache=fresh)
+                return out.logits[:, -1], None
+            cache = cache or empty()
+            past = cache[0].length
+            if past + new.size(1) > window:  # sliding_window (decode refuses it otherwise)
+                cache = tuple(c.drop_front(past + new.size(1) - window) for c in cache)
+                past = window - new.size(1)
+            mask = padding(tokens, past + new.size(1))
+            out = self(new, key_padding_mask=mask, cache=cache, use_cache=True)
             return out.logits[:, -1], out.cache
 
         return decode(
@@ -292,6 +324,7 @@ class DecoderOnlyLM(HubMixin):
             temperature=temperature,
             top_k=top_k,
             generator=generator,
+            sliding_window=sliding_window,
         )
 
 
@@ -351,7 +384,7 @@ class Transformer(HubMixin):
         )
         offset = cache[0].length if cache else 0
         dec = self.decoder(
-            self.embed(tgt, offset),
+            self.embed(tgt, offset, cache[0].left_padding if cache else None),
             enc.hidden,
             key_padding_mask=tgt_key_padding_mask,
             is_causal=True,

@@ -91,6 +91,14 @@ class KVCache:
     def length(self) -> int:
         return int(self.key.size(-2))
 
+    def drop_front(self, n: int) -> KVCache:
+        """This cache without its first ``n`` tokens (a sliding window); the others keep
+        their positions (``left_padding`` less ``n``). Appending to it copies."""
+        shift = self.left_padding
+        if shift is None:
+            shift = torch.zeros(self.key.size(0), dtype=torch.long, device=self.key.device)
+        return KVCache(self.key[:, :, n:], self.value[:, :, n:], left_padding=shift - n)
+
     def append(self, key: Tensor, value: Tensor) -> KVCache:
         """This cache followed by ``key``, ``value`` (b, h, n, e)."""
         s, n, buf = self.length, key.size(-2), self.buffer

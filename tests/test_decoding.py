@@ -2,6 +2,7 @@
 once, and routed decoding that reads only the active heads' caches."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -222,13 +223,13 @@ def test_inductor_compiles_the_routed_decode_step_and_it_equals_eager(monkeypatc
 
 def test_auto_decodes_routed_only_compiled_and_where_the_skipped_bytes_pay(monkeypatch):
     key = torch.empty(8, 8, 1024, 64)  # fp32: 16 MiB of keys, as many of values
-    assert not decode_pays(key, 8, 4)  # eager: never (the gathers would copy the caches)
+    assert not decode_pays(key, 4)  # eager: never (the gathers would copy the caches)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert decode_pays(key, 8, 4)  # skips 4 of 8 heads: 16 MiB >= 12 MiB
-    assert not decode_pays(key[:, :, :256], 8, 4)  # 4 MiB: slower than dense here
-    assert not decode_pays(key, 8, 8)  # nothing to skip
-    assert not decode_pays(key[:, :2], 8, 4)  # grouped keys: 4 queries read 2 kv heads
-    assert not decode_pays(key.to("meta"), 8, 4)  # no measured crossover: dense
+    assert decode_pays(key, 4)  # skips 4 of 8 heads: 16 MiB >= 12 MiB
+    assert not decode_pays(key[:, :, :256], 4)  # 4 MiB: slower than dense here
+    assert not decode_pays(key, 8)  # nothing to skip
+    assert not decode_pays(key[:, :2], 4)  # grouped keys: 4 queries read 2 kv heads
+    assert not decode_pays(key.to("meta"), 4)  # no measured crossover: dense
 
 
 @pytest.mark.parametrize("num_kv_heads", [2, 4])  # shared heads per pair / batched
@@ -279,7 +280,7 @@ def test_memory_kv_is_refused_with_a_cache_or_the_wrong_batch():
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_ragged_prompts_in_one_batch_continue_as_each_would_alone(attention, block, use_cache):
     """Left-padded prompts of lengths 5, 2 and 7 with a padding mask: every sequence gets
-    the tokens (and logits) it gets alone, through prefill and decoding (sinusoidal and
+    the tokens it gets alone, through prefill and decoding (sinusoidal and
     rotary positions count from its first real token)."""
     model = lm(attention, block=block)
     lengths = [5, 2, 7]
@@ -305,3 +306,55 @@ def test_a_padding_mask_that_is_not_left_padding_is_refused():
         model.generate(prompt, 2, key_padding_mask=right)
     with pytest.raises(ValueError, match=r"bool tensor of the prompt's shape \(3, 4\)"):
         model.generate(prompt, 2, key_padding_mask=right[:, :3])
+
+
+@pytest.mark.parametrize("attention", ["mha", "goh"])
+def test_a_sliding_window_generates_past_the_context_like_recomputing_the_window(attention):
+    """A one-layer rotary model (its keys depend on the token and its position only, so a
+    streaming cache and recomputing the window agree exactly), max_seq_len 8, a prompt
+    of 5 continued by 12 (17 tokens), left padding in one row: the cached window and the
+    window recomputed at every step give the same tokens."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=V, d_model=D, num_heads=H, num_layers=1, d_ff=64, max_seq_len=8,
+        attention=attention, num_shared=2, top_k=2, block="llama",
+    )  # fmt: skip
+    model = DecoderOnlyLM(config).eval()
+    prompt = torch.randint(0, V, (2, 5))
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, :2] = True
+    kwargs = {"key_padding_mask": pad, "sliding_window": True, "temperature": 1.0}
+    cached = model.generate(prompt, 12, generator=torch.Generator().manual_seed(1), **kwargs)
+    recomputed = model.generate(
+        prompt, 12, use_cache=False, generator=torch.Generator().manual_seed(1), **kwargs
+    )
+    assert cached.shape == (2, 17)
+    torch.testing.assert_close(cached, recomputed, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"exceed max_seq_len \(8\)"):
+        model.generate(prompt, 12)  # without the window: refused, as before
+    deep = DecoderOnlyLM(dataclasses.replace(config, num_layers=2)).eval()
+    assert deep.generate(prompt, 12, sliding_window=True).shape == (2, 17)
+    sinusoidal = DecoderOnlyLM(dataclasses.replace(config, block="vaswani"))
+    with pytest.raises(ValueError, match="sliding_window needs rotary positions"):
+        sinusoidal.generate(prompt, 12, sliding_window=True)
+
+
+def test_compiled_generate_of_a_llama_gqa_model_with_ragged_prompts_equals_eager(
+    monkeypatch, count_calls
+):
+    """What a Llama-style model decodes through, together: rotary positions shifted by
+    left padding, grouped key/value heads, the routed kernel compiled (threshold 0) via
+    ``model.compile``: the tokens of eager generation (which decodes dense)."""
+    monkeypatch.setitem(DECODE_MIN_SKIPPED_BYTES, "cpu", 0)
+    model = lm("goh", block="llama", num_kv_heads=4, norm_first=True)
+    prompt = torch.randint(0, V, (3, 6))
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, :4] = True
+    pad[2, :1] = True
+    expected = model.generate(prompt, 6, key_padding_mask=pad)
+    calls = count_calls(graphheads.routed, "routed_decode_attention")
+    torch._dynamo.reset()
+    model.compile(dynamic=True, fullgraph=True, backend="aot_eager")
+    got = model.generate(prompt, 6, key_padding_mask=pad)
+    assert calls  # traced through the routed kernel
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
