@@ -99,7 +99,7 @@ def build_attention(
         graph if graph is not None else make_head_graph(config),
         **shape,  # type: ignore[arg-type]
         feature_dim=config.graph_feature_dim,
-        num_layers=config.graph_layers,
+        graph_layers=config.graph_layers,
         conv=config.graph_conv,
         carry_head_states=carry,
         graph_scale_init=config.graph_scale_init,

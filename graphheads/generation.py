@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from graphheads.compat import renamed_argument
 from graphheads.gates import autocast_dtype
 
 __all__ = ["cache_dtype", "check_token_ids", "decode", "left_padding_counts", "sample_next_token"]
@@ -82,20 +83,26 @@ def sample_next_token(
     logits: Tensor,
     *,
     temperature: float = 1.0,
-    top_k: int | None = None,
+    sample_top_k: int | None = None,
     generator: torch.Generator | None = None,
+    top_k: int | None = None,  # deprecated: sample_top_k
 ) -> Tensor:
     """Pick the next token from (b, v) logits: greedy when ``temperature == 0``,
-    else sampling from ``softmax(logits / temperature)`` restricted to the ``top_k`` best."""
+    else sampling from ``softmax(logits / temperature)`` restricted to the
+    ``sample_top_k`` best (``top_k`` is its deprecated name: ``top_k`` means routed
+    heads everywhere else)."""
+    sample_top_k = renamed_argument(
+        "sample_next_token", "top_k", top_k, "sample_top_k", sample_top_k
+    )
     if temperature < 0:
         raise ValueError(f"sample_next_token: temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"sample_next_token: top_k must be >= 1, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+    if sample_top_k is not None:
+        if sample_top_k < 1:
+            raise ValueError(f"sample_next_token: sample_top_k must be >= 1, got {sample_top_k}")
+        kth = torch.topk(logits, min(sample_top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -109,17 +116,19 @@ def decode(
     vocab_size: int,
     max_len: int,
     temperature: float = 0.0,
-    top_k: int | None = None,
+    sample_top_k: int | None = None,
     generator: torch.Generator | None = None,
     owner: str = "generate",
     sliding_window: bool = False,
+    past_context_hint: str = "",
 ) -> Tensor:
     """Continue ``prompt`` (b, t) by ``max_new_tokens`` tokens; returns (b, t + n).
 
     ``step(new_tokens, all_tokens, state)`` returns the next-token logits (b, v) and the
     state for the next call (e.g. a key/value cache; ``None`` at the first call).
     With ``sliding_window`` the sequence may grow past ``max_len`` (``step`` keeps to the
-    window); the prompt must still fit.
+    window); the prompt must still fit. ``past_context_hint`` ends the refusal of a
+    sequence past ``max_len`` without it (how to go past it, where the model can).
     """
     check_token_ids(prompt, vocab_size, owner=f"{owner}: prompt")
     if prompt.size(1) == 0:
@@ -133,13 +142,13 @@ def decode(
     if not sliding_window and prompt.size(1) + max_new_tokens - 1 > max_len:
         raise ValueError(
             f"{owner}: prompt ({prompt.size(1)}) + max_new_tokens ({max_new_tokens}) - 1 "
-            f"positions exceed max_seq_len ({max_len})"
+            f"positions exceed max_seq_len ({max_len}){past_context_hint}"
         )
     tokens, new, state = prompt, prompt, None
     for _ in range(max_new_tokens):
         logits, state = step(new, tokens, state)
         next_token = sample_next_token(
-            logits, temperature=temperature, top_k=top_k, generator=generator
+            logits, temperature=temperature, sample_top_k=sample_top_k, generator=generator
         )
         new = next_token[:, None]
         tokens = torch.cat([tokens, new], dim=1)

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
+from graphheads.compat import renamed_argument
+
 __all__ = ["HeadGCNConv", "HeadMessagePassing", "gcn_norm_dense", "make_conv"]
 
 ConvFactory = Callable[[int], MessagePassing]
@@ -172,11 +174,11 @@ def make_conv(name: str, feature_dim: int) -> MessagePassing:
 
 
 class HeadMessagePassing(nn.Module):
-    r"""``num_layers`` residual message-passing layers over the head axis.
+    r"""``graph_layers`` residual message-passing layers over the head axis.
 
     Args:
         feature_dim: node feature width f.
-        num_layers: L (0 = identity).
+        graph_layers: L (0 = identity; ``num_layers`` is its deprecated name).
         conv: a layer name for :func:`make_conv`, or a callable ``feature_dim ->
             MessagePassing`` (build it with ``node_dim=-2``; never ``cached=True``).
         activation: non-linearity applied to each layer's output before the residual add.
@@ -192,18 +194,24 @@ class HeadMessagePassing(nn.Module):
     def __init__(
         self,
         feature_dim: int,
-        num_layers: int,
+        graph_layers: int | None = None,
         *,
         conv: str | ConvFactory = "gcn",
         activation: Callable[[Tensor], Tensor] = F.gelu,
+        num_layers: int | None = None,  # deprecated: graph_layers
     ) -> None:
         super().__init__()
-        if num_layers < 0:
-            raise ValueError(f"HeadMessagePassing: num_layers must be >= 0, got {num_layers}")
+        graph_layers = renamed_argument(
+            "HeadMessagePassing", "num_layers", num_layers, "graph_layers", graph_layers
+        )
+        if graph_layers is None:
+            raise TypeError("HeadMessagePassing: missing the argument graph_layers")
+        if graph_layers < 0:
+            raise ValueError(f"HeadMessagePassing: graph_layers must be >= 0, got {graph_layers}")
         self.feature_dim = feature_dim
         self.layers = nn.ModuleList(
             make_conv(conv, feature_dim) if isinstance(conv, str) else conv(feature_dim)
-            for _ in range(num_layers)
+            for _ in range(graph_layers)
         )
         for layer in self.layers:
             if getattr(layer, "node_dim", None) not in (-2,):

@@ -17,7 +17,7 @@ token summary ``x A`` (``in_proj``, d -> F) mapped to every head by ``B``
 (``head_proj``, F -> H F): the input projection has rank F, which costs ``d F + H F^2``
 per token instead of ``d H F``.
 
-With ``num_layers=0`` this is a linear router (scores ``x W_l + alpha (x A B + E) u``).
+With ``graph_layers=0`` this is a linear router (scores ``x W_l + alpha (x A B + E) u``).
 ``Z_prev`` are the previous layer's final head states (``carry_head_states``): an edge
 from head i at layer l to head i at layer l + 1, so routing signals also travel through
 depth.
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphheads.compat import renamed_argument
 from graphheads.gates import (
     GateConvention,
     apply_balance_step,
@@ -66,7 +67,7 @@ class GraphRouter(nn.Module):
         graph: the :class:`~graphheads.graph.HeadGraph` (default: complete graph with
             learnable edge weights). Its ``num_heads`` must equal ``num_heads``.
         feature_dim: node feature width F (default 16).
-        num_layers: message-passing layers L (default 2).
+        graph_layers: message-passing layers L (default 2; ``ModelConfig.graph_layers``).
         conv: layer name or factory (see :class:`~graphheads.gnn.HeadMessagePassing`).
         carry_head_states: accept the previous layer's head states in ``forward``.
         gate_convention: "reference" or "paper" (see :class:`~graphheads.moh.MoHRouter`).
@@ -95,16 +96,21 @@ class GraphRouter(nn.Module):
         graph: HeadGraph | None = None,
         *,
         feature_dim: int = 16,
-        num_layers: int = 2,
+        graph_layers: int | None = None,
         conv: str | ConvFactory = "gcn",
         carry_head_states: bool = False,
         gate_convention: GateConvention = "reference",
         hard_gates: bool = False,
         graph_scale_init: float = 0.0,
         balance_bias: bool = False,
+        num_layers: int | None = None,  # deprecated: graph_layers
     ) -> None:
         super().__init__()
         check_routing_config(type(self).__name__, num_heads, num_shared, top_k)
+        graph_layers = renamed_argument(
+            "GraphRouter", "num_layers", num_layers, "graph_layers", graph_layers
+        )
+        graph_layers = 2 if graph_layers is None else graph_layers
         graph = graph if graph is not None else HeadGraph.complete(num_heads, learnable="edge")
         if graph.num_heads != num_heads:
             raise ValueError(
@@ -136,7 +142,7 @@ class GraphRouter(nn.Module):
         self.in_proj = nn.Linear(d_model, feature_dim, bias=False)
         self.head_proj = nn.Linear(feature_dim, num_heads * feature_dim, bias=False)
         self.head_embedding = nn.Parameter(torch.empty(num_heads, feature_dim))
-        self.message_passing = HeadMessagePassing(feature_dim, num_layers, conv=conv)
+        self.message_passing = HeadMessagePassing(feature_dim, graph_layers, conv=conv)
         self.score = nn.Linear(feature_dim, 1, bias=False)
         self.graph_scale = nn.Parameter(torch.empty(num_heads))
         self.score_bias = nn.Parameter(torch.zeros(num_heads))
@@ -234,7 +240,7 @@ class GraphRouter(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, num_shared={self.num_shared}, top_k={self.top_k}, "
-            f"feature_dim={self.feature_dim}, num_layers={len(self.message_passing.layers)}"
+            f"feature_dim={self.feature_dim}, graph_layers={len(self.message_passing.layers)}"
         )
 
     def _scores(
@@ -317,9 +323,10 @@ class GoHAttention(RoutedAttention):
     projections plus a :class:`GraphRouter` (``self.router``); gates scale each head's
     output before ``out_proj``. Returns :class:`~graphheads.types.AttentionOutput`.
 
-    Keyword arguments other than ``dropout``, ``bias``, ``fused_attention`` and
-    ``execution`` and ``sparse_backend`` (see :class:`~graphheads.routed.RoutedAttention`) go to
-    :class:`GraphRouter`.
+    Keyword arguments other than ``dropout``, ``bias``, ``fused_attention``,
+    ``execution``, ``sparse_backend``, ``sparse_chunk_rows``, ``num_kv_heads`` and
+    ``rotary`` (see :class:`~graphheads.routed.RoutedAttention`) go to
+    :class:`GraphRouter`. ``num_layers`` is the deprecated name of ``graph_layers``.
     """
 
     def __init__(
@@ -334,7 +341,7 @@ class GoHAttention(RoutedAttention):
         bias: bool = True,
         fused_attention: bool = True,
         feature_dim: int = 16,
-        num_layers: int = 2,
+        graph_layers: int | None = None,
         conv: str | ConvFactory = "gcn",
         carry_head_states: bool = False,
         gate_convention: GateConvention = "reference",
@@ -343,9 +350,14 @@ class GoHAttention(RoutedAttention):
         balance_bias: bool = False,
         execution: Execution = "auto",
         sparse_backend: SparseBackendChoice = "auto",
+        sparse_chunk_rows: int = 64,
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
+        num_layers: int | None = None,  # deprecated: graph_layers
     ) -> None:
+        graph_layers = renamed_argument(
+            "GoHAttention", "num_layers", num_layers, "graph_layers", graph_layers
+        )
         router = GraphRouter(
             d_model,
             num_heads,
@@ -353,7 +365,7 @@ class GoHAttention(RoutedAttention):
             top_k,
             graph,
             feature_dim=feature_dim,
-            num_layers=num_layers,
+            graph_layers=graph_layers,
             conv=conv,
             carry_head_states=carry_head_states,
             gate_convention=gate_convention,
@@ -370,6 +382,7 @@ class GoHAttention(RoutedAttention):
             fused_attention=fused_attention,
             execution=execution,
             sparse_backend=sparse_backend,
+            sparse_chunk_rows=sparse_chunk_rows,
             num_kv_heads=num_kv_heads,
             rotary=rotary,
         )

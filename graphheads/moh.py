@@ -195,6 +195,11 @@ class MoHAttention(RoutedAttention):
             :class:`~graphheads.routed.RoutedAttention`).
         execution: "auto" (default), "dense" or "sparse" (see
             :class:`~graphheads.routed.RoutedAttention`).
+        sparse_chunk_rows: rows per routed head per chunk on the sparse path (see
+            :class:`~graphheads.routed.RoutedAttention`).
+        num_kv_heads: key/value heads, as in
+            :class:`~graphheads.attention.MultiHeadAttention`.
+        rotary: rotary embeddings, as in :class:`~graphheads.attention.MultiHeadAttention`.
     """
 
     def __init__(
@@ -213,6 +218,7 @@ class MoHAttention(RoutedAttention):
         balance_bias: bool = False,
         execution: Execution = "auto",
         sparse_backend: SparseBackendChoice = "auto",
+        sparse_chunk_rows: int = 64,
         num_kv_heads: int | None = None,
         rotary: RotaryEmbedding | None = None,
     ) -> None:
@@ -235,6 +241,7 @@ class MoHAttention(RoutedAttention):
             fused_attention=fused_attention,
             execution=execution,
             sparse_backend=sparse_backend,
+            sparse_chunk_rows=sparse_chunk_rows,
             num_kv_heads=num_kv_heads,
             rotary=rotary,
         )

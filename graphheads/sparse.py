@@ -342,7 +342,7 @@ def _routed_chunk(
 DECODE_MIN_SKIPPED_BYTES = {"cpu": 12 * 2**20, "cuda": 64 * 2**20}
 
 
-def decode_pays(key: Tensor, num_active: int) -> bool:
+def decode_pays(key: Tensor, num_active: int, *, compiled: bool | None = None) -> bool:
     """Whether one routed decoding step (:func:`routed_decode_attention`) should beat
     dense attention over the cache ``key`` (b, h_kv, s, e) with ``num_active`` query
     heads on: only under ``torch.compile`` (eager gathers copy the caches) and when the
@@ -351,9 +351,11 @@ def decode_pays(key: Tensor, num_active: int) -> bool:
     active query head, even when grouped query heads share it, so with grouped-query
     attention it pays only when fewer query heads are active than there are key/value
     heads. The test is on the cache length, so a compiled decoding loop compiles once
-    more when its cache crosses the threshold."""
+    more when its cache crosses the threshold. ``compiled``: answer as if compiled
+    (``True``) or eager (``False``) instead of for the code running now (``None``)."""
     threshold = DECODE_MIN_SKIPPED_BYTES.get(key.device.type)
-    if threshold is None or not torch.compiler.is_compiling():
+    compiled = torch.compiler.is_compiling() if compiled is None else compiled
+    if threshold is None or not compiled:
         return False
     b, h_kv, s, e = key.shape
     skipped = 2 * b * s * e * key.element_size() * (h_kv - num_active)

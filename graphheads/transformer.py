@@ -27,6 +27,7 @@ from graphheads.blocks import (
     TransformerStack,
 )
 from graphheads.builders import build_attention, build_stack, graph_source
+from graphheads.compat import renamed_argument
 from graphheads.config import ModelConfig
 from graphheads.generation import (
     cache_dtype,
@@ -243,16 +244,19 @@ class DecoderOnlyLM(HubMixin):
         max_new_tokens: int,
         *,
         temperature: float = 0.0,
-        top_k: int | None = None,
+        sample_top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         key_padding_mask: Tensor | None = None,
         sliding_window: bool = False,
+        top_k: int | None = None,  # deprecated: sample_top_k
     ) -> Tensor:
         """Continue ``prompt`` (b, t) by ``max_new_tokens`` tokens; returns (b, t + n).
 
-        ``temperature=0`` is greedy decoding. With ``use_cache`` each step feeds only the
-        newest token and reuses the keys and values of the earlier ones.
+        ``temperature=0`` is greedy decoding; else sampling, from the ``sample_top_k``
+        best tokens when given (``top_k`` is its deprecated name). With ``use_cache``
+        each step feeds only the newest token and reuses the keys and values of the
+        earlier ones.
 
         Prompts of different lengths go in one batch left-padded: ``key_padding_mask``
         (b, t) is True at the padding, which must come before each prompt's first token.
@@ -265,6 +269,7 @@ class DecoderOnlyLM(HubMixin):
         own positions), as a streaming cache does; without a cache each step recomputes
         the window. The sinusoidal block's positions end at ``max_seq_len``: refused.
         """
+        sample_top_k = renamed_argument("generate", "top_k", top_k, "sample_top_k", sample_top_k)
         window = self.config.max_seq_len
         if sliding_window and self.config.block != "llama":
             raise ValueError(
@@ -322,9 +327,12 @@ class DecoderOnlyLM(HubMixin):
             vocab_size=self.config.vocab_size,
             max_len=self.config.max_seq_len,
             temperature=temperature,
-            top_k=top_k,
+            sample_top_k=sample_top_k,
             generator=generator,
             sliding_window=sliding_window,
+            past_context_hint="; rotary models go past it with sliding_window=True"
+            if self.config.block == "llama"
+            else "",
         )
 
 
@@ -410,12 +418,14 @@ class Transformer(HubMixin):
         *,
         src_key_padding_mask: Tensor | None = None,
         temperature: float = 0.0,
-        top_k: int | None = None,
+        sample_top_k: int | None = None,
         generator: torch.Generator | None = None,
+        top_k: int | None = None,  # deprecated: sample_top_k
     ) -> Tensor:
         """Encode ``src`` once, then decode from ``start_tokens`` (b, t0) with a
         preallocated cache; the cross-attention keys and values of the memory are
-        computed once."""
+        computed once. Sampling as in :meth:`DecoderOnlyLM.generate`."""
+        sample_top_k = renamed_argument("generate", "top_k", top_k, "sample_top_k", sample_top_k)
         check_token_ids(src, self.config.vocab_size, owner="generate: src")
         memory = self.encode(src, src_key_padding_mask=src_key_padding_mask)
         memory_kv = self.decoder.memory_kv(memory.hidden)
@@ -446,6 +456,6 @@ class Transformer(HubMixin):
             vocab_size=self.config.vocab_size,
             max_len=self.config.max_seq_len,
             temperature=temperature,
-            top_k=top_k,
+            sample_top_k=sample_top_k,
             generator=generator,
         )

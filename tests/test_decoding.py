@@ -330,8 +330,8 @@ def test_a_sliding_window_generates_past_the_context_like_recomputing_the_window
     )
     assert cached.shape == (2, 17)
     torch.testing.assert_close(cached, recomputed, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"exceed max_seq_len \(8\)"):
-        model.generate(prompt, 12)  # without the window: refused, as before
+    with pytest.raises(ValueError, match=r"exceed max_seq_len \(8\); rotary models go past"):
+        model.generate(prompt, 12)  # without the window: refused, naming the way past it
     deep = DecoderOnlyLM(dataclasses.replace(config, num_layers=2)).eval()
     assert deep.generate(prompt, 12, sliding_window=True).shape == (2, 17)
     sinusoidal = DecoderOnlyLM(dataclasses.replace(config, block="vaswani"))
@@ -358,3 +358,10 @@ def test_compiled_generate_of_a_llama_gqa_model_with_ragged_prompts_equals_eager
     got = model.generate(prompt, 6, key_padding_mask=pad)
     assert calls  # traced through the routed kernel
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_decode_pays_answers_for_a_compiled_step_when_asked():
+    key = torch.empty(8, 8, 1024, 64)
+    assert not decode_pays(key, 4)  # eager, now
+    assert decode_pays(key, 4, compiled=True)
+    assert not decode_pays(key, 4, compiled=False)

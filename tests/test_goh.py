@@ -16,11 +16,11 @@ D, H, FEAT = 24, 6, 8
 
 
 @pytest.mark.parametrize("num_shared", [0, 1, 2])
-@pytest.mark.parametrize("num_layers", [0, 2])
-def test_starts_as_the_linear_moh_router(num_shared, num_layers):
+@pytest.mark.parametrize("graph_layers", [0, 2])
+def test_starts_as_the_linear_moh_router(num_shared, graph_layers):
     moh = MoHRouter(D, H, num_shared, 2)
     goh = GraphRouter(D, H, num_shared, 2, HeadGraph.complete(H, learnable="edge"),
-                      feature_dim=FEAT, num_layers=num_layers)  # fmt: skip
+                      feature_dim=FEAT, graph_layers=graph_layers)  # fmt: skip
     goh.copy_from_moh(moh)
     x = torch.randn(2, 7, D)
     a, b = moh(x), goh(x)
@@ -117,7 +117,7 @@ def test_empty_graph_isolates_heads_connected_graph_mixes_them():
     empty = GraphRouter(D, H, 1, 2, HeadGraph.empty(H), feature_dim=FEAT)
     jac = score_jacobian(empty)
     assert torch.count_nonzero(jac - torch.diag(torch.diag(jac))) == 0
-    ring = GraphRouter(D, H, 1, 2, HeadGraph.ring(H), feature_dim=FEAT, num_layers=1)
+    ring = GraphRouter(D, H, 1, 2, HeadGraph.ring(H), feature_dim=FEAT, graph_layers=1)
     jac = score_jacobian(ring)
     assert jac[0, 1] > 0 and jac[0, H - 1] > 0  # neighbours speak to head 0
     assert jac[0, 3] == 0  # one hop does not reach the opposite head

@@ -115,7 +115,9 @@ def test_head_importance_is_the_gate_gradient():
     importance = head_importance(model, [batch], loss_fn=lm_loss, normalize=False)
     assert importance.shape == (2, 4) and (importance > 0).all()
     # independent oracle: finite differences of the LM loss in one head's gate
-    probe = convert_to_goh(copy.deepcopy(model), num_shared=0, top_k=4, num_layers=0, feature_dim=1)
+    probe = convert_to_goh(
+        copy.deepcopy(model), num_shared=0, top_k=4, graph_layers=0, feature_dim=1
+    )
     layer, head, eps = 1, 2, 1e-4
 
     def loss_with_gate(value):

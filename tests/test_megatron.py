@@ -227,8 +227,8 @@ def test_one_block_equals_graphheads_attention(kind):
         spec = moh_layer_spec(2, 3)
         ours = MoHAttention(32, 8, 2, 3, num_kv_heads=4)
     else:
-        spec = goh_layer_spec(2, 3, feature_dim=8, num_layers=1, graph_scale_init=1.0)
-        ours = GoHAttention(32, 8, 2, 3, num_kv_heads=4, feature_dim=8, num_layers=1,
+        spec = goh_layer_spec(2, 3, feature_dim=8, graph_layers=1, graph_scale_init=1.0)
+        ours = GoHAttention(32, 8, 2, 3, num_kv_heads=4, feature_dim=8, graph_layers=1,
                             graph_scale_init=1.0)  # fmt: skip
     block = build_module(spec.submodules.self_attention, config=mc, layer_number=1).eval()
     assert isinstance(block, RoutedSelfAttention)

@@ -94,7 +94,7 @@ def test_sampling_with_top_k_only_picks_top_tokens():
     model = _lm()
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 20, (4, 3))
-    out = model.generate(prompt, 1, temperature=1.0, top_k=2, generator=gen)
+    out = model.generate(prompt, 1, temperature=1.0, sample_top_k=2, generator=gen)
     top2 = model(prompt).logits[:, -1].topk(2).indices
     assert (out[:, -1:] == top2).any(-1).all()
 

@@ -197,7 +197,7 @@ def route_heads(
             ``-i * prior_step``.
         router: "goh" (graph-router, default) or "moh" (MoH's linear router; ``graph``
             and ``prior_step`` do not apply).
-        router_kwargs: more router arguments (``feature_dim``, ``num_layers``, ...).
+        router_kwargs: more router arguments (``feature_dim``, ``graph_layers``, ...).
 
     Raises ValueError, before changing anything, when ``model`` holds no
     ``nn.MultiheadAttention`` or a setting does not fit one of them.

@@ -92,7 +92,7 @@ def convert(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         head_importance=importance,
         feature_dim=args.feature_dim,
-        num_layers=args.graph_layers,
+        graph_layers=args.graph_layers,
     )
     status(f"held-out loss before tuning ({len(held_out)} sentences)")
     before = held_out_loss(model)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from graphheads.compat import renamed_argument
 from graphheads.gates import check_routing_config
 from graphheads.goh import GraphRouter, record_routing
 from graphheads.graph import HeadGraph
@@ -265,7 +266,7 @@ def conversion_settings(model: nn.Module) -> dict[str, Any]:
         "num_shared": router.num_shared,
         "top_k": router.top_k,
         "feature_dim": router.feature_dim,
-        "num_layers": len(router.message_passing.layers),
+        "graph_layers": len(router.message_passing.layers),
         # modules with different head counts were given no template: each its default graph
         "graph": graph_spec(router.graph) if same_heads else None,
     }
@@ -279,8 +280,9 @@ def convert_to_goh(
     graph: HeadGraph | None = None,
     head_importance: Tensor | None = None,
     feature_dim: int = 16,
-    num_layers: int = 2,
+    graph_layers: int | None = None,
     prior_step: float = 0.01,
+    num_layers: int | None = None,  # deprecated: graph_layers
 ) -> nn.Module:
     """Route the heads of every attention module of ``model`` (changed in place).
 
@@ -298,13 +300,18 @@ def convert_to_goh(
         head_importance: (layers, heads) scores; the most important heads of each layer
             become its shared heads and the preferred routed heads.
         feature_dim: node feature width of the routers.
-        num_layers: message-passing layers of the routers.
+        graph_layers: message-passing layers of the routers (default 2; ``num_layers``
+            is its deprecated name).
         prior_step: with fewer than all heads on, router head i starts with score prior
             ``-i * prior_step`` (small: gates start near 1).
 
     Returns:
         ``model``, now using the ``"graphheads"`` attention kernel.
     """
+    graph_layers = renamed_argument(
+        "convert_to_goh", "num_layers", num_layers, "graph_layers", graph_layers
+    )
+    graph_layers = 2 if graph_layers is None else graph_layers
     modules = attention_modules(model)
     if not modules:
         kind = (
@@ -344,7 +351,7 @@ def convert_to_goh(
             template,
             prior_step=prior_step,
             feature_dim=feature_dim,
-            num_layers=num_layers,
+            graph_layers=graph_layers,
         )
         order = (
             torch.argsort(head_importance[layer], descending=True, stable=True)

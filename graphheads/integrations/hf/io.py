@@ -91,7 +91,7 @@ def _convert_as_saved(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
         top_k=settings["top_k"],
         graph=graph_from_spec(spec) if spec is not None else None,
         feature_dim=settings["feature_dim"],
-        num_layers=settings["num_layers"],
+        graph_layers=settings.get("graph_layers", settings.get("num_layers")),  # 0.3: num_layers
     )
 
 

@@ -66,7 +66,7 @@ def head_importance(
             f"head_importance: attention modules with different head counts {sorted(counts)}"
         )
     (num_heads,) = counts
-    convert_to_goh(probe, num_shared=0, top_k=num_heads, num_layers=0, feature_dim=1)
+    convert_to_goh(probe, num_shared=0, top_k=num_heads, graph_layers=0, feature_dim=1)
     probe.eval()
     modules = converted_modules(probe)
     xis = [torch.ones(num_heads, requires_grad=True) for _ in modules]

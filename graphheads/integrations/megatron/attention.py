@@ -248,7 +248,7 @@ class RoutedSelfAttention(SelfAttention):
         load_balance_coeff: beta of the load-balance loss (0 turns it off).
         graph: the head graph (GoH only; default: complete with learnable edge weights).
         router_kwargs: further keyword arguments of the router (e.g. ``feature_dim``,
-            ``num_layers``, ``hard_gates``, ``gate_convention``).
+            ``graph_layers``, ``hard_gates``, ``gate_convention``).
         cp_comm_type: Megatron's context-parallel communication type (refused unless
             context parallelism is off).
         pg_collection: Megatron's process groups.

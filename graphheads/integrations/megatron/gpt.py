@@ -154,7 +154,7 @@ def build_gpt(
             **shape,
             **routing,
             feature_dim=config.graph_feature_dim,
-            num_layers=config.graph_layers,
+            graph_layers=config.graph_layers,
             conv=config.graph_conv,
             graph_scale_init=config.graph_scale_init,
         )

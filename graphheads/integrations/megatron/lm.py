@@ -133,7 +133,7 @@ def spec_from_env(env: Mapping[str, str] | None = None) -> ModuleSpec:
             top_k,
             **common,
             feature_dim=_read(env, "GRAPHHEADS_FEATURE_DIM", int),
-            num_layers=_read(env, "GRAPHHEADS_GRAPH_LAYERS", int),
+            graph_layers=_read(env, "GRAPHHEADS_GRAPH_LAYERS", int),
         )
     raise ValueError(
         f"graphheads.integrations.megatron.lm: GRAPHHEADS_ATTENTION={attention!r}, expected "

@@ -113,7 +113,7 @@ def goh_layer_spec(
         core_attention: the core-attention class (default :class:`TorchCoreAttention`).
         load_balance_coeff: beta of the load-balance loss.
         router_kwargs: further :class:`~graphheads.goh.GraphRouter` arguments
-            (``feature_dim``, ``num_layers``, ``conv``, ``hard_gates``, ...).
+            (``feature_dim``, ``graph_layers``, ``conv``, ``hard_gates``, ...).
     """
     return _routed_spec(
         "goh",

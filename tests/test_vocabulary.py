@@ -1,0 +1,131 @@
+"""One name per concept across the public API (issue 32): a walk over every public
+constructor, method and function, and the renamed arguments' one-release grace."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import graphheads
+from graphheads import DecoderOnlyLM, GoHAttention, GraphRouter, HeadMessagePassing, ModelConfig
+from graphheads.generation import sample_next_token
+
+# names that once meant two things, each with the one meaning it keeps
+ONE_MEANING = {
+    "num_layers": "transformer layers",
+    "graph_layers": "message-passing layers of a graph-router",
+    "top_k": "routed heads per token",
+    "sample_top_k": "the best tokens sampling draws from",
+}
+# the old names that still work for one release, with the name that replaced them
+DEPRECATED = {
+    ("GraphRouter", "num_layers"): "graph_layers",
+    ("GoHAttention", "num_layers"): "graph_layers",
+    ("HeadMessagePassing", "num_layers"): "graph_layers",
+    ("convert_to_goh", "num_layers"): "graph_layers",
+    ("sample_next_token", "top_k"): "sample_top_k",
+    ("DecoderOnlyLM.generate", "top_k"): "sample_top_k",
+    ("Transformer.generate", "top_k"): "sample_top_k",
+}
+# how a callable says what it is about: a graph-router's settings, or sampling
+ABOUT = {"feature_dim": "graph-router", "temperature": "sampling"}
+# in such a callable, a name of ONE_MEANING with another meaning may appear only deprecated
+CLASHES = {("graph-router", "num_layers"), ("sampling", "top_k")}
+
+
+def public_callables() -> Iterator[tuple[str, Callable]]:
+    """Every public class (its constructor and public methods) and function that a
+    graphheads module lists in ``__all__`` (integrations whose extra is missing are
+    skipped), each once, named ``Class``, ``Class.method`` or ``function``."""
+    seen: set[int] = set()
+    names = ["graphheads"] + [
+        m.name
+        for m in pkgutil.walk_packages(graphheads.__path__, "graphheads.")
+        if not m.name.endswith("__main__")  # runs the CLI when imported
+    ]
+    for module_name in names:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name, None)
+            if id(obj) in seen or not callable(obj):
+                continue
+            seen.add(id(obj))
+            if inspect.isclass(obj):
+                yield name, obj
+                for attr, member in vars(obj).items():
+                    if not attr.startswith("_") and inspect.isfunction(member):
+                        yield f"{name}.{attr}", member
+            elif inspect.isfunction(obj):
+                yield name, obj
+
+
+def parameters(obj: Callable) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def test_no_public_name_means_two_things():
+    walked = dict(public_callables())
+    assert {"GoHAttention", "ModelConfig", "DecoderOnlyLM.generate", "sample_next_token"} <= set(
+        walked
+    )  # the walk reaches them
+    clashes = []
+    for name, obj in walked.items():
+        params = parameters(obj)
+        topics = {topic for param, topic in ABOUT.items() if param in params}
+        for topic, param in CLASHES:
+            if topic in topics and param in params and (name, param) not in DEPRECATED:
+                clashes.append(f"{name}({param}=): {param} means {ONE_MEANING[param]}")
+    assert not clashes, clashes
+    for (name, old), new in DEPRECATED.items():
+        if name not in walked:  # an integration whose extra is not installed
+            continue
+        params = parameters(walked[name])
+        assert new in params, f"{name} lacks {new}="
+        assert params[old].default is None, f"{name}({old}=) must default to None"
+
+
+def test_old_names_warn_naming_the_new_one_and_do_what_they_did():
+    with pytest.warns(DeprecationWarning, match="num_layers= is deprecated.*use graph_layers="):
+        router = GraphRouter(16, 4, 1, 2, num_layers=1)
+    assert len(router.message_passing.layers) == 1
+    with pytest.warns(DeprecationWarning, match="GoHAttention: num_layers="):
+        attention = GoHAttention(16, 4, 1, 2, num_layers=3)
+    assert len(attention.router.message_passing.layers) == 3
+    with pytest.warns(DeprecationWarning, match="HeadMessagePassing: num_layers="):
+        assert len(HeadMessagePassing(8, num_layers=2).layers) == 2
+    assert len(GoHAttention(16, 4, 1, 2).router.message_passing.layers) == 2  # the default
+    with pytest.raises(ValueError, match="got both num_layers= and graph_layers="):
+        GraphRouter(16, 4, 1, 2, num_layers=1, graph_layers=1)
+
+    logits = torch.randn(5, 30)
+    new = sample_next_token(logits, sample_top_k=3, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(DeprecationWarning, match="sample_next_token: top_k= .*sample_top_k="):
+        old = sample_next_token(logits, top_k=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+    torch.manual_seed(0)
+    model = DecoderOnlyLM(ModelConfig(vocab_size=30, attention="moh", num_shared=1)).eval()
+    prompt = torch.randint(0, 30, (2, 3))
+    seed = torch.Generator().manual_seed
+    new = model.generate(prompt, 4, temperature=1.0, sample_top_k=2, generator=seed(1))
+    with pytest.warns(DeprecationWarning, match="generate: top_k= .*sample_top_k="):
+        old = model.generate(prompt, 4, temperature=1.0, top_k=2, generator=seed(1))
+    assert torch.equal(old, new)
+    with pytest.raises(ValueError, match="got both top_k= and sample_top_k="):
+        model.generate(prompt, 4, top_k=2, sample_top_k=2)
+
+
+def test_every_constructor_of_routed_attention_takes_the_sparse_chunk_rows():
+    """``sparse_chunk_rows`` was a TypeError in MoHAttention and GoHAttention."""
+    for cls in (graphheads.MoHAttention, GoHAttention):
+        assert cls(16, 4, 1, 2, sparse_chunk_rows=7).sparse_chunk_rows == 7
