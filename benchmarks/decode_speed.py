@@ -54,9 +54,8 @@ def build_model(kind: str, width: int, max_len: int, device: str) -> DecoderOnly
         d_ff=4 * width,
         max_seq_len=max_len,
         attention=attention,
-        num_shared=0 if attention == "mha" else SHARED,
-        top_k=TOP_K,
-        execution="dense" if kind.endswith("-dense") else "auto",
+        **({} if attention == "mha" else {"num_shared": SHARED, "top_k": TOP_K}),
+        **({"execution": "dense"} if kind.endswith("-dense") else {}),
     )
     return DecoderOnlyLM(config).to(device).eval()
 

@@ -9,7 +9,7 @@ import functools
 import numbers
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Union
 
 __all__ = ["LLAMA_PRESETS", "AttentionKind", "ModelConfig", "check_field_types", "check_known_keys"]
@@ -95,6 +95,28 @@ def check_known_keys(owner: str, given: Any, known: Any, *, prefix: str = "") ->
 
 AttentionKind = Literal["mha", "moh", "goh"]
 _ATTENTION_KINDS = ("mha", "moh", "goh")
+# the fields only routers read (attention "moh" and "goh"), and only graph-routers ("goh")
+ROUTER_FIELDS = (
+    "num_shared",
+    "top_k",
+    "gate_convention",
+    "hard_gates",
+    "execution",
+    "sparse_backend",
+    "balance",
+    "balance_rate",
+    "task_embeddings",
+)
+GRAPH_FIELDS = (
+    "graph",
+    "graph_learnable",
+    "graph_feature_dim",
+    "graph_layers",
+    "share_graph",
+    "carry_head_states",
+    "graph_conv",
+    "graph_scale_init",
+)
 
 
 @dataclass(frozen=True)
@@ -174,9 +196,14 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: task_embeddings must be an int >= 0, got {self.task_embeddings!r}"
             )
-        if self.task_embeddings and self.attention == "mha":
+        ignored = self.ignored_fields()
+        if ignored:
+            kind = "no router" if self.attention == "mha" else "no graph-router"
+            settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in ignored)
             raise ValueError(
-                "ModelConfig: task_embeddings condition the routers, and attention='mha' has none"
+                f"ModelConfig: {settings} set, but attention={self.attention!r} has {kind}: "
+                "they would be ignored (leave them at their defaults, or pick "
+                f"attention {'moh or goh' if self.attention == 'mha' else 'goh'})"
             )
         routed_sparse = self.execution == "sparse" and self.attention != "mha"
         if routed_sparse and self.block == "llama":  # found at forward, after the router ran
@@ -262,9 +289,29 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> ModelConfig:
-        """Build a config from a plain dict; an unknown key raises ValueError naming it."""
+        """Build a config from a plain dict, as saved (``dataclasses.asdict``); an unknown
+        key raises ValueError naming it. Router and graph settings that the attention kind
+        ignores are dropped: files written before they were refused still load."""
         check_known_keys("ModelConfig", values, {f.name for f in fields(cls)})
-        return cls(**values)  # type: ignore[arg-type]
+        attention = values.get("attention", "mha")
+        unused = _unused_fields(str(attention))
+        return cls(**{k: v for k, v in values.items() if k not in unused})  # type: ignore[arg-type]
+
+    def ignored_fields(self) -> list[str]:
+        """The router and graph settings given away from their defaults that this
+        ``attention`` kind never reads."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return [k for k in _unused_fields(self.attention) if getattr(self, k) != defaults[k]]
+
+    def with_overrides(self, **overrides: Any) -> ModelConfig:
+        """This config with ``overrides`` (a run's ``model`` section) applied; where they
+        change ``attention``, the settings the new kind ignores and the overrides do not
+        set go back to their defaults (a dense run from the GoH default model), so only
+        settings asked for are refused."""
+        attention = str(overrides.get("attention", self.attention))
+        defaults = {f.name: f.default for f in fields(self)}
+        reset = {k: defaults[k] for k in _unused_fields(attention) if k not in overrides}
+        return replace(self, **{**reset, **overrides})
 
 
 # Llama-style sizes (width, depth, heads, key/value heads, SwiGLU width, context)
@@ -291,3 +338,10 @@ LLAMA_PRESETS: dict[str, dict[str, int]] = {
 def model_keys() -> frozenset[str]:
     """The keys of :class:`ModelConfig`: what a run's ``model`` section may set."""
     return frozenset(f.name for f in fields(ModelConfig))
+
+
+def _unused_fields(attention: str) -> tuple[str, ...]:
+    """The :class:`ModelConfig` fields an ``attention`` kind never reads."""
+    if attention == "mha":
+        return ROUTER_FIELDS + GRAPH_FIELDS
+    return GRAPH_FIELDS if attention == "moh" else ()

@@ -7,9 +7,10 @@ Shape legend: b batch, t tokens, v vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from graphheads.compat import renamed_argument
@@ -153,3 +154,62 @@ def decode(
         new = next_token[:, None]
         tokens = torch.cat([tokens, new], dim=1)
     return tokens
+
+
+def lm_step(
+    model: Any,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    use_cache: bool,
+    key_padding_mask: Tensor | None,
+    window: int | None,
+) -> Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]:
+    """The ``step`` of :func:`decode` for a decoder-only LM ``model`` (its
+    ``decoder.empty_cache``, ``lm_head`` and forward), as
+    :meth:`~graphheads.transformer.DecoderOnlyLM.generate` uses it: a preallocated cache
+    written in place, left padding (``key_padding_mask``, True at padding) with
+    positions from each prompt's first real token, and with ``window`` (a sliding
+    window of that many tokens) a cache that drops its oldest tokens."""
+    max_len = window if window is not None else prompt.size(1) + max_new_tokens
+    capacity = min(prompt.size(1) + max_new_tokens, max_len)
+    left_padding = None
+    if key_padding_mask is not None:
+        left_padding = left_padding_counts(key_padding_mask, prompt.shape, prompt.device)
+
+    def padding(tokens: Tensor, seen: int) -> Tensor | None:  # (b, the last `seen`)
+        if key_padding_mask is None:
+            return None
+        mask = F.pad(key_padding_mask, (0, tokens.size(1) - key_padding_mask.size(1)))
+        return mask[:, mask.size(1) - seen :]
+
+    def empty(dropped: int = 0) -> Any:  # preallocated: in-place steps
+        shift = left_padding
+        if dropped:  # a window starting `dropped` tokens in: positions from there
+            base = prompt.new_zeros(prompt.size(0)) if shift is None else shift
+            shift = base - dropped
+        return model.decoder.empty_cache(
+            prompt.size(0),
+            capacity,
+            dtype=cache_dtype(model.lm_head.weight),
+            device=prompt.device,
+            left_padding=shift,
+        )
+
+    def step(new: Tensor, tokens: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        if not use_cache:  # the whole sequence again (an empty cache: its positions)
+            dropped = max(tokens.size(1) - max_len, 0)
+            fresh = empty(dropped) if left_padding is not None or dropped else None
+            mask = padding(tokens, tokens.size(1) - dropped)
+            out = model(tokens[:, dropped:], key_padding_mask=mask, cache=fresh)
+            return out.logits[:, -1], None
+        cache = cache or empty()
+        past = cache[0].length
+        if past + new.size(1) > max_len:  # a sliding window (decode refuses it otherwise)
+            cache = tuple(c.drop_front(past + new.size(1) - max_len) for c in cache)
+            past = max_len - new.size(1)
+        mask = padding(tokens, past + new.size(1))
+        out = model(new, key_padding_mask=mask, cache=cache, use_cache=True)
+        return out.logits[:, -1], out.cache
+
+    return step

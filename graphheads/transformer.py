@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphheads.blocks import (
@@ -29,13 +28,7 @@ from graphheads.blocks import (
 from graphheads.builders import build_attention, build_stack, graph_source
 from graphheads.compat import renamed_argument
 from graphheads.config import ModelConfig
-from graphheads.generation import (
-    cache_dtype,
-    check_token_ids,
-    decode,
-    left_padding_counts,
-    sample_next_token,
-)
+from graphheads.generation import cache_dtype, check_token_ids, decode, lm_step, sample_next_token
 from graphheads.goh import collect_head_graphs
 from graphheads.graph import HeadGraph
 from graphheads.hub import HubMixin
@@ -277,49 +270,14 @@ class DecoderOnlyLM(HubMixin):
                 f"sinusoidal positions of block={self.config.block!r} end at max_seq_len "
                 f"({window})"
             )
-        capacity = prompt.size(1) + max_new_tokens
-        capacity = min(capacity, window) if sliding_window else capacity
-        left_padding = None
-        if key_padding_mask is not None:
-            left_padding = left_padding_counts(key_padding_mask, prompt.shape, prompt.device)
-
-        def padding(tokens: Tensor, seen: int) -> Tensor | None:  # (b, the last `seen`)
-            if key_padding_mask is None:
-                return None
-            mask = F.pad(key_padding_mask, (0, tokens.size(1) - key_padding_mask.size(1)))
-            return mask[:, mask.size(1) - seen :]
-
-        def empty(dropped: int = 0) -> tuple[KVCache, ...]:  # preallocated: in-place steps
-            shift = left_padding
-            if dropped:  # a window starting `dropped` tokens in: positions from there
-                base = prompt.new_zeros(prompt.size(0)) if shift is None else shift
-                shift = base - dropped
-            return self.decoder.empty_cache(
-                prompt.size(0),
-                capacity,
-                dtype=cache_dtype(self.lm_head.weight),
-                device=prompt.device,
-                left_padding=shift,
-            )
-
-        def step(
-            new: Tensor, tokens: Tensor, cache: tuple[KVCache, ...] | None
-        ) -> tuple[Tensor, tuple[KVCache, ...] | None]:
-            if not use_cache:  # the whole sequence again (an empty cache: its positions)
-                dropped = max(tokens.size(1) - window, 0)
-                fresh = empty(dropped) if left_padding is not None or dropped else None
-                mask = padding(tokens, tokens.size(1) - dropped)
-                out = self(tokens[:, dropped:], key_padding_mask=mask, cache=fresh)
-                return out.logits[:, -1], None
-            cache = cache or empty()
-            past = cache[0].length
-            if past + new.size(1) > window:  # sliding_window (decode refuses it otherwise)
-                cache = tuple(c.drop_front(past + new.size(1) - window) for c in cache)
-                past = window - new.size(1)
-            mask = padding(tokens, past + new.size(1))
-            out = self(new, key_padding_mask=mask, cache=cache, use_cache=True)
-            return out.logits[:, -1], out.cache
-
+        step = lm_step(
+            self,
+            prompt,
+            max_new_tokens,
+            use_cache=use_cache,
+            key_padding_mask=key_padding_mask,
+            window=window if sliding_window else None,
+        )
         return decode(
             step,
             prompt,

@@ -24,8 +24,7 @@ def lm(attention: str, **kw) -> DecoderOnlyLM:
         num_layers=2,
         d_ff=64,
         attention=attention,
-        num_shared=2,
-        top_k=2,
+        **({} if attention == "mha" else {"num_shared": 2, "top_k": 2}),
         **kw,
     )
     model = DecoderOnlyLM(config).eval()
@@ -317,7 +316,8 @@ def test_a_sliding_window_generates_past_the_context_like_recomputing_the_window
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=V, d_model=D, num_heads=H, num_layers=1, d_ff=64, max_seq_len=8,
-        attention=attention, num_shared=2, top_k=2, block="llama",
+        attention=attention, block="llama",
+        **({} if attention == "mha" else {"num_shared": 2, "top_k": 2}),
     )  # fmt: skip
     model = DecoderOnlyLM(config).eval()
     prompt = torch.randint(0, V, (2, 5))

@@ -254,7 +254,7 @@ def test_models_take_a_custom_graph_template():
     with pytest.raises(ValueError, match=r"graph has 4 heads, config has num_heads=6"):
         DecoderOnlyLM(ModelConfig(**cfg), graph=HeadGraph.ring(4))
     with pytest.raises(ValueError, match=r"graph is only used with attention='goh', not 'mha'"):
-        DecoderOnlyLM(ModelConfig(**{**cfg, "attention": "mha"}), graph=template)
+        DecoderOnlyLM(ModelConfig(vocab_size=20, d_model=D, num_heads=H), graph=template)
 
 
 @pytest.mark.parametrize("num_shared", [0, 2])

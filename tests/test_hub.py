@@ -29,7 +29,8 @@ def perturbed(model):
 
 @pytest.mark.parametrize("attention", ["goh", "moh", "mha"])
 def test_a_saved_model_loads_back_equal_with_its_own_head_graph(tmp_path, attention):
-    config = ModelConfig(**TINY, attention=attention, num_shared=1, top_k=2, tie_embeddings=True)
+    routing = {} if attention == "mha" else {"num_shared": 1, "top_k": 2}
+    config = ModelConfig(**TINY, attention=attention, **routing, tie_embeddings=True)
     graph = HeadGraph.ring(4, learnable="edge") if attention == "goh" else None  # not the preset
     model = perturbed(DecoderOnlyLM(config, graph=graph))
     model.save_pretrained(tmp_path / "m")

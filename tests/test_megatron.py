@@ -241,7 +241,7 @@ def test_one_block_equals_graphheads_attention(kind):
     (grad_ours,) = torch.autograd.grad(expected.square().sum(), x)
     torch.testing.assert_close(grad_theirs, grad_ours, atol=1e-5, rtol=1e-5)
     fresh = type(ours)(32, 8, 2, 3, num_kv_heads=4, **(
-        {} if kind == "moh" else {"feature_dim": 8, "num_layers": 1}))  # fmt: skip
+        {} if kind == "moh" else {"feature_dim": 8, "graph_layers": 1}))  # fmt: skip
     copy_attention(block, fresh)
     for (name, a), b in zip(ours.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
@@ -499,7 +499,7 @@ def test_megatron_lm_spec_comes_from_the_environment_and_logs_its_head_loss():
     spec = lm.spec_from_env(env)
     params = spec.submodules.self_attention.params
     assert (params["router"], params["num_shared"], params["top_k"]) == ("goh", 1, 2)
-    assert params["router_kwargs"] == {"feature_dim": 8, "num_layers": 1}
+    assert params["router_kwargs"] == {"feature_dim": 8, "graph_layers": 1}
     moh = lm.spec_from_env({**env, "GRAPHHEADS_ATTENTION": "moh"}).submodules.self_attention
     assert moh.params["router"] == "moh"
     for bad, match in (

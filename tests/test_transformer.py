@@ -174,7 +174,7 @@ def test_bad_model_inputs_raise():
 def test_top_k_default_is_explicit_and_meaningless_values_are_refused():
     config = ModelConfig(vocab_size=20, num_heads=8, num_shared=2, attention="moh")
     assert config.top_k is None and config.routed_top_k == 3  # half of the 6 routed heads
-    assert ModelConfig(vocab_size=20, num_heads=4, num_shared=4).routed_top_k == 0
+    assert ModelConfig(vocab_size=20, num_heads=4, num_shared=4, attention="moh").routed_top_k == 0
     for bad, match in [
         (dict(num_heads=8, num_shared=2, top_k=0), r"top_k \(0\) must be None .* or 1..6"),
         (dict(num_heads=8, num_shared=2, top_k=7), r"top_k \(7\) must be None .* or 1..6"),
@@ -182,7 +182,7 @@ def test_top_k_default_is_explicit_and_meaningless_values_are_refused():
         (dict(num_heads=4, num_shared=5), r"num_shared \(5\) must be an int in \[0, num_heads"),
     ]:
         with pytest.raises(ValueError, match=match):
-            ModelConfig(vocab_size=20, **bad)
+            ModelConfig(vocab_size=20, attention="moh", **bad)
 
 
 def test_one_block_class_and_one_stack_class():

@@ -3,6 +3,7 @@ constructor, method and function, and the renamed arguments' one-release grace."
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -129,3 +130,37 @@ def test_every_constructor_of_routed_attention_takes_the_sparse_chunk_rows():
     """``sparse_chunk_rows`` was a TypeError in MoHAttention and GoHAttention."""
     for cls in (graphheads.MoHAttention, GoHAttention):
         assert cls(16, 4, 1, 2, sparse_chunk_rows=7).sparse_chunk_rows == 7
+
+
+@pytest.mark.parametrize(
+    ("attention", "settings", "message"),
+    [
+        ("mha", {"num_shared": 2}, r"num_shared=2 set, but attention='mha' has no router"),
+        ("mha", {"top_k": 3, "balance": "bias"}, r"top_k=3, balance='bias' set"),
+        ("mha", {"execution": "sparse"}, r"execution='sparse' set, but attention='mha'"),
+        ("mha", {"graph_layers": 3}, r"graph_layers=3 set, but attention='mha'"),
+        ("moh", {"graph": "ring"}, r"graph='ring' set, but attention='moh' has no graph-router"),
+        ("moh", {"carry_head_states": True}, r"carry_head_states=True set"),
+    ],
+)
+def test_settings_the_attention_kind_would_ignore_are_refused(attention, settings, message):
+    """``num_shared``/``top_k``/``balance`` with attention='mha' (or a graph with 'moh')
+    were silently ignored."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(vocab_size=20, attention=attention, **settings)
+
+
+def test_a_run_switching_the_default_model_to_mha_drops_only_the_settings_it_did_not_ask_for():
+    """The main job's default model is GoH (2 shared, top-3): a run asking for
+    attention='mha' gets plain MHA; asking for MHA with top_k too is refused; a saved
+    config of an MHA run written before the refusal still loads."""
+    from graphheads.train import RunConfig
+
+    config = RunConfig.load(None, ["model.attention=mha"]).model_config(30, 16)
+    assert config.attention == "mha" and config.num_shared == 0 and config.top_k is None
+    moh = RunConfig.load(None, ["model.attention=moh"]).model_config(30, 16)
+    assert (moh.num_shared, moh.top_k, moh.graph_layers) == (2, 3, 2)  # routing kept
+    with pytest.raises(ValueError, match=r"top_k=2 set, but attention='mha'"):
+        RunConfig.load(None, ["model.attention=mha", "model.top_k=2"]).model_config(30, 16)
+    saved = {**dataclasses.asdict(config), "num_shared": 2, "top_k": 3, "graph": "ring"}
+    assert ModelConfig.from_dict(saved) == config

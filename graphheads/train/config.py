@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ class RunConfig:
         if "preset" in self.model:  # a Llama-style size (ModelConfig.llama)
             overrides.setdefault("max_seq_len", max_seq_len)
             return ModelConfig.llama(str(self.model["preset"]), vocab_size, **overrides)
-        return replace(default_model_config(vocab_size, max_seq_len), **overrides)
+        return default_model_config(vocab_size, max_seq_len).with_overrides(**overrides)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self.data)

@@ -102,12 +102,16 @@ class ContinualRun:
         if c.method == "task_routing":
             overrides["task_embeddings"] = len(self.tasks)
         vocab = max(d.vocab_size for d in sources)
-        self.model_config = replace(default_model_config(vocab, self.width), **overrides)
-        if c.method in ("protect", "task_routing") and self.model_config.attention == "mha":
+        base = default_model_config(vocab, self.width)
+        if (
+            c.method in ("protect", "task_routing")
+            and overrides.get("attention", base.attention) == "mha"
+        ):
             raise ValueError(
                 f"ContinualConfig: method {c.method!r} needs routed heads (model.attention "
                 "'moh' or 'goh'), not 'mha'"
             )
+        self.model_config = base.with_overrides(**overrides)
         torch.manual_seed(c.seed)
         self.model = DecoderOnlyLM(self.model_config)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=0.0)

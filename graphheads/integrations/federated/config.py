@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,7 @@ def new_model(config: FederatedConfig) -> DecoderOnlyLM:
     full = TaskSuite()
     torch.manual_seed(config.seed)
     model_config = default_model_config(full.vocab_size, full.max_seq_len)
-    return DecoderOnlyLM(replace(model_config, **config.model))
+    return DecoderOnlyLM(model_config.with_overrides(**config.model))
 
 
 def shared_names(model: nn.Module, mode: str) -> list[str]:
