@@ -107,12 +107,24 @@ class MoHRouter(nn.Module):
                 gate.reset_parameters()
 
     @torch.no_grad()
-    def reset_to_uniform(self) -> None:
-        """Zero every gate weight: uniform routing, and with ``top_k`` equal to all routed
-        heads every gate is exactly 1 (dense multi-head attention)."""
-        for gate in (self.routed_gate, self.shared_gate, self.type_gate):
+    def reset_to_uniform(self, spread: float = 1e-2) -> None:
+        """Routing that starts (near) uniform. The shared and two-stage gates are zeroed.
+        With ``top_k`` equal to all routed heads the routed gate is zeroed too: every gate
+        is then exactly 1 (dense multi-head attention). With fewer heads on, exactly
+        uniform logits would send every token to the same heads (top-k breaks ties by
+        index), so the routed gate is re-initialised and scaled by ``spread`` instead:
+        each token picks its own heads, and its gates stay within about ``spread`` of 1."""
+        if not spread > 0:
+            raise ValueError(f"MoHRouter.reset_to_uniform: spread must be > 0, got {spread}")
+        for gate in (self.shared_gate, self.type_gate):
             if gate is not None:
                 gate.weight.zero_()
+        if self.routed_gate is not None:
+            if self.top_k < self.num_routed:
+                self.routed_gate.reset_parameters()
+                self.routed_gate.weight.mul_(spread)
+            else:
+                self.routed_gate.weight.zero_()
 
     def extra_repr(self) -> str:
         return (

@@ -316,3 +316,23 @@ def test_split_linear_is_the_separate_projections():
     torch.testing.assert_close(a, x @ w1.T)
     torch.testing.assert_close(b, x @ w2.T)
     assert split_linear(x, [None, None]) == [None, None]
+
+
+def test_reset_to_uniform_lets_each_token_pick_its_heads_with_gates_near_one():
+    """With top_k below the routed count, zero logits sent every token to the same heads
+    (top-k's ties break by index); with every routed head on, the gates stay exactly 1."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 32)
+    router = MoHRouter(32, 8, 2, 2)
+    router.reset_to_uniform()
+    routing = router(x)
+    chosen = {tuple(sorted(row)) for row in routing.top_k_indices.flatten(0, 1).tolist()}
+    assert len(chosen) > 5  # of the 15 pairs of 6 routed heads
+    torch.testing.assert_close(routing.gates[..., :2], torch.ones(2, 64, 2))
+    on = routing.gates[..., 2:][routing.routed_mask > 0]
+    assert (on - 1).abs().max() < 0.05
+    every = MoHRouter(32, 8, 2, 6)
+    every.reset_to_uniform()
+    torch.testing.assert_close(every(x).gates, torch.ones(2, 64, 8), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="spread must be > 0, got 0"):
+        every.reset_to_uniform(spread=0)
