@@ -23,7 +23,7 @@ peak of the running sum of allocations and frees recorded by the PyTorch profile
     # GoH / MoH at T 512 with 2 shared heads and top-2 (4 of 8 heads active):
     python benchmarks/attention_speed.py --lengths 512 --actives 4 --shared 2 \
         --repeats 21 --memory-lengths
-    # what that ratio is made of: the same with --num-layers 0 or 1, --feature-dim 8,
+    # what that ratio is made of: the same with --graph-layers 0 or 1, --feature-dim 8,
     # --compile (every block and router through torch.compile; --kinds without
     # goh-flex), or OMP_NUM_THREADS=1
     # the sparse backends at T 2048, half the heads (--kinds picks columns; mha first)
@@ -46,7 +46,7 @@ from graphheads.flex import flex_supported
 
 D_MODEL, HEADS, BATCH = 256, 8, 2
 SHARED = 1  # set by --shared
-FEATURE_DIM, NUM_LAYERS = 16, 2  # the GoH router's F and L, set by --feature-dim, --num-layers
+FEATURE_DIM, GRAPH_LAYERS = 16, 2  # the GoH router's F and L, set by --feature-dim, --graph-layers
 COMPILE = False  # set by --compile: every block (and router) through torch.compile
 ALL_KINDS = ("mha", "moh", "goh-pyg", "goh", "goh-sparse", "goh-flex")
 KINDS = ALL_KINDS  # set by --kinds
@@ -67,7 +67,7 @@ def build(kind: str, active: int, device: str) -> torch.nn.Module:
             top_k,
             HeadGraph.complete(HEADS, learnable="edge"),
             feature_dim=FEATURE_DIM,
-            num_layers=NUM_LAYERS,
+            graph_layers=GRAPH_LAYERS,
             conv=(lambda f: GCNConv(f, f, node_dim=-2)) if kind == "goh-pyg" else "gcn",
             execution="sparse" if kind in ("goh-sparse", "goh-flex") else "dense",
             sparse_backend="flex" if kind == "goh-flex" else "auto",
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-lengths", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--feature-dim", type=int, default=16, help="GoH router node features F")
-    parser.add_argument("--num-layers", type=int, default=2, help="GoH message-passing layers L")
+    parser.add_argument("--graph-layers", type=int, default=2, help="GoH message-passing layers L")
     parser.add_argument(
         "--compile", action="store_true", help="run every block and router through torch.compile"
     )
@@ -198,9 +198,9 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the raw numbers here")
     args = parser.parse_args()
-    global SHARED, KINDS, FEATURE_DIM, NUM_LAYERS, COMPILE
+    global SHARED, KINDS, FEATURE_DIM, GRAPH_LAYERS, COMPILE
     SHARED = args.shared
-    FEATURE_DIM, NUM_LAYERS, COMPILE = args.feature_dim, args.num_layers, args.compile
+    FEATURE_DIM, GRAPH_LAYERS, COMPILE = args.feature_dim, args.graph_layers, args.compile
     KINDS = tuple(args.kinds)
     if KINDS[0] != "mha":
         parser.error("--kinds must start with mha (every ratio is to it)")
@@ -211,7 +211,7 @@ def main() -> None:
     torch.set_grad_enabled(True)
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"GoH feature_dim {FEATURE_DIM}, num_layers {NUM_LAYERS}, shared heads {SHARED}"
+        f"GoH feature_dim {FEATURE_DIM}, graph_layers {GRAPH_LAYERS}, shared heads {SHARED}"
         + (", torch.compile" if COMPILE else "")
     )
     raw: dict = {"time": {}, "memory": {}}

@@ -289,13 +289,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> ModelConfig:
-        """Build a config from a plain dict, as saved (``dataclasses.asdict``); an unknown
-        key raises ValueError naming it. Router and graph settings that the attention kind
-        ignores are dropped: files written before they were refused still load."""
+        """Build a config from a plain dict; an unknown key raises ValueError naming it."""
         check_known_keys("ModelConfig", values, {f.name for f in fields(cls)})
-        attention = values.get("attention", "mha")
-        unused = _unused_fields(str(attention))
-        return cls(**{k: v for k, v in values.items() if k not in unused})  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_saved(cls, values: dict[str, object]) -> ModelConfig:
+        """:meth:`from_dict` for a config a checkpoint or a saved model holds
+        (``dataclasses.asdict``): router and graph settings its attention kind ignores
+        are dropped, so files written before they were refused still load."""
+        unused = _unused_fields(str(values.get("attention", "mha")))
+        return cls.from_dict({k: v for k, v in values.items() if k not in unused})
 
     def ignored_fields(self) -> list[str]:
         """The router and graph settings given away from their defaults that this
@@ -305,13 +309,18 @@ class ModelConfig:
 
     def with_overrides(self, **overrides: Any) -> ModelConfig:
         """This config with ``overrides`` (a run's ``model`` section) applied; where they
-        change ``attention``, the settings the new kind ignores and the overrides do not
-        set go back to their defaults (a dense run from the GoH default model), so only
+        change ``attention``, the settings the new kind ignores go back to their defaults
+        unless the overrides set them to another value than this config's (a dense run
+        from the GoH default model, or from the file ``graphheads config`` wrote), so only
         settings asked for are refused."""
         attention = str(overrides.get("attention", self.attention))
         defaults = {f.name: f.default for f in fields(self)}
-        reset = {k: defaults[k] for k in _unused_fields(attention) if k not in overrides}
-        return replace(self, **{**reset, **overrides})
+        reset = {  # a setting equal to this config's own (a file `graphheads config` wrote)
+            k: defaults[k]  # is not asked for either
+            for k in _unused_fields(attention)
+            if k not in overrides or overrides[k] == getattr(self, k)
+        }
+        return replace(self, **{**overrides, **reset})
 
 
 # Llama-style sizes (width, depth, heads, key/value heads, SwiGLU width, context)

@@ -42,16 +42,17 @@ def check_token_ids(tokens: Tensor, vocab_size: int, *, owner: str = "tokens") -
 def left_padding_counts(
     key_padding_mask: Tensor,
     shape: torch.Size | tuple[int, ...],
-    device: torch.device,
+    device: torch.device | None = None,
     *,
     owner: str = "generate",
 ) -> Tensor:
     """(b,) long: the padding before each prompt's first token, from ``key_padding_mask``
-    (b, t) True at padding. ValueError unless the mask has the prompt's ``shape`` and
-    ``device``, is boolean, pads on the left only and leaves every prompt at least one token.
+    (b, t) True at padding. ValueError unless the mask has the prompt's ``shape`` (and
+    ``device``, when given), is boolean, pads on the left only and leaves every prompt
+    at least one token.
 
     One host sync; call it where prompts enter, never in a forward pass."""
-    if key_padding_mask.device != device:
+    if device is not None and key_padding_mask.device != device:
         raise ValueError(
             f"{owner}: key_padding_mask is on {key_padding_mask.device}, the prompt on {device}"
         )
@@ -122,6 +123,7 @@ def decode(
     owner: str = "generate",
     sliding_window: bool = False,
     past_context_hint: str = "",
+    top_k: int | None = None,  # deprecated: sample_top_k
 ) -> Tensor:
     """Continue ``prompt`` (b, t) by ``max_new_tokens`` tokens; returns (b, t + n).
 
@@ -131,6 +133,7 @@ def decode(
     window); the prompt must still fit. ``past_context_hint`` ends the refusal of a
     sequence past ``max_len`` without it (how to go past it, where the model can).
     """
+    sample_top_k = renamed_argument("decode", "top_k", top_k, "sample_top_k", sample_top_k)
     check_token_ids(prompt, vocab_size, owner=f"{owner}: prompt")
     if prompt.size(1) == 0:
         raise ValueError(f"{owner}: the prompt must hold at least one token per row")

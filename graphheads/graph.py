@@ -183,6 +183,7 @@ class HeadGraph(nn.Module):
         if (
             weight is None
             or torch.compiler.is_compiling()
+            or torch.is_inference_mode_enabled()  # its result would be an inference tensor
             or weight.is_inference()
             or self.edge_index.is_inference()
         ):

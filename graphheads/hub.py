@@ -203,7 +203,7 @@ class HubMixin(nn.Module):
             )
         spec = config.get("graph")
         model = cls(
-            ModelConfig.from_dict(config["model_config"]),
+            ModelConfig.from_saved(config["model_config"]),
             graph=graph_from_spec(spec) if spec else None,
         )
         load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))

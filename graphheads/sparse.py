@@ -435,7 +435,7 @@ def routed_decode_attention(
         if bias is not None:
             scores = scores + bias.float()
         weights = scores.softmax(dim=-1).unsqueeze(-1)
-        o = (weights * v.float()).sum(2).to(value.dtype)  # (b, n, e)
+        o = (weights * v.float()).sum(2).to(q.dtype)  # (b, n, e), as SDPA returns
     else:  # eager: gather the active caches, then one SDPA call
         index = kv_idx[:, :, None, None].expand(b, n, s, e)
         o = scaled_dot_product_attention(

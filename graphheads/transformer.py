@@ -262,7 +262,9 @@ class DecoderOnlyLM(HubMixin):
         own positions), as a streaming cache does; without a cache each step recomputes
         the window. The sinusoidal block's positions end at ``max_seq_len``: refused.
         """
-        sample_top_k = renamed_argument("generate", "top_k", top_k, "sample_top_k", sample_top_k)
+        sample_top_k = renamed_argument(  # under @torch.no_grad(): one frame more
+            "generate", "top_k", top_k, "sample_top_k", sample_top_k, stacklevel=4
+        )
         window = self.config.max_seq_len
         if sliding_window and self.config.block != "llama":
             raise ValueError(
@@ -383,7 +385,9 @@ class Transformer(HubMixin):
         """Encode ``src`` once, then decode from ``start_tokens`` (b, t0) with a
         preallocated cache; the cross-attention keys and values of the memory are
         computed once. Sampling as in :meth:`DecoderOnlyLM.generate`."""
-        sample_top_k = renamed_argument("generate", "top_k", top_k, "sample_top_k", sample_top_k)
+        sample_top_k = renamed_argument(  # under @torch.no_grad(): one frame more
+            "generate", "top_k", top_k, "sample_top_k", sample_top_k, stacklevel=4
+        )
         check_token_ids(src, self.config.vocab_size, owner="generate: src")
         memory = self.encode(src, src_key_padding_mask=src_key_padding_mask)
         memory_kv = self.decoder.memory_kv(memory.hidden)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import graphheads.graph
-from graphheads import DecoderOnlyLM, HeadGraph, ModelConfig
+from graphheads import DecoderOnlyLM, GoHAttention, HeadGraph, ModelConfig
 from graphheads.gnn import gcn_norm_dense
 
 
@@ -167,3 +167,16 @@ def test_the_gcn_propagation_is_built_once_while_a_fixed_graph_stays_the_same(co
     with torch.inference_mode():  # a model built and run under inference_mode
         served = DecoderOnlyLM(config).eval()
         assert served.generate(torch.randint(0, 20, (1, 3)), 2).shape == (1, 5)
+
+
+def test_an_inference_mode_evaluation_leaves_nothing_cached_that_training_cannot_use():
+    """A matrix built under inference_mode is an inference tensor: cached, the next
+    training step's backward failed ("Inference tensors cannot be saved for backward")."""
+    torch.manual_seed(0)
+    attention = GoHAttention(16, 4, 1, 2, HeadGraph.ring(4, num_shared=1), graph_scale_init=1.0)
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        attention(x)
+    out = attention(x)
+    (out.output.sum() + out.routing.load_balance_loss).backward()
+    assert attention.router.head_embedding.grad is not None

@@ -14,7 +14,7 @@ import torch
 
 import graphheads
 from graphheads import DecoderOnlyLM, GoHAttention, GraphRouter, HeadMessagePassing, ModelConfig
-from graphheads.generation import sample_next_token
+from graphheads.generation import decode, sample_next_token
 
 # names that once meant two things, each with the one meaning it keeps
 ONE_MEANING = {
@@ -30,6 +30,7 @@ DEPRECATED = {
     ("HeadMessagePassing", "num_layers"): "graph_layers",
     ("convert_to_goh", "num_layers"): "graph_layers",
     ("sample_next_token", "top_k"): "sample_top_k",
+    ("decode", "top_k"): "sample_top_k",
     ("DecoderOnlyLM.generate", "top_k"): "sample_top_k",
     ("Transformer.generate", "top_k"): "sample_top_k",
 }
@@ -152,8 +153,8 @@ def test_settings_the_attention_kind_would_ignore_are_refused(attention, setting
 
 def test_a_run_switching_the_default_model_to_mha_drops_only_the_settings_it_did_not_ask_for():
     """The main job's default model is GoH (2 shared, top-3): a run asking for
-    attention='mha' gets plain MHA; asking for MHA with top_k too is refused; a saved
-    config of an MHA run written before the refusal still loads."""
+    attention='mha' gets plain MHA; asking for MHA with another top_k is refused; a
+    saved config of an MHA run written before the refusal still loads."""
     from graphheads.train import RunConfig
 
     config = RunConfig.load(None, ["model.attention=mha"]).model_config(30, 16)
@@ -163,4 +164,25 @@ def test_a_run_switching_the_default_model_to_mha_drops_only_the_settings_it_did
     with pytest.raises(ValueError, match=r"top_k=2 set, but attention='mha'"):
         RunConfig.load(None, ["model.attention=mha", "model.top_k=2"]).model_config(30, 16)
     saved = {**dataclasses.asdict(config), "num_shared": 2, "top_k": 3, "graph": "ring"}
-    assert ModelConfig.from_dict(saved) == config
+    assert ModelConfig.from_saved(saved) == config  # a checkpoint written before
+    with pytest.raises(ValueError, match="num_shared=2, top_k=3, graph='ring' set"):
+        ModelConfig.from_dict(saved)  # what a user gives is checked
+    with pytest.raises(ValueError, match="top_k=2 set, but attention='mha'"):
+        ModelConfig.llama("llama-10m", 100, top_k=2)  # a preset's overrides too
+    # the file `graphheads config` writes holds the default model's routing: switching
+    # it to mha is not asking for that routing
+    written = RunConfig.from_dict({"model": dataclasses.asdict(moh) | {"attention": "mha"}})
+    assert written.model_config(30, 16).num_shared == 0
+
+
+def test_a_deprecation_names_the_line_of_the_caller(recwarn):
+    """The warning points at the user's line, also through generate's @torch.no_grad()
+    (Python's default filters show a DeprecationWarning only there)."""
+    model = DecoderOnlyLM(ModelConfig(vocab_size=30, attention="moh", num_shared=1)).eval()
+    prompt = torch.randint(0, 30, (1, 2))
+    model.generate(prompt, 1, temperature=1.0, top_k=2)
+    GraphRouter(16, 4, 1, 2, num_layers=1)
+    step = lambda new, tokens, state: (torch.zeros(1, 30), None)  # noqa: E731
+    assert decode(step, prompt, 1, vocab_size=30, max_len=8, top_k=2).shape == (1, 3)
+    files = [w.filename for w in recwarn.list if issubclass(w.category, DeprecationWarning)]
+    assert files and all(f == __file__ for f in files), files

@@ -139,7 +139,7 @@ def load_run(path: str | Path) -> tuple[DecoderOnlyLM | Transformer, RunConfig, 
             "(eval, generate, export, report, graphheads.load) do not take"
         )
     run_config = RunConfig.from_dict(state["run_config"])
-    model = build_model(ModelConfig.from_dict(state["model_config"]), run_config.train.model_type)
+    model = build_model(ModelConfig.from_saved(state["model_config"]), run_config.train.model_type)
     model.load_state_dict(state["model"])
     return model.eval(), run_config, build_data(run_config.data), int(state["step"])
 
