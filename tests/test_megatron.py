@@ -80,7 +80,7 @@ def llama_config(attention: str, **overrides) -> ModelConfig:
         "attention": attention,
         "num_shared": 1 if attention != "mha" else 0,
         "top_k": 2 if attention != "mha" else None,
-        "graph_scale_init": 0.5,  # the graph branch is on from the start
+        **({"graph_scale_init": 0.5} if attention == "goh" else {}),  # graph branch on
         **overrides,
     }
     return ModelConfig.llama("llama-10m", **values)
