@@ -337,7 +337,7 @@ def _routed_chunk(
 # The cache bytes per decoding step routed decoding must skip, compiled, to beat dense
 # attention on this kind of device. CPU: measured (torch 2.13, 2 cores, fp32, half the
 # heads active): the compiled kernel runs at 0.5-0.8x dense SDPA's speed where it skips
-# <= 4 MiB, 1.03x at 8 MiB, 1.08-1.6x at >= 16 MiB. CUDA: not measured yet (see
+# <= 4 MiB, 0.8-1.2x at 8 MiB, 1.03-1.6x at >= 16 MiB. CUDA: not measured yet (see
 # benchmarks/gpu_check.py); a cautious guess. Other devices (and ``meta``): never.
 DECODE_MIN_SKIPPED_BYTES = {"cpu": 12 * 2**20, "cuda": 64 * 2**20}
 
