@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from graphheads import viz
+from graphheads.builders import make_head_graph
 from graphheads.data import TaskSuite
 from graphheads.data.tasks import IGNORE_INDEX
 from graphheads.train.evaluation import forward_batch
@@ -19,6 +21,13 @@ from graphheads.train.trainer import METRICS_NAME, load_run
 from graphheads.transformer import DecoderOnlyLM
 
 __all__ = ["make_report", "read_metrics", "task_coactivation"]
+
+ROUTING_CAPTION = (
+    "gate = the weight on a head's output before the output projection (0: skipped). "
+    "Shared heads run for every token, but their gates are the two-stage weight a0 "
+    "times a softmax over shared heads, so a small a0 makes them pale; a token's routed "
+    "gates add up to about top-k x a1 (a0 + a1 = 2)."
+)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -90,17 +99,24 @@ def make_report(run_dir: str | Path) -> Path:
             lines.append(f"| {task} | {acc:.3f} | {exact:.3f} | {chance:.3f} |")
         lines.append("")
     elif "bits_per_byte" in last:
-        lines += [f"Validation bits per byte: {last['bits_per_byte']:.3f}", ""]
+        lines += [
+            f"Validation bits per byte: {last['bits_per_byte']:.3f} (the loss figure is in "
+            f"nats per token: {last['loss']:.3f} at the last evaluation)",
+            "",
+        ]
     usage = last.get("head_usage")
     if usage:
         figures.append(
             _save(viz.plot_head_usage(usage, num_shared=config.num_shared), out / "head_usage.png")
         )
         lines += ["Head usage per task (fraction of scored tokens using each head, per layer):", ""]
-        active = config.num_shared + config.routed_top_k
+        lines += ["(shared heads are on for every token; the routed heads used most:)", ""]
+        shared, k = config.num_shared, config.routed_top_k
         for task, per_layer in usage.items():
-            top = [torch.tensor(row).topk(active).indices.tolist() for row in per_layer]
-            lines.append(f"- {task}: most used heads per layer {top}")
+            top = [
+                (torch.tensor(row[shared:]).topk(k).indices + shared).tolist() for row in per_layer
+            ]
+            lines.append(f"- {task}: most used routed heads per layer {top}")
         lines.append("")
     graphs = model.head_graphs()
     for i, graph in enumerate(graphs):
@@ -108,7 +124,11 @@ def make_report(run_dir: str | Path) -> Path:
         if usage and len(next(iter(usage.values()))) == len(graphs):
             layer_use = torch.tensor([per_layer[i] for per_layer in usage.values()]).mean(0)
         fig = viz.draw_head_graph(
-            graph, usage=layer_use, num_shared=config.num_shared, title=f"layer {i} head graph"
+            graph,
+            usage=layer_use,
+            num_shared=config.num_shared,
+            initial=make_head_graph(config),  # the weights training started from
+            title=f"layer {i} head graph",
         )
         figures.append(_save(fig, out / f"head_graph_layer{i}.png"))
     if (
@@ -143,6 +163,7 @@ def make_report(run_dir: str | Path) -> Path:
                     ax.set_ylabel("")
             fig.colorbar(axes_list[0].images[0], ax=axes_list, label="gate", shrink=0.8)
             fig.suptitle(f"layer {layer} routing (tokens x heads)")
+            fig.supxlabel(textwrap.fill(ROUTING_CAPTION, 110), fontsize=7)
             figures.append(_save(fig, out / f"routing_layer{layer}.png"))
         coactivation = task_coactivation(model, data)
         for layer in range(config.num_layers):

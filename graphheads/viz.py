@@ -50,6 +50,7 @@ def draw_head_graph(
     usage: Sequence[float] | Tensor | None = None,
     num_shared: int | None = None,
     strongest: int | None = None,
+    initial: HeadGraph | float | None = None,
     ax: Axes | None = None,
     title: str | None = None,
 ) -> Figure:
@@ -57,11 +58,14 @@ def draw_head_graph(
     proportional to ``usage`` (the fraction of tokens using the head; equal sizes when
     not given).
 
-    Edges show what was learned: colour and width run from the graph's weakest to its
-    strongest weight (a colour bar gives the values), so weights that moved a little
-    from equal starts are still told apart. Only the ``strongest`` edges are drawn
-    (default: all when there are at most 2 per head, else the 2 H strongest); the title
-    says how many.
+    Edges show what was learned. Colour is how far each weight moved from its
+    ``initial`` value (a graph with the starting weights, e.g. the preset a model was
+    built from, or one value; default: the median drawn weight): a diverging scale, red
+    above and blue below, symmetric and at least +-5% of the initial weight wide, so that
+    small changes stay pale instead of filling the scale. Width is proportional to the
+    weight (0 to the strongest drawn). Only the ``strongest`` edges are drawn (default:
+    all when there are at most 2 per head, else the 2 H strongest); the title says how
+    many.
     """
     fig, ax = _axes(ax, (5.6, 5.0))
     g = graph.to_networkx()
@@ -81,17 +85,20 @@ def draw_head_graph(
         raise ValueError(f"draw_head_graph: strongest must be >= 0, got {strongest}")
     edges = edges[:keep]
     weights = [w for _, _, w in edges]
-    low, high = (min(weights), max(weights)) if weights else (0.0, 1.0)
-    span = high - low if high > low else 1.0
-    scaled = [(w - low) / span if high > low else 1.0 for w in weights]
-    cmap = plt.get_cmap("Greys")
+    starts = _initial_weights(initial, [(u, v) for u, v, _ in edges], weights)
+    changes = [w - w0 for w, w0 in zip(weights, starts, strict=True)]
+    reference = abs(float(torch.tensor(starts).median())) if starts else 1.0
+    half = max([abs(c) for c in changes] + [0.05 * reference, 1e-6])
+    norm = plt.Normalize(-half, half)
+    cmap = plt.get_cmap("RdBu_r")
+    strongest_weight = max(weights, default=1.0) or 1.0
     nx.draw_networkx_edges(
         g,
         pos,
         ax=ax,
         edgelist=[(u, v) for u, v, _ in edges],
-        width=[0.6 + 3.4 * x for x in scaled],
-        edge_color=[cmap(0.35 + 0.65 * x) for x in scaled],
+        width=[0.3 + 3.7 * w / strongest_weight for w in weights],
+        edge_color=[cmap(norm(c)) for c in changes],
         arrows=g.is_directed(),
         arrowsize=8,
         node_size=sizes,
@@ -102,11 +109,9 @@ def draw_head_graph(
     )
     nx.draw_networkx_labels(g, pos, ax=ax, labels={n: str(n) for n in nodes}, font_size=9)
     if weights:
-        bar_norm = plt.Normalize(low - 0.35 * span / 0.65, high)  # the colours drawn above
-        mappable = plt.cm.ScalarMappable(norm=bar_norm, cmap=cmap)
-        bar = fig.colorbar(mappable, ax=ax, shrink=0.6, pad=0.02)
-        bar.set_label("edge weight")
-        bar.ax.set_ylim(low, high if high > low else low + 1e-6)
+        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.6)
+        start = "initial" if initial is not None else "median"
+        bar.set_label(f"edge weight - {start} weight (width: weight)")
     ax.legend(
         handles=[
             Line2D([0], [0], marker="o", color="w", markerfacecolor=c, markersize=10, label=n)
@@ -127,6 +132,19 @@ def draw_head_graph(
     ax.set_axis_off()
     ax.margins(0.15)
     return fig
+
+
+def _initial_weights(
+    initial: HeadGraph | float | None, edges: Sequence[tuple[int, int]], weights: list[float]
+) -> list[float]:
+    """The starting weight of each drawn edge: from a graph (0 where it had no such
+    edge), one value for all, or the median drawn weight."""
+    if initial is None:
+        return [float(torch.tensor(weights).median())] * len(weights) if weights else []
+    if isinstance(initial, HeadGraph):
+        start = initial.to_networkx()
+        return [float(start.get_edge_data(u, v, {"weight": 0.0})["weight"]) for u, v in edges]
+    return [float(initial)] * len(edges)
 
 
 def plot_routing(
@@ -242,17 +260,36 @@ def plot_head_usage(
     return fig
 
 
-def plot_loss_curve(records: Sequence[Mapping[str, Any]], *, ax: Axes | None = None) -> Figure:
-    """Training loss (and evaluation loss) against step, from metrics records."""
+def plot_loss_curve(
+    records: Sequence[Mapping[str, Any]], *, ax: Axes | None = None, smooth: int | None = None
+) -> Figure:
+    """Training loss against step from metrics records: each logged step's loss (one
+    batch: noisy) faint, and its trailing mean over ``smooth`` logged points (default:
+    a twentieth of them, so the mean lags little); the evaluation loss (the mean over
+    tasks for a task run, the held-out text for a corpus run), all in nats per token."""
+    if smooth is not None and smooth < 1:
+        raise ValueError(f"plot_loss_curve: smooth must be >= 1, got {smooth}")
     fig, ax = _axes(ax, (6.0, 3.5))
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-    evals = [(r["step"], r["loss"]) for r in records if r.get("kind") == "eval"]
+    eval_records = [r for r in records if r.get("kind") == "eval"]
+    evals = [(r["step"], r["loss"]) for r in eval_records]
     if train:
-        ax.plot(*zip(*train, strict=True), label="train", lw=1.2)
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, color="C0", alpha=0.3, lw=0.8, label="train (one batch)")
+        smooth = smooth if smooth is not None else max(1, round(len(losses) / 20))
+        cumulative = torch.tensor(losses, dtype=torch.float64).cumsum(0)
+        ends = torch.arange(len(losses))
+        starts = (ends - smooth).clamp_min(-1)
+        before = torch.where(starts >= 0, cumulative[starts.clamp_min(0)], 0.0)
+        mean = (cumulative - before) / (ends - starts)
+        label = f"train (mean of {smooth} logged)"
+        ax.plot(steps, mean.tolist(), color="C0", lw=1.6, label=label)
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval (mean over tasks)", lw=1.2)
+        text = any("bits_per_byte" in r for r in eval_records)
+        label = "eval (held-out text)" if text else "eval (mean over tasks)"
+        ax.plot(*zip(*evals, strict=True), "o-", color="C1", label=label, lw=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_ylabel("cross-entropy (nats per token)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -329,7 +366,25 @@ def draw_coactivation(
         graph, pos, ax=ax, node_size=sizes, node_color=colors, edgecolors="black"
     )
     nx.draw_networkx_labels(graph, pos, ax=ax, font_size=9)
-    ax.set_title(title or "head co-activation (width = fraction of tokens)")
+    keys = [  # the widths drawn above, for three values
+        Line2D([0], [0], color="#555555", alpha=0.5, lw=0.3 + 6.0 * f, label=f"{f:.0%}")
+        for f in (0.25, 0.5, 1.0)
+    ]
+    ax.legend(
+        handles=keys,
+        title="edge width: tokens where both heads fire",
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.02),
+        ncol=3,
+        fontsize=7,
+        title_fontsize=7,
+        frameon=False,
+    )
+    ax.text(
+        0.5, 1.0, "node area: tokens using the head (0 to 100%)", transform=ax.transAxes,
+        ha="center", va="bottom", fontsize=7,
+    )  # fmt: skip
+    ax.set_title(title or "head co-activation", pad=14)
     ax.set_axis_off()
     ax.margins(0.15)
     return fig

@@ -479,6 +479,23 @@ def tiny_runs(tmp_path_factory):
     return root
 
 
+def test_a_report_lists_the_routed_heads_used_most_and_says_its_units(tiny_runs):
+    """summary.md's "most used heads" always listed the shared heads (on for every
+    token); a text run's summary gave bits per byte beside a loss figure in nats."""
+    import re
+
+    from graphheads.report import ROUTING_CAPTION, make_report
+
+    summary = (make_report(tiny_runs / "tasks") / "summary.md").read_text()
+    listed = re.findall(r"most used routed heads per layer (\[.*\])", summary)
+    assert listed and all(
+        head >= 1 for line in listed for layer in json.loads(line) for head in layer
+    )  # SMALL: 1 shared head (head 0), top-2 of 3 routed
+    assert "shared heads are on for every token" in summary and "a0" in ROUTING_CAPTION
+    text = (make_report(tiny_runs / "text") / "summary.md").read_text()
+    assert re.search(r"bits per byte: [0-9.]+ \(the loss figure is in nats per token", text)
+
+
 def test_generate_takes_a_task_prompt_and_prints_it_readably(tiny_runs, capsys):
     run = str(tiny_runs / "tasks")
     assert main(["generate", "--run", run, "--task", "sort", "--prompt", "5,2 9 1 7 3"]) == 0
