@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphheads.compat import padding_from_token_mask
 from graphheads.masks import build_attention_bias, self_attention_mask
 from graphheads.rotary import RotaryEmbedding
 from graphheads.types import AttentionOutput, KVCache
@@ -390,7 +391,8 @@ class MultiHeadAttention(nn.Module):
         use_cache: bool = False,
         memory_kv: KVCache | None = None,
         head_states: Tensor | None = None,
-        token_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        token_mask: Tensor | None = None,  # deprecated: padding_mask
     ) -> AttentionOutput:
         """Attend from ``query`` to ``key``/``value`` (default: self-attention).
 
@@ -399,10 +401,11 @@ class MultiHeadAttention(nn.Module):
         extended by this call's tokens. ``memory_kv`` are keys and values projected once
         from a fixed memory (cross-attention while decoding, :meth:`project_kv`): they
         are used as they are and ``key``/``value`` are not read. ``head_states`` and
-        ``token_mask`` belong to the interface of routed attention: ``head_states`` must
-        be ``None`` here and ``token_mask`` (which only the load-balance loss reads) is
-        ignored.
+        ``padding_mask`` (b, t) belong to the interface of routed attention:
+        ``head_states`` must be ``None`` here and ``padding_mask`` (True at padding
+        queries, which only the load-balance loss reads) is ignored.
         """
+        padding_from_token_mask(type(self).__name__, token_mask, padding_mask)
         if head_states is not None:
             raise ValueError(f"{type(self).__name__}: head_states is only used by GoH attention")
         key, value = self.resolve_inputs(query, key, value)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from graphheads.attention import MultiHeadAttention
+from graphheads.compat import padding_from_token_mask
 from graphheads.masks import build_attention_bias, self_attention_mask
 from graphheads.types import AttentionOutput, KVCache
 
@@ -202,15 +203,18 @@ class TransformerBlock(nn.Module):
         use_cache: bool = False,
         memory_kv: KVCache | None = None,
         head_states: Tensor | None = None,
-        token_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
         router_context: Tensor | None = None,
+        token_mask: Tensor | None = None,  # deprecated: padding_mask
     ) -> LayerOutput:
         """x (b, t, d), memory (b, s, d) -> :class:`LayerOutput`. Masks as in
         :class:`~graphheads.attention.MultiHeadAttention`; ``memory_mask`` and
         ``memory_key_padding_mask`` are the cross-attention's, ``memory_kv`` its keys and
-        values of ``memory`` projected once (decoding). ``token_mask`` (b, t) is True at
-        real tokens (routed attention balances only those); ``router_context`` (b, d) is
-        added to the self-attention router's input (routed attention only)."""
+        values of ``memory`` projected once (decoding). ``padding_mask`` (b, t) is True at
+        padding tokens (routed attention balances only the others; ``token_mask``, True at
+        real tokens, is deprecated); ``router_context`` (b, d) is added to the
+        self-attention router's input (routed attention only)."""
+        padding_mask = padding_from_token_mask("TransformerBlock", token_mask, padding_mask)
         if (memory is None) != (self.cross_attn is None):
             raise ValueError(
                 "TransformerBlock: memory must be given exactly when the block has "
@@ -225,7 +229,7 @@ class TransformerBlock(nn.Module):
             kv_cache=kv_cache,
             use_cache=use_cache,
             head_states=head_states,
-            token_mask=token_mask,
+            padding_mask=padding_mask,
             **context,
         )
         x = self._residual(x, sa.output, self.self_attn_norm)
@@ -237,7 +241,7 @@ class TransformerBlock(nn.Module):
                 attn_mask=memory_mask,
                 key_padding_mask=memory_key_padding_mask,
                 memory_kv=memory_kv,
-                token_mask=token_mask,
+                padding_mask=padding_mask,
             )
             x = self._residual(x, ca.output, self.cross_attn_norm)
         x = self._residual(x, self.feed_forward(self._input(x, self.ff_norm)), self.ff_norm)
@@ -344,8 +348,9 @@ class TransformerStack(nn.Module):
         cache: tuple[KVCache, ...] | None = None,
         use_cache: bool = False,
         memory_kv: tuple[KVCache, ...] | None = None,
-        token_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
         router_context: Tensor | None = None,
+        token_mask: Tensor | None = None,  # deprecated: padding_mask
     ) -> StackOutput:
         """x (b, t, d) -> :class:`StackOutput`. ``cache`` holds one
         :class:`~graphheads.types.KVCache` per block (the tokens before x);
@@ -354,7 +359,10 @@ class TransformerStack(nn.Module):
         (:meth:`memory_kv`), computed once per generation. ``router_context`` (b, d) goes
         to every block's self-attention router input. The masks are merged once
         here and every block gets the same bias (blocks whose self-attention takes the
-        masks as they are, the sparse path, get them unmerged)."""
+        masks as they are, the sparse path, get them unmerged). ``padding_mask`` (b, t):
+        True at the padding among these tokens (``token_mask``, True at the real ones, is
+        deprecated)."""
+        padding_mask = padding_from_token_mask("TransformerStack", token_mask, padding_mask)
         for label, per_layer in (("cache", cache), ("memory_kv", memory_kv)):
             if per_layer is not None and len(per_layer) != len(self.layers):
                 raise ValueError(
@@ -413,7 +421,7 @@ class TransformerStack(nn.Module):
                     if self.carry_head_states and previous is not None
                     else None
                 ),
-                token_mask=token_mask,
+                padding_mask=padding_mask,
                 router_context=router_context,
             )
             outputs.append(out)

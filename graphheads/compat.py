@@ -9,7 +9,9 @@ from __future__ import annotations
 import warnings
 from typing import TypeVar
 
-__all__ = ["renamed_argument"]
+from torch import Tensor
+
+__all__ = ["padding_from_token_mask", "renamed_argument"]
 
 T = TypeVar("T")
 
@@ -32,3 +34,22 @@ def renamed_argument(
         stacklevel=stacklevel,
     )
     return old_value
+
+
+def padding_from_token_mask(
+    owner: str, token_mask: Tensor | None, padding_mask: Tensor | None, *, stacklevel: int = 3
+) -> Tensor | None:
+    """``padding_mask`` (True at padding, the polarity of ``key_padding_mask``) when the
+    caller may still pass the deprecated ``token_mask`` (True at real tokens: the other
+    polarity, inverted here); warns when it is used, ValueError when both are given."""
+    if token_mask is None:
+        return padding_mask
+    if padding_mask is not None:
+        raise ValueError(f"{owner}: got both token_mask= and padding_mask=; pass padding_mask=")
+    warnings.warn(
+        f"{owner}: token_mask= (True at real tokens) is deprecated and will be removed in "
+        "the next release; use padding_mask= (True at padding, as key_padding_mask)",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return ~token_mask.bool()

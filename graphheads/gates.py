@@ -16,20 +16,21 @@ per token with routed logits l_r, shared logits l_s and two-stage logits l_h::
 the chosen heads (equations 5-6 of the paper). The load-balance loss over the real
 tokens of a batch is ``L_b = H_r * sum_i P_i f_i`` with ``P_i`` the mean routed
 probability and ``f_i`` the fraction of tokens choosing routed head i; at perfect
-balance ``L_b = top_k``. Padding tokens (``token_mask`` False) take no part.
+balance ``L_b = top_k``. Padding tokens (``padding_mask`` True) take no part.
 
 Shape legend: b batch, t tokens, h heads, r routed heads, k top-k.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from graphheads.compat import padding_from_token_mask
 from graphheads.types import RoutingOutput
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "apply_balance_step",
     "autocast_dtype",
     "check_routing_config",
+    "layer_head_counts",
     "load_balance_loss",
     "moh_gates",
     "routed_head_counts",
@@ -89,24 +91,30 @@ def split_linear(x: Tensor, weights: list[Tensor | None]) -> list[Tensor | None]
 
 
 def load_balance_loss(
-    router_probs: Tensor, routed_mask: Tensor, token_mask: Tensor | None = None
+    router_probs: Tensor,
+    routed_mask: Tensor,
+    token_mask: Tensor | None = None,  # deprecated: padding_mask
+    *,
+    padding_mask: Tensor | None = None,
 ) -> Tensor:
     """``H_r * sum_i P_i f_i``: P_i the mean probability and f_i the mean choice of routed
-    head i over the tokens where ``token_mask`` (b, t) is True (all tokens when ``None``)."""
+    head i over the tokens where ``padding_mask`` (b, t) is False (all tokens when
+    ``None``)."""
+    padding_mask = padding_from_token_mask("load_balance_loss", token_mask, padding_mask)
     num_routed = router_probs.size(-1)
     if num_routed == 0:
         return router_probs.new_zeros(())
     probs = router_probs.reshape(-1, num_routed)  # (b t, r)
     chosen = routed_mask.reshape(-1, num_routed)
-    if token_mask is None:
+    if padding_mask is None:
         p_mean, f_mean = probs.mean(dim=0), chosen.mean(dim=0)  # (r,)
     else:
-        if token_mask.shape != router_probs.shape[:-1]:
+        if padding_mask.shape != router_probs.shape[:-1]:
             raise ValueError(
-                f"load_balance_loss: token_mask has shape {tuple(token_mask.shape)}, "
+                f"load_balance_loss: padding_mask has shape {tuple(padding_mask.shape)}, "
                 f"expected {tuple(router_probs.shape[:-1])}"
             )
-        weight = token_mask.reshape(-1, 1).to(probs.dtype)  # (b t, 1), 0 at padding
+        weight = (~padding_mask).reshape(-1, 1).to(probs.dtype)  # (b t, 1), 0 at padding
         count = weight.sum().clamp_min(1.0)
         p_mean = (probs * weight).sum(dim=0) / count
         f_mean = (chosen * weight).sum(dim=0) / count
@@ -126,8 +134,9 @@ def moh_gates(
     top_k: int,
     gate_convention: GateConvention = "reference",
     hard_gates: bool = False,
-    token_mask: Tensor | None = None,
+    padding_mask: Tensor | None = None,
     selection_bias: Tensor | None = None,
+    token_mask: Tensor | None = None,  # deprecated: padding_mask
 ) -> RoutingOutput:
     """The MoH gate from router logits.
 
@@ -141,7 +150,8 @@ def moh_gates(
         top_k: routed heads chosen per token.
         gate_convention: "reference" (released code) or "paper" (equations 5-6).
         hard_gates: forward 0/1 gates, backward through the soft gates (straight-through).
-        token_mask: (b, t) True at real tokens: only they enter the load-balance loss.
+        padding_mask: (b, t) True at padding: only the other tokens enter the
+            load-balance loss (``token_mask``, True at real tokens, is deprecated).
         selection_bias: (r,) added to the routed heads' probabilities for the top-k
             choice only (balancing without an auxiliary loss, DeepSeek-V3); the gate
             values come from the unbiased probabilities. See :func:`update_balance_bias`.
@@ -194,7 +204,9 @@ def moh_gates(
         router_probs=probs,
         routed_mask=mask,
         top_k_indices=top_idx,
-        load_balance_loss=load_balance_loss(probs, mask, token_mask),
+        load_balance_loss=load_balance_loss(
+            probs, mask, padding_mask=padding_from_token_mask("moh_gates", token_mask, padding_mask)
+        ),
     )
 
 
@@ -219,19 +231,40 @@ def check_routing_config(owner: str, num_heads: int, num_shared: int, top_k: int
         )
 
 
-def routed_head_counts(routed_mask: Tensor, token_mask: Tensor | None = None) -> Tensor:
+def routed_head_counts(
+    routed_mask: Tensor,
+    token_mask: Tensor | None = None,  # deprecated: padding_mask
+    *,
+    padding_mask: Tensor | None = None,
+) -> Tensor:
     """How often each routed head was chosen, and by how many tokens: ``(r + 1,)``, the
-    counts of ``routed_mask`` (..., r) over the tokens where ``token_mask`` (...) is True
-    (all when ``None``), then the number of those tokens. Masks by multiplication, so it
-    never waits for the host; counts of several micro-batches or processes add up
+    counts of ``routed_mask`` (..., r) over the tokens where ``padding_mask`` (...) is
+    False (all when ``None``), then the number of those tokens. Masks by multiplication,
+    so it never waits for the host; counts of several micro-batches or processes add up
     (all-reduce them with a sum) before :func:`apply_balance_step` turns them into loads."""
+    padding_mask = padding_from_token_mask("routed_head_counts", token_mask, padding_mask)
     chosen = routed_mask.reshape(-1, routed_mask.size(-1)).detach()  # (tokens, r)
-    if token_mask is None:
+    if padding_mask is None:
         weight = chosen.new_ones((chosen.size(0), 1))
     else:
-        weight = token_mask.reshape(-1, 1).to(chosen.dtype)  # (tokens, 1), 0 at padding
+        weight = (~padding_mask).reshape(-1, 1).to(chosen.dtype)  # (tokens, 1), 0 at padding
     sums = [(chosen * weight).sum(0, dtype=torch.float64), weight.sum(0, dtype=torch.float64)]
     return torch.cat(sums)  # (r + 1,), fp64: exact integers past 2^24 tokens per step
+
+
+def layer_head_counts(
+    routing: Sequence[RoutingOutput], padding_mask: Tensor | None
+) -> list[Tensor]:
+    """:func:`routed_head_counts` of every layer's routing over the tokens that are not
+    padding, where ``padding_mask`` (b, t) fits the layer's tokens (a decoder's; an
+    encoder's routing over other tokens counts all of its own)."""
+    counts = []
+    for r in routing:
+        fits = padding_mask is not None and padding_mask.shape == r.routed_mask.shape[:-1]
+        counts.append(
+            routed_head_counts(r.routed_mask, padding_mask=padding_mask if fits else None)
+        )
+    return counts
 
 
 @torch.no_grad()
@@ -252,9 +285,16 @@ def apply_balance_step(bias: Tensor, counts: Tensor, rate: float) -> Tensor:
 
 @torch.no_grad()
 def update_balance_bias(
-    bias: Tensor, routed_mask: Tensor, rate: float, token_mask: Tensor | None = None
+    bias: Tensor,
+    routed_mask: Tensor,
+    rate: float,
+    token_mask: Tensor | None = None,  # deprecated: padding_mask
+    *,
+    padding_mask: Tensor | None = None,
 ) -> Tensor:
     """:func:`apply_balance_step` with the loads of ``routed_mask`` (..., r) over the
-    tokens where ``token_mask`` is True: after an optimiser step, one process. Changes
+    tokens where ``padding_mask`` is False: after an optimiser step, one process. Changes
     ``bias`` (r,) in place and returns the loads ``f``."""
-    return apply_balance_step(bias, routed_head_counts(routed_mask, token_mask), rate)
+    padding_mask = padding_from_token_mask("update_balance_bias", token_mask, padding_mask)
+    counts = routed_head_counts(routed_mask, padding_mask=padding_mask)
+    return apply_balance_step(bias, counts, rate)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphheads.compat import renamed_argument
+from graphheads.compat import padding_from_token_mask, renamed_argument
 from graphheads.gates import (
     GateConvention,
     apply_balance_step,
@@ -294,11 +294,14 @@ class GraphRouter(nn.Module):
         *,
         queries: Tensor | None = None,
         head_states: Tensor | None = None,
-        token_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        token_mask: Tensor | None = None,  # deprecated: padding_mask
     ) -> RoutingOutput:
         """Routing for router input x (b, t, d); ``head_states`` (b, t, h, F) from the
-        previous layer (carry only); ``token_mask`` (b, t) True at the tokens the
-        load-balance loss counts. ``queries`` is unused (interface of the routers)."""
+        previous layer (carry only); ``padding_mask`` (b, t) True at padding, which the
+        load-balance loss skips (``token_mask``, True at real tokens, is deprecated).
+        ``queries`` is unused (interface of the routers)."""
+        padding_mask = padding_from_token_mask("GraphRouter", token_mask, padding_mask)
         h_s = self.num_shared
         with router_precision(x, self.linear_gate.weight) as x:  # fp32 under autocast
             if head_states is not None:
@@ -312,7 +315,7 @@ class GraphRouter(nn.Module):
                 top_k=self.top_k,
                 gate_convention=self.gate_convention,
                 hard_gates=self.hard_gates,
-                token_mask=token_mask,
+                padding_mask=padding_mask,
                 selection_bias=self.selection_bias,
             )
         return dataclasses.replace(routing, head_states=z)

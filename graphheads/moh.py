@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from graphheads.compat import padding_from_token_mask
 from graphheads.gates import (
     GateConvention,
     check_routing_config,
@@ -151,11 +152,13 @@ class MoHRouter(nn.Module):
         *,
         queries: Tensor | None = None,
         head_states: Tensor | None = None,
-        token_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        token_mask: Tensor | None = None,  # deprecated: padding_mask
     ) -> RoutingOutput:
         """Routing for router input x (b, t, d); ``queries`` (b, t, h, e) for the
-        parameter-free router; ``token_mask`` (b, t) True at the tokens the load-balance
-        loss counts."""
+        parameter-free router; ``padding_mask`` (b, t) True at padding, which the
+        load-balance loss skips (``token_mask``, True at real tokens, is deprecated)."""
+        padding_mask = padding_from_token_mask("MoHRouter", token_mask, padding_mask)
         if head_states is not None:
             raise ValueError("MoHRouter: head_states is only used by the graph-router")
         if x.size(-1) != self.d_model:
@@ -180,7 +183,7 @@ class MoHRouter(nn.Module):
                 top_k=self.top_k,
                 gate_convention=self.gate_convention,
                 hard_gates=self.hard_gates,
-                token_mask=token_mask,
+                padding_mask=padding_mask,
                 selection_bias=self.selection_bias,
             )
 

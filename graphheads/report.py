@@ -55,8 +55,8 @@ def task_coactivation(
     with torch.no_grad():
         for task in data.tasks:
             out, targets = forward_batch(model, data.sample(batch_size, gen, task=task))
-            scored = targets != IGNORE_INDEX
-            graphs[task] = [viz.coactivation_graph(r, token_mask=scored) for r in out.routing]
+            unscored = targets == IGNORE_INDEX
+            graphs[task] = [viz.coactivation_graph(r, padding_mask=unscored) for r in out.routing]
     return graphs
 
 

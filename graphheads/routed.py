@@ -20,12 +20,15 @@ Shape legend: b batch, t query tokens, s key tokens, h heads, e head width, d mo
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from graphheads.attention import MultiHeadAttention
+from graphheads.compat import padding_from_token_mask
 from graphheads.flex import choose_sparse_backend
 from graphheads.rotary import RotaryEmbedding
 from graphheads.sparse import (
@@ -54,14 +57,16 @@ class Router(Protocol):
         *,
         queries: Tensor | None = None,
         head_states: Tensor | None = None,
-        token_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
     ) -> RoutingOutput: ...
 
 
 class RoutedAttention(MultiHeadAttention):
     """Multi-head attention whose head outputs are scaled by a router's gates before
     ``out_proj``. The router is any module with ``num_heads`` and ``forward(x, *,
-    queries, head_states, token_mask) -> RoutingOutput``.
+    queries, head_states, padding_mask) -> RoutingOutput`` (a router written for 0.3,
+    whose forward takes ``token_mask``, True at real tokens, still works for one release,
+    with a DeprecationWarning when the attention is built).
 
     Projections keep the :class:`~graphheads.attention.MultiHeadAttention` names
     (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``). Routing of token t reads only
@@ -133,6 +138,16 @@ class RoutedAttention(MultiHeadAttention):
         self.sparse_backend: SparseBackendChoice = sparse_backend
         self.sparse_chunk_rows = sparse_chunk_rows
         self.router = router
+        takes = inspect.signature(router.forward).parameters
+        self._router_takes_token_mask = "padding_mask" not in takes and "token_mask" in takes
+        if self._router_takes_token_mask:
+            warnings.warn(
+                f"{name}: {type(router).__name__}.forward takes token_mask= (True at real "
+                "tokens), which is deprecated and will be removed in the next release; "
+                "take padding_mask= (True at padding, as key_padding_mask)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
 
     @property
     def merged_masks(self) -> bool:
@@ -181,14 +196,17 @@ class RoutedAttention(MultiHeadAttention):
         use_cache: bool = False,
         memory_kv: KVCache | None = None,
         head_states: Tensor | None = None,
-        token_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
         router_context: Tensor | None = None,
+        token_mask: Tensor | None = None,  # deprecated: padding_mask
     ) -> AttentionOutput:
         """As :meth:`MultiHeadAttention.forward`, plus ``head_states`` (the previous
-        layer's graph-router states, GoH with carry only), ``token_mask`` (b, t): True
-        at real query tokens, the only ones the load-balance loss counts, and
-        ``router_context`` (b, d): added to every token's router input (not to the
-        attention's), e.g. a task embedding for task-conditioned routing."""
+        layer's graph-router states, GoH with carry only), ``padding_mask`` (b, t): True
+        at padding query tokens, which the load-balance loss skips (``token_mask``, True
+        at real tokens, is deprecated), and ``router_context`` (b, d): added to every
+        token's router input (not to the attention's), e.g. a task embedding for
+        task-conditioned routing."""
+        padding_mask = padding_from_token_mask(type(self).__name__, token_mask, padding_mask)
         key, value = self.resolve_inputs(query, key, value)
         one_token = self._one_token_inference(query)
         sparse = self.execution == "sparse" and not one_token
@@ -208,7 +226,11 @@ class RoutedAttention(MultiHeadAttention):
             router_input,
             queries=None if q is None else q.transpose(1, 2),
             head_states=head_states,
-            token_mask=token_mask,
+            **(
+                {"token_mask": None if padding_mask is None else ~padding_mask}
+                if self._router_takes_token_mask
+                else {"padding_mask": padding_mask}
+            ),
         )
         kv = self.keys_values(key, value, kv_cache, memory_kv)
         cache = kv if use_cache else None

@@ -109,9 +109,9 @@ def _model_output(
     return ModelOutput(logits, tuple(routing), tuple(sites), aux, cache)
 
 
-def _token_mask(key_padding_mask: Tensor | None, num_tokens: int) -> Tensor | None:
-    """(b, t) True at the real tokens among the last ``num_tokens`` keys."""
-    return None if key_padding_mask is None else ~key_padding_mask[:, -num_tokens:]
+def _padding_mask(key_padding_mask: Tensor | None, num_tokens: int) -> Tensor | None:
+    """(b, t) True at the padding among the last ``num_tokens`` keys (these tokens)."""
+    return None if key_padding_mask is None else key_padding_mask[:, -num_tokens:]
 
 
 class TokenEmbedding(nn.Module):
@@ -219,7 +219,7 @@ class DecoderOnlyLM(HubMixin):
             is_causal=True,
             cache=cache,
             use_cache=use_cache,
-            token_mask=_token_mask(key_padding_mask, tokens.size(1)),
+            padding_mask=_padding_mask(key_padding_mask, tokens.size(1)),
             router_context=context,
         )
         return _model_output(
@@ -326,7 +326,7 @@ class Transformer(HubMixin):
         return self.encoder(
             self.embed(src),
             key_padding_mask=src_key_padding_mask,
-            token_mask=_token_mask(src_key_padding_mask, src.size(1)),
+            padding_mask=_padding_mask(src_key_padding_mask, src.size(1)),
         )
 
     def forward(
@@ -360,7 +360,7 @@ class Transformer(HubMixin):
             cache=cache,
             use_cache=use_cache,
             memory_kv=memory_kv,
-            token_mask=_token_mask(tgt_key_padding_mask, tgt.size(1)),
+            padding_mask=_padding_mask(tgt_key_padding_mask, tgt.size(1)),
         )
         stacks = [("decoder", dec)] if memory is not None else [("encoder", enc), ("decoder", dec)]
         return _model_output(self.lm_head(dec.hidden), stacks, dec.cache if use_cache else None)

@@ -7,11 +7,7 @@ backend is left as you set it.
 
 from __future__ import annotations
 
-import html
-import json
-import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -22,19 +18,21 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch import Tensor
 
+from graphheads.compat import padding_from_token_mask
 from graphheads.graph import HeadGraph
 from graphheads.types import RoutingOutput
+from graphheads.viz_files import ROUTED_COLOR, SHARED_COLOR, export_graph, head_graph_html
 
 __all__ = [
     "draw_head_graph",
+    "export_graph",  # from graphheads.viz_files
+    "head_graph_html",  # from graphheads.viz_files
     "plot_head_usage",
     "plot_loss_curve",
     "plot_patch_routing",
     "plot_routing",
     "plot_task_accuracy",
 ]
-
-SHARED_COLOR, ROUTED_COLOR = "#d95f02", "#1b9e77"
 
 
 def _axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -320,7 +318,11 @@ def plot_task_accuracy(
 
 
 def coactivation_graph(
-    routing: RoutingOutput | Tensor, *, token_mask: Tensor | None = None, min_weight: float = 0.0
+    routing: RoutingOutput | Tensor,
+    *,
+    padding_mask: Tensor | None = None,
+    min_weight: float = 0.0,
+    token_mask: Tensor | None = None,  # deprecated: padding_mask
 ) -> nx.Graph:
     """How often heads fire together: an undirected graph whose edge ``(i, j)`` has
     ``weight`` = the fraction of tokens that use both heads i and j, and whose nodes carry
@@ -329,14 +331,17 @@ def coactivation_graph(
     Args:
         routing: a :class:`~graphheads.moh.RoutingOutput`, or a (..., h) boolean mask of
             active heads.
-        token_mask: (...) boolean, which tokens count (e.g. no padding); default all.
+        padding_mask: (...) boolean, True at the tokens that do not count (padding, or
+            positions without a target); default: all count. (``token_mask``, True at
+            the tokens that count, is deprecated.)
         min_weight: leave out edges below this weight.
     """
+    padding_mask = padding_from_token_mask("coactivation_graph", token_mask, padding_mask)
     shared = routing.num_shared if isinstance(routing, RoutingOutput) else 0
     active = routing.active_heads if isinstance(routing, RoutingOutput) else routing.bool()
     active = active.detach().reshape(-1, active.size(-1)).float()  # (tokens, h)
-    if token_mask is not None:
-        active = active[token_mask.detach().reshape(-1).bool()]
+    if padding_mask is not None:
+        active = active[~padding_mask.detach().reshape(-1).bool()]
     if active.size(0) == 0:
         raise ValueError("coactivation_graph: no tokens to count")
     together = active.T @ active / active.size(0)  # (h, h)
@@ -388,86 +393,3 @@ def draw_coactivation(
     ax.set_axis_off()
     ax.margins(0.15)
     return fig
-
-
-def _as_networkx(graph: HeadGraph | nx.Graph) -> nx.Graph:
-    return graph.to_networkx() if isinstance(graph, HeadGraph) else graph
-
-
-def export_graph(graph: HeadGraph | nx.Graph, path: str | Path) -> Path:
-    """Write a head graph (current weights) or any networkx graph as GraphML
-    (``.graphml``) or node-link JSON (``.json``)."""
-    path = Path(path)
-    g = _as_networkx(graph)
-    if path.suffix == ".graphml":
-        nx.write_graphml(g, path)
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(nx.node_link_data(g, edges="edges"), indent=2))
-    else:
-        raise ValueError(f"export_graph: use a .graphml or .json path, got {path.name!r}")
-    return path
-
-
-def head_graph_html(
-    graph: HeadGraph | nx.Graph,
-    path: str | Path,
-    *,
-    usage: Sequence[float] | None = None,
-    title: str = "head graph",
-) -> Path:
-    """A self-contained HTML page (inline SVG and CSS, no scripts, no CDN): heads on a
-    circle; hovering a head or an edge shows its usage or weight and highlights it."""
-    g = _as_networkx(graph)
-    nodes = list(g.nodes)
-    n = len(nodes)
-    size, radius = 520, 200
-    xy = {
-        node: (
-            size / 2 + radius * math.cos(2 * math.pi * i / n - math.pi / 2),
-            size / 2 + radius * math.sin(2 * math.pi * i / n - math.pi / 2),
-        )
-        for i, node in enumerate(nodes)
-    }
-    weights = [float(d.get("weight", 1.0)) for _, _, d in g.edges(data=True)]
-    top = max(weights, default=1.0) or 1.0
-    parts = []
-    for u, v, d in g.edges(data=True):
-        w = float(d.get("weight", 1.0))
-        (x1, y1), (x2, y2) = xy[u], xy[v]
-        tip = html.escape(f"{u} -> {v}: weight {w:.4f}")
-        parts.append(
-            f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
-            f'stroke-width="{0.5 + 6 * w / top:.2f}"><title>{tip}</title></line>'
-        )
-    for i, node in enumerate(nodes):
-        attrs = g.nodes[node]
-        use = float(usage[i]) if usage is not None else float(attrs.get("usage", 1.0))
-        shared = bool(attrs.get("shared", False))
-        x, y = xy[node]
-        tip = html.escape(f"head {node} ({'shared' if shared else 'routed'}), usage {use:.3f}")
-        color = SHARED_COLOR if shared else ROUTED_COLOR
-        parts.append(
-            f'<g class="node"><circle cx="{x:.1f}" cy="{y:.1f}" r="{10 + 22 * use:.1f}" '
-            f'fill="{color}"><title>{tip}</title></circle>'
-            f'<text x="{x:.1f}" y="{y + 4:.1f}">{html.escape(str(node))}</text></g>'
-        )
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }}
-.edge {{ stroke: #555; stroke-opacity: 0.45; }}
-.edge:hover {{ stroke: #c00; stroke-opacity: 1; }}
-.node circle {{ stroke: #000; stroke-width: 1; }}
-.node:hover circle {{ stroke-width: 3; }}
-.node text {{ text-anchor: middle; font-size: 12px; pointer-events: none; }}
-</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p>Orange: shared heads; green: routed heads. Node size: usage; line width: weight.
-Hover for values.</p>
-<svg width="{size}" height="{size}" viewBox="0 0 {size} {size}">
-{chr(10).join(parts)}
-</svg></body></html>
-"""
-    path = Path(path)
-    path.write_text(page)
-    return path

@@ -276,9 +276,9 @@ def test_load_balance_loss_counts_only_real_tokens():
     mask = torch.zeros_like(probs).scatter(-1, probs.topk(2, -1).indices, 1.0)
     real = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     expected = load_balance_loss(probs[real].unsqueeze(0), mask[real].unsqueeze(0))
-    torch.testing.assert_close(load_balance_loss(probs, mask, real), expected)
-    with pytest.raises(ValueError, match=r"token_mask has shape \(2, 4\), expected \(2, 5\)"):
-        load_balance_loss(probs, mask, real[:, :4])
+    torch.testing.assert_close(load_balance_loss(probs, mask, padding_mask=~real), expected)
+    with pytest.raises(ValueError, match=r"padding_mask has shape \(2, 4\), expected \(2, 5\)"):
+        load_balance_loss(probs, mask, padding_mask=~real[:, :4])
 
 
 @pytest.mark.parametrize("attention", ["moh", "goh"])

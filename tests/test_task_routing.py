@@ -87,7 +87,7 @@ def test_report_coactivation_per_task_uses_each_tasks_id():
     for task in suite.tasks:
         batch = suite.sample(8, gen, task=task)
         out = model(batch.inputs, key_padding_mask=batch.padding, task_ids=batch.task_ids)
-        expected = coactivation_graph(out.routing[1], token_mask=batch.targets != -100)
+        expected = coactivation_graph(out.routing[1], padding_mask=batch.targets == -100)
         got = graphs[task][1]
         assert sorted(got.edges(data="weight")) == sorted(expected.edges(data="weight"))
     weights = [sorted(graphs[t][0].edges(data="weight")) for t in suite.tasks]

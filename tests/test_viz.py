@@ -17,7 +17,7 @@ def test_coactivation_counts_tokens_where_both_heads_fire():
     assert g.nodes[0]["usage"] == pytest.approx(0.75)
     assert g[0][1]["weight"] == pytest.approx(0.5) and g[0][2]["weight"] == pytest.approx(0.25)
     assert not g.has_edge(1, 2)  # never together
-    masked = viz.coactivation_graph(active, token_mask=torch.tensor([True, True, False, False]))
+    masked = viz.coactivation_graph(active, padding_mask=torch.tensor([False, False, True, True]))
     assert masked[0][1]["weight"] == pytest.approx(0.5) and masked.nodes[2][
         "usage"
     ] == pytest.approx(0.5)

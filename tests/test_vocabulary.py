@@ -186,3 +186,46 @@ def test_a_deprecation_names_the_line_of_the_caller(recwarn):
     assert decode(step, prompt, 1, vocab_size=30, max_len=8, top_k=2).shape == (1, 3)
     files = [w.filename for w in recwarn.list if issubclass(w.category, DeprecationWarning)]
     assert files and all(f == __file__ for f in files), files
+
+
+def test_one_mask_polarity_true_at_padding_and_the_old_one_still_works():
+    """``key_padding_mask`` and ``padding_mask`` are True at padding everywhere; the old
+    ``token_mask`` (True at real tokens) is accepted for one release, inverted, with a
+    DeprecationWarning; a router written for the old protocol keeps working."""
+    takes_token_mask = [  # the helper that converts the old mask is not an API of masks
+        name
+        for name, obj in public_callables()
+        if "token_mask" in parameters(obj) and name != "padding_from_token_mask"
+    ]
+    assert "RoutedAttention.forward" in takes_token_mask and "load_balance_loss" in (
+        takes_token_mask
+    )
+    for name in takes_token_mask:
+        params = parameters(dict(public_callables())[name])
+        assert "padding_mask" in params, f"{name} takes token_mask= without padding_mask="
+        assert params["token_mask"].default is None, name
+
+    torch.manual_seed(0)
+    attention = graphheads.MoHAttention(16, 4, 1, 2)
+    x, pad = torch.randn(2, 5, 16), torch.tensor([[True, False, False, False, False]] * 2)
+    new = attention(x, padding_mask=pad).routing.load_balance_loss
+    with pytest.warns(DeprecationWarning, match=r"token_mask= \(True at real tokens\)"):
+        old = attention(x, token_mask=~pad).routing.load_balance_loss
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+    assert not torch.equal(new, attention(x).routing.load_balance_loss)  # the mask counts
+
+    class OldRouter(torch.nn.Module):  # a router written against 0.3's protocol
+        num_heads = 4
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = graphheads.MoHRouter(16, 4, 1, 2)
+
+        def forward(self, x, *, queries=None, head_states=None, token_mask=None):
+            self.seen = token_mask
+            return self.inner(x, padding_mask=None if token_mask is None else ~token_mask)
+
+    with pytest.warns(DeprecationWarning, match="OldRouter.forward takes token_mask="):
+        legacy = graphheads.RoutedAttention(16, 4, router=OldRouter())
+    legacy(x, padding_mask=pad)
+    assert torch.equal(legacy.router.seen, ~pad)  # it gets the polarity it expects

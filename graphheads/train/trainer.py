@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from graphheads.blocks import TransformerBlock, TransformerStack
 from graphheads.data import IGNORE_INDEX, TaskBatch, TaskSuite, to_device
-from graphheads.gates import routed_head_counts
+from graphheads.gates import layer_head_counts
 from graphheads.goh import update_routing_balance
 from graphheads.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -66,7 +66,6 @@ from graphheads.train.runtime import (
     restore_rng_states,
     rng_states,
 )
-from graphheads.types import RoutingOutput
 
 __all__ = [
     "CheckpointError",
@@ -312,8 +311,9 @@ class Trainer:
                 loss = ce_sum * self.world_size / n_scored + aux_weight * aux / t.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if balance != "aux_loss":  # real tokens' choices, for the bias update below
-                real = None if t.model_type != "lm" or part.padding is None else ~part.padding
-                step = [routed_head_counts(r.routed_mask, _fitting(real, r)) for r in out.routing]
+                step = layer_head_counts(
+                    out.routing, part.padding if t.model_type == "lm" else None
+                )
                 counts = step if not counts else [a + b for a, b in zip(counts, step, strict=True)]
             ce_total += ce_sum.detach()
             aux_total += aux.detach() / t.grad_accum
@@ -443,8 +443,3 @@ class Trainer:
         return evaluate(
             self.model, self.data, batches=t.eval_batches, batch_size=t.eval_batch_size, seed=t.seed
         )
-
-
-def _fitting(real: Tensor | None, routing: RoutingOutput) -> Tensor | None:
-    """The real-token mask where it fits the routed tokens (a decoder's), else ``None``."""
-    return real if real is not None and real.shape == routing.routed_mask.shape[:-1] else None
