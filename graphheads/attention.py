@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphheads.compat import padding_from_token_mask
+from graphheads.compat import FORWARD_STACKLEVEL, padding_from_token_mask
 from graphheads.masks import build_attention_bias, self_attention_mask
 from graphheads.rotary import RotaryEmbedding
 from graphheads.types import AttentionOutput, KVCache
@@ -405,7 +405,9 @@ class MultiHeadAttention(nn.Module):
         ``head_states`` must be ``None`` here and ``padding_mask`` (True at padding
         queries, which only the load-balance loss reads) is ignored.
         """
-        padding_from_token_mask(type(self).__name__, token_mask, padding_mask)
+        padding_from_token_mask(
+            type(self).__name__, token_mask, padding_mask, stacklevel=FORWARD_STACKLEVEL
+        )
         if head_states is not None:
             raise ValueError(f"{type(self).__name__}: head_states is only used by GoH attention")
         key, value = self.resolve_inputs(query, key, value)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from graphheads.attention import MultiHeadAttention
-from graphheads.compat import padding_from_token_mask
+from graphheads.compat import FORWARD_STACKLEVEL, padding_from_token_mask
 from graphheads.masks import build_attention_bias, self_attention_mask
 from graphheads.types import AttentionOutput, KVCache
 
@@ -214,7 +214,9 @@ class TransformerBlock(nn.Module):
         padding tokens (routed attention balances only the others; ``token_mask``, True at
         real tokens, is deprecated); ``router_context`` (b, d) is added to the
         self-attention router's input (routed attention only)."""
-        padding_mask = padding_from_token_mask("TransformerBlock", token_mask, padding_mask)
+        padding_mask = padding_from_token_mask(
+            "TransformerBlock", token_mask, padding_mask, stacklevel=FORWARD_STACKLEVEL
+        )
         if (memory is None) != (self.cross_attn is None):
             raise ValueError(
                 "TransformerBlock: memory must be given exactly when the block has "
@@ -362,7 +364,9 @@ class TransformerStack(nn.Module):
         masks as they are, the sparse path, get them unmerged). ``padding_mask`` (b, t):
         True at the padding among these tokens (``token_mask``, True at the real ones, is
         deprecated)."""
-        padding_mask = padding_from_token_mask("TransformerStack", token_mask, padding_mask)
+        padding_mask = padding_from_token_mask(
+            "TransformerStack", token_mask, padding_mask, stacklevel=FORWARD_STACKLEVEL
+        )
         for label, per_layer in (("cache", cache), ("memory_kv", memory_kv)):
             if per_layer is not None and len(per_layer) != len(self.layers):
                 raise ValueError(

@@ -11,7 +11,9 @@ from typing import TypeVar
 
 from torch import Tensor
 
-__all__ = ["padding_from_token_mask", "renamed_argument"]
+__all__ = ["FORWARD_STACKLEVEL", "padding_from_token_mask", "renamed_argument"]
+
+FORWARD_STACKLEVEL = 5  # warn -> helper -> forward -> _call_impl -> _wrapped_call_impl -> caller
 
 T = TypeVar("T")
 
@@ -41,7 +43,9 @@ def padding_from_token_mask(
 ) -> Tensor | None:
     """``padding_mask`` (True at padding, the polarity of ``key_padding_mask``) when the
     caller may still pass the deprecated ``token_mask`` (True at real tokens: the other
-    polarity, inverted here); warns when it is used, ValueError when both are given."""
+    polarity, inverted here); warns when it is used, ValueError when both are given.
+    ``stacklevel`` as in :func:`renamed_argument`; a module's ``forward`` passes
+    :data:`FORWARD_STACKLEVEL` (``nn.Module.__call__`` adds two frames)."""
     if token_mask is None:
         return padding_mask
     if padding_mask is not None:

@@ -114,7 +114,7 @@ def load_balance_loss(
                 f"load_balance_loss: padding_mask has shape {tuple(padding_mask.shape)}, "
                 f"expected {tuple(router_probs.shape[:-1])}"
             )
-        weight = (~padding_mask).reshape(-1, 1).to(probs.dtype)  # (b t, 1), 0 at padding
+        weight = (~padding_mask.bool()).reshape(-1, 1).to(probs.dtype)  # (b t, 1), 0 at pad
         count = weight.sum().clamp_min(1.0)
         p_mean = (probs * weight).sum(dim=0) / count
         f_mean = (chosen * weight).sum(dim=0) / count
@@ -247,7 +247,7 @@ def routed_head_counts(
     if padding_mask is None:
         weight = chosen.new_ones((chosen.size(0), 1))
     else:
-        weight = (~padding_mask).reshape(-1, 1).to(chosen.dtype)  # (tokens, 1), 0 at padding
+        weight = (~padding_mask.bool()).reshape(-1, 1).to(chosen.dtype)  # (tokens, 1), 0 at pad
     sums = [(chosen * weight).sum(0, dtype=torch.float64), weight.sum(0, dtype=torch.float64)]
     return torch.cat(sums)  # (r + 1,), fp64: exact integers past 2^24 tokens per step
 
@@ -255,9 +255,11 @@ def routed_head_counts(
 def layer_head_counts(
     routing: Sequence[RoutingOutput], padding_mask: Tensor | None
 ) -> list[Tensor]:
-    """:func:`routed_head_counts` of every layer's routing over the tokens that are not
-    padding, where ``padding_mask`` (b, t) fits the layer's tokens (a decoder's; an
-    encoder's routing over other tokens counts all of its own)."""
+    """:func:`routed_head_counts` of every layer's routing of a decoder-only model over
+    the tokens that are not padding (``padding_mask`` (b, t)). A layer whose tokens the
+    mask does not fit counts all of its own. The layers are told apart by shape only: for
+    an encoder-decoder, whose source and target may have one length, count each stack's
+    layers with its own mask."""
     counts = []
     for r in routing:
         fits = padding_mask is not None and padding_mask.shape == r.routed_mask.shape[:-1]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphheads.compat import padding_from_token_mask, renamed_argument
+from graphheads.compat import FORWARD_STACKLEVEL, padding_from_token_mask, renamed_argument
 from graphheads.gates import (
     GateConvention,
     apply_balance_step,
@@ -301,7 +301,9 @@ class GraphRouter(nn.Module):
         previous layer (carry only); ``padding_mask`` (b, t) True at padding, which the
         load-balance loss skips (``token_mask``, True at real tokens, is deprecated).
         ``queries`` is unused (interface of the routers)."""
-        padding_mask = padding_from_token_mask("GraphRouter", token_mask, padding_mask)
+        padding_mask = padding_from_token_mask(
+            "GraphRouter", token_mask, padding_mask, stacklevel=FORWARD_STACKLEVEL
+        )
         h_s = self.num_shared
         with router_precision(x, self.linear_gate.weight) as x:  # fp32 under autocast
             if head_states is not None:

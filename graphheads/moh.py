@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from graphheads.compat import padding_from_token_mask
+from graphheads.compat import FORWARD_STACKLEVEL, padding_from_token_mask
 from graphheads.gates import (
     GateConvention,
     check_routing_config,
@@ -158,7 +158,9 @@ class MoHRouter(nn.Module):
         """Routing for router input x (b, t, d); ``queries`` (b, t, h, e) for the
         parameter-free router; ``padding_mask`` (b, t) True at padding, which the
         load-balance loss skips (``token_mask``, True at real tokens, is deprecated)."""
-        padding_mask = padding_from_token_mask("MoHRouter", token_mask, padding_mask)
+        padding_mask = padding_from_token_mask(
+            "MoHRouter", token_mask, padding_mask, stacklevel=FORWARD_STACKLEVEL
+        )
         if head_states is not None:
             raise ValueError("MoHRouter: head_states is only used by the graph-router")
         if x.size(-1) != self.d_model:

@@ -14,20 +14,34 @@ from torch import nn
 
 from graphheads import viz
 from graphheads.builders import make_head_graph
+from graphheads.config import ModelConfig
 from graphheads.data import TaskSuite
 from graphheads.data.tasks import IGNORE_INDEX
 from graphheads.train.evaluation import forward_batch
 from graphheads.train.trainer import METRICS_NAME, load_run
 from graphheads.transformer import DecoderOnlyLM
 
-__all__ = ["make_report", "read_metrics", "task_coactivation"]
+__all__ = ["make_report", "read_metrics", "routing_caption", "task_coactivation"]
 
-ROUTING_CAPTION = (
-    "gate = the weight on a head's output before the output projection (0: skipped). "
-    "Shared heads run for every token, but their gates are the two-stage weight a0 "
-    "times a softmax over shared heads, so a small a0 makes them pale; a token's routed "
-    "gates add up to about top-k x a1 (a0 + a1 = 2)."
-)
+
+def routing_caption(config: ModelConfig) -> str:
+    """What the gates of a routing figure are, for this model's gate convention."""
+    text = "gate = the weight on a head's output before the output projection (0: skipped)."
+    if config.hard_gates:
+        return text + " Hard gates: every active head's gate is 1."
+    k, shared = config.routed_top_k, config.num_shared
+    reference = config.gate_convention == "reference"
+    if shared and k:
+        total = "a0 + a1 = 2" if reference else "a0 + a1 = 1"
+        scale = "h_s x " if reference and shared > 1 else ""
+        routed = f"add up to top-k x a1 = {k} x a1" if reference else "add up to at most a1"
+        return text + (
+            f" Shared heads run for every token, but their gates are the two-stage weight a0"
+            f" times {scale}a softmax over the shared heads, so a small a0 makes them pale;"
+            f" a token's routed gates {routed} ({total})."
+        )
+    return text + (f" A token's gates add up to top-k = {k}." if reference else
+                   " A token's gates add up to at most 1.")  # fmt: skip
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -163,7 +177,7 @@ def make_report(run_dir: str | Path) -> Path:
                     ax.set_ylabel("")
             fig.colorbar(axes_list[0].images[0], ax=axes_list, label="gate", shrink=0.8)
             fig.suptitle(f"layer {layer} routing (tokens x heads)")
-            fig.supxlabel(textwrap.fill(ROUTING_CAPTION, 110), fontsize=7)
+            fig.supxlabel(textwrap.fill(routing_caption(config), 110), fontsize=7)
             figures.append(_save(fig, out / f"routing_layer{layer}.png"))
         coactivation = task_coactivation(model, data)
         for layer in range(config.num_layers):

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from graphheads.attention import MultiHeadAttention
-from graphheads.compat import padding_from_token_mask
+from graphheads.compat import FORWARD_STACKLEVEL, padding_from_token_mask
 from graphheads.flex import choose_sparse_backend
 from graphheads.rotary import RotaryEmbedding
 from graphheads.sparse import (
@@ -138,16 +138,27 @@ class RoutedAttention(MultiHeadAttention):
         self.sparse_backend: SparseBackendChoice = sparse_backend
         self.sparse_chunk_rows = sparse_chunk_rows
         self.router = router
-        takes = inspect.signature(router.forward).parameters
-        self._router_takes_token_mask = "padding_mask" not in takes and "token_mask" in takes
-        if self._router_takes_token_mask:
-            warnings.warn(
-                f"{name}: {type(router).__name__}.forward takes token_mask= (True at real "
-                "tokens), which is deprecated and will be removed in the next release; "
-                "take padding_mask= (True at padding, as key_padding_mask)",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+        self._protocol: tuple[object, bool] = (None, False)  # (router, takes token_mask)
+        self._router_takes_token_mask()  # warns now, when built with an old router
+
+    def _router_takes_token_mask(self) -> bool:
+        """Whether ``self.router`` follows the 0.3 protocol (its forward takes
+        ``token_mask``, True at real tokens, and not ``padding_mask``); looked up again
+        when the router is replaced, with a DeprecationWarning for an old one."""
+        router = self.router
+        if self._protocol[0] is not router:
+            old = _takes_token_mask(router)
+            self._protocol = (router, old)
+            if old:
+                warnings.warn(
+                    f"{type(self).__name__}: {type(router).__name__}.forward takes "
+                    "token_mask= (True at real tokens), which is deprecated and will be "
+                    "removed in the next release; take padding_mask= (True at padding, as "
+                    "key_padding_mask)",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
+        return self._protocol[1]
 
     @property
     def merged_masks(self) -> bool:
@@ -206,7 +217,9 @@ class RoutedAttention(MultiHeadAttention):
         at real tokens, is deprecated), and ``router_context`` (b, d): added to every
         token's router input (not to the attention's), e.g. a task embedding for
         task-conditioned routing."""
-        padding_mask = padding_from_token_mask(type(self).__name__, token_mask, padding_mask)
+        padding_mask = padding_from_token_mask(
+            type(self).__name__, token_mask, padding_mask, stacklevel=FORWARD_STACKLEVEL
+        )
         key, value = self.resolve_inputs(query, key, value)
         one_token = self._one_token_inference(query)
         sparse = self.execution == "sparse" and not one_token
@@ -227,8 +240,8 @@ class RoutedAttention(MultiHeadAttention):
             queries=None if q is None else q.transpose(1, 2),
             head_states=head_states,
             **(
-                {"token_mask": None if padding_mask is None else ~padding_mask}
-                if self._router_takes_token_mask
+                {"token_mask": None if padding_mask is None else ~padding_mask.bool()}
+                if self._router_takes_token_mask()
                 else {"padding_mask": padding_mask}
             ),
         )
@@ -292,3 +305,15 @@ class RoutedAttention(MultiHeadAttention):
         gates = routing.gates.transpose(1, 2).unsqueeze(-1).to(heads.dtype)
         gated = heads * gates  # (b, h, t, e)
         return AttentionOutput(self.out_proj(self.merge_heads(gated)), routing, cache)
+
+
+def _takes_token_mask(router: object) -> bool:
+    """Whether a router's forward takes ``token_mask`` and not ``padding_mask`` (the 0.3
+    protocol). A compiled module is looked through; a forward taking ``**kwargs``, or one
+    whose signature cannot be read, gets ``padding_mask``."""
+    target: Any = getattr(router, "_orig_mod", router)
+    try:
+        params = inspect.signature(getattr(target, "forward", target)).parameters
+    except (TypeError, ValueError):
+        return False
+    return "token_mask" in params and "padding_mask" not in params

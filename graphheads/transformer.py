@@ -110,8 +110,12 @@ def _model_output(
 
 
 def _padding_mask(key_padding_mask: Tensor | None, num_tokens: int) -> Tensor | None:
-    """(b, t) True at the padding among the last ``num_tokens`` keys (these tokens)."""
-    return None if key_padding_mask is None else key_padding_mask[:, -num_tokens:]
+    """(b, t) True at the padding among the last ``num_tokens`` keys (these tokens): a
+    boolean mask as it is, an integer one where nonzero, a float (additive) one at -inf."""
+    if key_padding_mask is None:
+        return None
+    mask = key_padding_mask[:, -num_tokens:]
+    return mask.isneginf() if mask.is_floating_point() else mask.bool()
 
 
 class TokenEmbedding(nn.Module):

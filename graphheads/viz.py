@@ -108,8 +108,11 @@ def draw_head_graph(
     nx.draw_networkx_labels(g, pos, ax=ax, labels={n: str(n) for n in nodes}, font_size=9)
     if weights:
         bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.6)
-        start = "initial" if initial is not None else "median"
-        bar.set_label(f"edge weight - {start} weight (width: weight)")
+        bar.set_label(
+            "edge weight - initial weight (width: weight)"
+            if initial is not None
+            else "edge weight - median drawn weight (not a change; width: weight)"
+        )
     ax.legend(
         handles=[
             Line2D([0], [0], marker="o", color="w", markerfacecolor=c, markersize=10, label=n)
@@ -275,16 +278,15 @@ def plot_loss_curve(
         steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, color="C0", alpha=0.3, lw=0.8, label="train (one batch)")
         smooth = smooth if smooth is not None else max(1, round(len(losses) / 20))
-        cumulative = torch.tensor(losses, dtype=torch.float64).cumsum(0)
-        ends = torch.arange(len(losses))
-        starts = (ends - smooth).clamp_min(-1)
-        before = torch.where(starts >= 0, cumulative[starts.clamp_min(0)], 0.0)
-        mean = (cumulative - before) / (ends - starts)
+        values = torch.tensor(losses, dtype=torch.float64)
+        values = values.where(values.isfinite(), float("nan"))  # a NaN stays in its windows
+        padded = torch.cat([values.new_full((smooth - 1,), float("nan")), values])
+        mean = padded.unfold(0, smooth, 1).nanmean(dim=1)  # trailing, over finite losses
         label = f"train (mean of {smooth} logged)"
         ax.plot(steps, mean.tolist(), color="C0", lw=1.6, label=label)
     if evals:
-        text = any("bits_per_byte" in r for r in eval_records)
-        label = "eval (held-out text)" if text else "eval (mean over tasks)"
+        tasks = any("accuracy" in r for r in eval_records)  # only a task run scores tasks
+        label = "eval (mean over tasks)" if tasks else "eval (held-out text)"
         ax.plot(*zip(*evals, strict=True), "o-", color="C1", label=label, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats per token)")

@@ -484,14 +484,22 @@ def test_a_report_lists_the_routed_heads_used_most_and_says_its_units(tiny_runs)
     token); a text run's summary gave bits per byte beside a loss figure in nats."""
     import re
 
-    from graphheads.report import ROUTING_CAPTION, make_report
+    from graphheads.config import ModelConfig
+    from graphheads.report import make_report, routing_caption
 
     summary = (make_report(tiny_runs / "tasks") / "summary.md").read_text()
     listed = re.findall(r"most used routed heads per layer (\[.*\])", summary)
     assert listed and all(
         head >= 1 for line in listed for layer in json.loads(line) for head in layer
     )  # SMALL: 1 shared head (head 0), top-2 of 3 routed
-    assert "shared heads are on for every token" in summary and "a0" in ROUTING_CAPTION
+    assert "shared heads are on for every token" in summary
+    moh = ModelConfig(vocab_size=9, num_heads=8, attention="moh", num_shared=2, top_k=3)
+    assert "h_s x a softmax" in routing_caption(moh) and "3 x a1 (a0 + a1 = 2)" in (
+        routing_caption(moh)
+    )  # the reference convention, as computed in graphheads.gates
+    paper = ModelConfig(vocab_size=9, attention="moh", num_shared=1, gate_convention="paper")
+    assert "at most a1 (a0 + a1 = 1)" in routing_caption(paper)
+    assert "is 1" in routing_caption(ModelConfig(vocab_size=9, attention="moh", hard_gates=True))
     text = (make_report(tiny_runs / "text") / "summary.md").read_text()
     assert re.search(r"bits per byte: [0-9.]+ \(the loss figure is in nats per token", text)
 

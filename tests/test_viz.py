@@ -78,7 +78,7 @@ def test_figures_carry_labels_and_legends(tmp_path):
     ax = viz.plot_task_accuracy({"copy": 0.9, "sort": 0.4}, {"copy": 0.1, "sort": 0.1}).axes[0]
     assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["accuracy", "chance"]
     records = [{"kind": "train", "step": s, "loss": 1 / s} for s in (1, 2, 3)] + [
-        {"kind": "eval", "step": 3, "loss": 0.5}
+        {"kind": "eval", "step": 3, "loss": 0.5, "accuracy": {"copy": 0.9}}
     ]
     ax = viz.plot_loss_curve(records, smooth=2).axes[0]
     raw, mean, evaluation = ax.get_lines()
@@ -87,9 +87,12 @@ def test_figures_carry_labels_and_legends(tmp_path):
     assert list(mean.get_ydata()) == pytest.approx([1.0, 0.75, (1 / 2 + 1 / 3) / 2])
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["train (one batch)", "train (mean of 2 logged)", "eval (mean over tasks)"]
-    text = [*records[:3], {"kind": "eval", "step": 3, "loss": 0.5, "bits_per_byte": 0.7}]
+    text = [*records[:3], {"kind": "eval", "step": 3, "loss": 0.5}]  # byte or token shards
     labels = [t.get_text() for t in viz.plot_loss_curve(text).axes[0].get_legend().get_texts()]
     assert labels[-1] == "eval (held-out text)"  # not "mean over tasks" on a text run
+    spiky = [{"kind": "train", "step": s, "loss": v} for s, v in enumerate([1, float("nan"), 3, 5])]
+    mean = viz.plot_loss_curve(spiky, smooth=2).axes[0].get_lines()[1].get_ydata()
+    assert list(mean) == pytest.approx([1.0, 1.0, 3.0, 4.0])  # a NaN stays in its window
     drawn = viz.draw_coactivation(viz.coactivation_graph(torch.rand(10, 4) > 0.5)).axes[0]
     assert drawn.get_title().startswith("head co-activation")
     legend = drawn.get_legend()  # what widths and sizes say

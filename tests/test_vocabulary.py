@@ -182,10 +182,12 @@ def test_a_deprecation_names_the_line_of_the_caller(recwarn):
     prompt = torch.randint(0, 30, (1, 2))
     model.generate(prompt, 1, temperature=1.0, top_k=2)
     GraphRouter(16, 4, 1, 2, num_layers=1)
+    attention = graphheads.MoHAttention(16, 4, 1, 2)  # a module's forward: two frames more
+    attention(torch.randn(1, 3, 16), token_mask=torch.ones(1, 3, dtype=torch.bool))
     step = lambda new, tokens, state: (torch.zeros(1, 30), None)  # noqa: E731
     assert decode(step, prompt, 1, vocab_size=30, max_len=8, top_k=2).shape == (1, 3)
     files = [w.filename for w in recwarn.list if issubclass(w.category, DeprecationWarning)]
-    assert files and all(f == __file__ for f in files), files
+    assert len(files) == 4 and all(f == __file__ for f in files), files
 
 
 def test_one_mask_polarity_true_at_padding_and_the_old_one_still_works():
@@ -229,3 +231,21 @@ def test_one_mask_polarity_true_at_padding_and_the_old_one_still_works():
         legacy = graphheads.RoutedAttention(16, 4, router=OldRouter())
     legacy(x, padding_mask=pad)
     assert torch.equal(legacy.router.seen, ~pad)  # it gets the polarity it expects
+
+
+def test_integer_and_additive_padding_masks_mean_what_boolean_ones_do():
+    """``~`` of an int mask is -1/-2, not a negation: the loss came out near 432; a
+    float (additive) key_padding_mask pads where it is -inf, for the routers too."""
+    from graphheads.gates import load_balance_loss
+
+    probs = torch.softmax(torch.randn(2, 5, 4), -1)
+    chosen = torch.zeros_like(probs).scatter(-1, probs.topk(2, -1).indices, 1.0)
+    pad = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    expected = load_balance_loss(probs, chosen, padding_mask=pad.bool())
+    torch.testing.assert_close(load_balance_loss(probs, chosen, padding_mask=pad), expected)
+    torch.manual_seed(0)
+    model = DecoderOnlyLM(ModelConfig(vocab_size=30, attention="moh", num_shared=1))
+    tokens = torch.randint(0, 30, (2, 5))
+    additive = torch.zeros(2, 5).masked_fill(pad.bool(), float("-inf"))
+    losses = [model(tokens, key_padding_mask=m).aux_loss for m in (pad.bool(), additive)]
+    torch.testing.assert_close(losses[1], losses[0])  # -inf where padded: the same tokens
