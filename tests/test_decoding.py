@@ -339,6 +339,7 @@ def test_a_sliding_window_generates_past_the_context_like_recomputing_the_window
         sinusoidal.generate(prompt, 12, sliding_window=True)
 
 
+@pytest.mark.slow
 def test_compiled_generate_of_a_llama_gqa_model_with_ragged_prompts_equals_eager(
     monkeypatch, count_calls
 ):
