@@ -202,7 +202,8 @@ class ModelConfig:
             settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in ignored)
             raise ValueError(
                 f"ModelConfig: {settings} set, but attention={self.attention!r} has {kind}: "
-                "they would be ignored (leave them at their defaults, or pick "
+                f"{'they' if len(ignored) > 1 else 'it'} would be ignored (leave "
+                f"{'them' if len(ignored) > 1 else 'it'} at the default, or pick "
                 f"attention {'moh or goh' if self.attention == 'mha' else 'goh'})"
             )
         routed_sparse = self.execution == "sparse" and self.attention != "mha"

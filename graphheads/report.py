@@ -123,8 +123,12 @@ def make_report(run_dir: str | Path) -> Path:
         figures.append(
             _save(viz.plot_head_usage(usage, num_shared=config.num_shared), out / "head_usage.png")
         )
-        lines += ["Head usage per task (fraction of scored tokens using each head, per layer):", ""]
-        lines += ["(shared heads are on for every token; the routed heads used most:)", ""]
+        lines += [
+            "Head usage per task: head_usage.png gives the fraction of scored tokens using "
+            "each head, per layer. Shared heads are on for every token; the routed heads "
+            "used most:",
+            "",
+        ]
         shared, k = config.num_shared, config.routed_top_k
         for task, per_layer in usage.items():
             top = [
@@ -133,6 +137,7 @@ def make_report(run_dir: str | Path) -> Path:
             lines.append(f"- {task}: most used routed heads per layer {top}")
         lines.append("")
     graphs = model.head_graphs()
+    start = make_head_graph(config) if graphs else None  # the weights training started from
     for i, graph in enumerate(graphs):
         layer_use = None
         if usage and len(next(iter(usage.values()))) == len(graphs):
@@ -141,7 +146,7 @@ def make_report(run_dir: str | Path) -> Path:
             graph,
             usage=layer_use,
             num_shared=config.num_shared,
-            initial=make_head_graph(config),  # the weights training started from
+            initial=start,
             title=f"layer {i} head graph",
         )
         figures.append(_save(fig, out / f"head_graph_layer{i}.png"))

@@ -492,7 +492,7 @@ def test_a_report_lists_the_routed_heads_used_most_and_says_its_units(tiny_runs)
     assert listed and all(
         head >= 1 for line in listed for layer in json.loads(line) for head in layer
     )  # SMALL: 1 shared head (head 0), top-2 of 3 routed
-    assert "shared heads are on for every token" in summary
+    assert "Shared heads are on for every token" in summary
     moh = ModelConfig(vocab_size=9, num_heads=8, attention="moh", num_shared=2, top_k=3)
     assert "h_s x a softmax" in routing_caption(moh) and "3 x a1 (a0 + a1 = 2)" in (
         routing_caption(moh)
