@@ -141,7 +141,7 @@ class ModelConfig:
     top_k: int | None = None  # routed heads each token uses; None = half of the routed heads
     gate_convention: Literal["reference", "paper"] = "reference"  # see graphheads.moh
     hard_gates: bool = False  # 0/1 gates with a straight-through estimator
-    execution: Literal["auto", "dense", "sparse"] = "auto"  # see graphheads.routed
+    execution: Literal["auto", "dense", "sparse"] = "auto"  # see graphheads.execution
     sparse_backend: Literal["auto", "chunked", "flex"] = "auto"  # see graphheads.flex
     balance: Literal["aux_loss", "bias", "both"] = "aux_loss"  # how routed heads are balanced
     balance_rate: float = 1e-3  # bias step per optimiser step (balance "bias"/"both")
@@ -207,11 +207,6 @@ class ModelConfig:
                 f"attention {'moh or goh' if self.attention == 'mha' else 'goh'})"
             )
         routed_sparse = self.execution == "sparse" and self.attention != "mha"
-        if routed_sparse and self.block == "llama":  # found at forward, after the router ran
-            raise ValueError(
-                "ModelConfig: execution='sparse' has no rotary path, which block='llama' "
-                "needs; use execution 'auto' (routed one-token decoding when compiled) or 'dense'"
-            )
         if routed_sparse and self.sparse_backend == "flex" and self.dropout > 0:
             raise ValueError(
                 f"ModelConfig: sparse_backend='flex' has no attention dropout, so training "

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphheads.compat import FORWARD_STACKLEVEL, padding_from_token_mask, renamed_argument
+from graphheads.execution import Execution, SparseBackendChoice
 from graphheads.gates import (
     GateConvention,
     apply_balance_step,
@@ -49,7 +50,7 @@ from graphheads.gnn import ConvFactory, HeadMessagePassing
 from graphheads.graph import HeadGraph
 from graphheads.moh import MoHRouter
 from graphheads.rotary import RotaryEmbedding
-from graphheads.routed import Execution, RoutedAttention, SparseBackendChoice
+from graphheads.routed import RoutedAttention
 from graphheads.types import RoutingOutput
 
 __all__ = ["GoHAttention", "GraphRouter", "collect_head_graphs", "record_routing", "routers_of"]

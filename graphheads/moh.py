@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from graphheads.compat import FORWARD_STACKLEVEL, padding_from_token_mask
+from graphheads.execution import Execution, SparseBackendChoice
 from graphheads.gates import (
     GateConvention,
     check_routing_config,
@@ -25,7 +26,7 @@ from graphheads.gates import (
     split_linear,
 )
 from graphheads.rotary import RotaryEmbedding
-from graphheads.routed import Execution, RoutedAttention, SparseBackendChoice
+from graphheads.routed import RoutedAttention
 from graphheads.types import RoutingOutput
 
 __all__ = ["MoHAttention", "MoHRouter"]

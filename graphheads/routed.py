@@ -6,14 +6,15 @@ Data flows one way::
 
     x -> router(x) -> gates (b, t, h) -> heads (b, h, t, e) * gates -> out_proj
 
-Execution paths give equal outputs (and, under autograd, gradients) up to rounding:
-``"dense"`` computes every head and multiplies by the gates (static shapes:
+Three execution paths give equal outputs (and, under autograd, gradients) up to
+rounding: ``"dense"`` computes every head and multiplies by the gates (static shapes:
 ``torch.compile``, DDP, FSDP); ``"sparse"`` computes only the active (token, head) pairs
-(:func:`graphheads.sparse.sparse_routed_attention`), and one-token inference steps
-(decoding with a cache) read only the active heads' caches
-(:func:`graphheads.sparse.routed_decode_attention`); ``"auto"`` (the default) runs dense
-except for one-token inference steps where routed decoding pays: compiled, with a cache
-large enough (:func:`graphheads.sparse.decode_pays`).
+(:func:`graphheads.sparse.sparse_routed_attention`); ``"decode"``, for one-token
+inference steps (decoding with a cache), reads only the active heads' caches
+(:func:`graphheads.sparse.routed_decode_attention`). Which one a call runs, and why, is
+:func:`graphheads.execution.choose_execution`'s choice from the module's ``execution``
+setting (``"auto"``, the default, runs dense except for one-token inference steps where
+routed decoding pays: compiled, with a cache large enough).
 
 Shape legend: b batch, t query tokens, s key tokens, h heads, e head width, d model width.
 """
@@ -22,32 +23,33 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from graphheads.attention import MultiHeadAttention
 from graphheads.compat import FORWARD_STACKLEVEL, padding_from_token_mask
-from graphheads.flex import choose_sparse_backend
-from graphheads.rotary import RotaryEmbedding
-from graphheads.sparse import (
-    SparseBackend,
-    decode_pays,
-    routed_decode_attention,
-    sparse_routed_attention,
+from graphheads.execution import (
+    EXECUTIONS,
+    SPARSE_BACKENDS,
+    Execution,
+    ExecutionChoice,
+    SparseBackendChoice,
+    choose_execution,
 )
+from graphheads.rotary import RotaryEmbedding
+from graphheads.sparse import routed_decode_attention, sparse_routed_attention
 from graphheads.types import AttentionOutput, KVCache, RoutingOutput
 
 __all__ = ["Execution", "RoutedAttention", "Router", "SparseBackendChoice"]
 
-Execution = Literal["auto", "dense", "sparse"]
-SparseBackendChoice = Literal["auto", "chunked", "flex"]
-
 
 class Router(Protocol):
     """What :class:`RoutedAttention` needs of a router (:class:`~graphheads.moh.MoHRouter`,
-    :class:`~graphheads.goh.GraphRouter`)."""
+    :class:`~graphheads.goh.GraphRouter`). ``queries`` (b, t, h, e), every head's
+    projected queries, are passed to routers whose ``parameter_free`` attribute is true,
+    ``None`` to others."""
 
     num_heads: int
 
@@ -118,11 +120,11 @@ class RoutedAttention(MultiHeadAttention):
             rotary=rotary,
         )
         name = type(self).__name__
-        if execution not in ("auto", "dense", "sparse"):
+        if execution not in EXECUTIONS:
             raise ValueError(
                 f"{name}: execution must be 'auto', 'dense' or 'sparse', got {execution!r}"
             )
-        if sparse_backend not in ("auto", "chunked", "flex"):
+        if sparse_backend not in SPARSE_BACKENDS:
             raise ValueError(
                 f"{name}: sparse_backend must be 'auto', 'chunked' or 'flex', "
                 f"got {sparse_backend!r}"
@@ -167,32 +169,19 @@ class RoutedAttention(MultiHeadAttention):
         keeps the causal limit itself, so it takes the masks as they are."""
         return self.execution != "sparse"
 
-    def _sparse_backend(self, query: Tensor) -> SparseBackend:
-        """The backend of this call (see :func:`~graphheads.flex.choose_sparse_backend`)."""
-        return choose_sparse_backend(
-            self.sparse_backend,
-            query.device,
+    def choose_execution(self, query: Tensor, key: Tensor, num_active: int) -> ExecutionChoice:
+        """The path a call with these query inputs (b, t, d), keys (b, h_kv, s, e, cache
+        included) and active heads per token takes now, and why
+        (:func:`graphheads.execution.choose_execution`)."""
+        return choose_execution(
+            self.execution,
+            query_len=query.size(1),
             grad=torch.is_grad_enabled(),
             dropout_p=self.dropout if self.training else 0.0,
-            head_dim=self.head_dim,
+            key=key,
+            num_active=num_active,
+            sparse_backend=self.sparse_backend,
         )
-
-    def _one_token_inference(self, query: Tensor) -> bool:
-        """One query token per sequence, inference: routed decoding could apply."""
-        return (
-            self.execution != "dense"
-            and query.size(1) == 1
-            and not torch.is_grad_enabled()
-            and not (self.training and self.dropout > 0)
-        )
-
-    def _decodes(self, key: Tensor, routing: RoutingOutput) -> bool:
-        """Whether this one-token inference step decodes through the routed kernel:
-        always under ``"sparse"``, under ``"auto"`` where it pays (compiled, a cache large
-        enough: :func:`~graphheads.sparse.decode_pays`)."""
-        if self.execution == "sparse":
-            return True
-        return decode_pays(key, routing.num_shared + routing.top_k_indices.size(-1))
 
     def forward(
         self,
@@ -216,16 +205,14 @@ class RoutedAttention(MultiHeadAttention):
         at padding query tokens, which the load-balance loss skips (``token_mask``, True
         at real tokens, is deprecated), and ``router_context`` (b, d): added to every
         token's router input (not to the attention's), e.g. a task embedding for
-        task-conditioned routing."""
+        task-conditioned routing. The path (dense, sparse or routed decoding) is
+        :meth:`choose_execution`'s."""
         padding_mask = padding_from_token_mask(
             type(self).__name__, token_mask, padding_mask, stacklevel=FORWARD_STACKLEVEL
         )
         key, value = self.resolve_inputs(query, key, value)
-        one_token = self._one_token_inference(query)
-        sparse = self.execution == "sparse" and not one_token
-        needs_queries = bool(getattr(self.router, "parameter_free", False))
-        q = None
-        if needs_queries or not sparse:  # routed decoding takes every head's query too
+        q = None  # every head's queries; the sparse path makes only the active ones
+        if getattr(self.router, "parameter_free", False):
             q = self.project_query(query, kv_cache)
         router_input = query
         if router_context is not None:
@@ -247,19 +234,28 @@ class RoutedAttention(MultiHeadAttention):
         )
         kv = self.keys_values(key, value, kv_cache, memory_kv)
         cache = kv if use_cache else None
-        decoding = one_token and self._decodes(kv.key, routing)
-        if decoding or sparse:
-            s = kv.key.size(-2)
-            bias = None
-            if attn_mask is not None or key_padding_mask is not None:
-                bias = self.attention_bias(
-                    query,
-                    key_len=s,
-                    attn_mask=attn_mask,
-                    key_padding_mask=key_padding_mask,
-                    is_causal=False,  # the causal part stays a flag (a key limit per chunk)
-                )
-        if decoding:  # one token with a causal cache sees every key: no causal mask
+        num_active = routing.num_shared + routing.top_k_indices.size(-1)
+        choice = self.choose_execution(query, kv.key, num_active)
+        if choice.path != "sparse" or self.rotary is not None:
+            q = self.project_query(query, kv_cache) if q is None else q
+        if choice.path == "dense":
+            assert q is not None
+            heads = self.attend(
+                q, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
+            )
+            gates = routing.gates.transpose(1, 2).unsqueeze(-1).to(heads.dtype)
+            output = self.out_proj(self.merge_heads(heads * gates))  # (b, h, t, e) gated
+            return AttentionOutput(output, routing, cache)
+        bias = None
+        if attn_mask is not None or key_padding_mask is not None:
+            bias = self.attention_bias(
+                query,
+                key_len=kv.key.size(-2),
+                attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask,
+                is_causal=False,  # the causal part stays a flag (a key limit per chunk)
+            )
+        if choice.path == "decode":  # one token with a causal cache sees every key
             output = routed_decode_attention(
                 query,
                 kv.key,
@@ -275,36 +271,26 @@ class RoutedAttention(MultiHeadAttention):
                 fused_attention=self.fused_attention,
             )
             return AttentionOutput(output, routing, cache)
-        if sparse:
-            if self.rotary is not None:
-                raise ValueError(f"{type(self).__name__}: sparse execution has no rotary path")
-            keys, values = self.expand_kv(kv)  # (b, h, s, e)
-            output = sparse_routed_attention(
-                query,
-                keys,
-                values,
-                routing.gates,
-                routing.routed_mask,
-                q_weight=self.q_proj.weight,
-                q_bias=self.q_proj.bias,
-                out_weight=self.out_proj.weight,
-                out_bias=self.out_proj.bias,
-                attn_bias=bias,
-                is_causal=is_causal and query.size(1) > 1,
-                dropout_p=self.dropout if self.training else 0.0,
-                fused_attention=self.fused_attention,
-                queries=q,
-                chunk_rows=self.sparse_chunk_rows,
-                backend=self._sparse_backend(query),
-            )
-            return AttentionOutput(output, routing, cache)
-        assert q is not None
-        heads = self.attend(
-            q, kv, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
+        keys, values = self.expand_kv(kv)  # (b, h, s, e)
+        output = sparse_routed_attention(
+            query,
+            keys,
+            values,
+            routing.gates,
+            routing.routed_mask,
+            q_weight=self.q_proj.weight,
+            q_bias=self.q_proj.bias,
+            out_weight=self.out_proj.weight,
+            out_bias=self.out_proj.bias,
+            attn_bias=bias,
+            is_causal=is_causal and query.size(1) > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            fused_attention=self.fused_attention,
+            queries=q,  # rotated, with rotary: the sparse path then gathers them
+            chunk_rows=self.sparse_chunk_rows,
+            backend=choice.backend or "chunked",
         )
-        gates = routing.gates.transpose(1, 2).unsqueeze(-1).to(heads.dtype)
-        gated = heads * gates  # (b, h, t, e)
-        return AttentionOutput(self.out_proj(self.merge_heads(gated)), routing, cache)
+        return AttentionOutput(output, routing, cache)
 
 
 def _takes_token_mask(router: object) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from graphheads import DecoderOnlyLM, GoHAttention, HeadGraph, ModelConfig, MoHAttention
+from graphheads.rotary import RotaryEmbedding
 
 D, H = 32, 8
 
@@ -155,6 +156,61 @@ def test_sparse_decoding_with_cache_matches_full_pass():
     torch.testing.assert_close(sparse(tokens).logits, dense(tokens).logits, atol=1e-5, rtol=1e-4)
     prompt = tokens[:, :4]
     torch.testing.assert_close(sparse.generate(prompt, 8), dense.generate(prompt, 8))
+
+
+@pytest.mark.parametrize("kind", ["moh", "goh"])
+def test_rotary_positions_on_the_sparse_path(kind):
+    """Issue 32: the sparse path refused rotary positions at forward, after the router ran;
+    it now gathers the active heads' rotated queries. With a cache of earlier tokens the
+    new queries rotate to the positions that follow it."""
+    attn = make(kind, 2, 3, rotary=RotaryEmbedding(D // H, 64))
+    x = torch.randn(2, 11, D)
+    assert_same(both_paths(attn, x, is_causal=True))
+    pad = torch.zeros(2, 11, dtype=torch.bool)
+    pad[1, :3] = True
+    assert_same(both_paths(attn, x, is_causal=True, key_padding_mask=pad))
+    with torch.no_grad():
+        prefix = attn(x[:, :6], is_causal=True, use_cache=True).cache
+    assert_same(both_paths(attn, x[:, 6:], is_causal=True, kv_cache=prefix))
+
+
+def test_llama_block_runs_sparse_and_generates_as_dense():
+    """``ModelConfig(block="llama", execution="sparse")`` was refused; now it trains and
+    decodes (ragged prompts too) as the dense path does."""
+    config = ModelConfig(
+        vocab_size=30,
+        d_model=D,
+        num_heads=H,
+        num_layers=2,
+        block="llama",
+        attention="goh",
+        num_shared=2,
+        top_k=2,
+    )
+    torch.manual_seed(0)
+    dense = DecoderOnlyLM(config)
+    sparse = DecoderOnlyLM(config.with_overrides(execution="sparse"))
+    sparse.load_state_dict(dense.state_dict())
+    tokens = torch.randint(0, 30, (2, 12))
+    out = [m(tokens) for m in (dense, sparse)]
+    torch.testing.assert_close(out[1].logits, out[0].logits, atol=1e-5, rtol=1e-4)
+    weights = torch.randn_like(out[0].logits)
+    losses = [(o.logits * weights).sum() + o.aux_loss for o in out]
+    torch.testing.assert_close(losses[1], losses[0])
+    grads = [torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+             for loss, m in zip(losses, (dense, sparse), strict=True)]  # fmt: skip
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    prompt = tokens[:, :5].clone()
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[0, :2] = True
+    dense.eval(), sparse.eval()
+    torch.testing.assert_close(
+        sparse.generate(prompt, 6, key_padding_mask=pad),
+        dense.generate(prompt, 6, key_padding_mask=pad),
+    )
 
 
 def test_bad_execution_raises():

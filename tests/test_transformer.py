@@ -131,8 +131,6 @@ def test_tiny_lm_learns_copy_task():
         ({"attention": "flash"}, r"attention must be one of .* got 'flash'"),
         ({"activation": "tanh"}, r"activation must be 'relu' or 'gelu', got 'tanh'"),
         # combinations that failed only at forward or in training (issue 32)
-        ({"attention": "goh", "block": "llama", "execution": "sparse", "num_shared": 1},
-         r"execution='sparse' has no rotary path, which block='llama' needs"),
         ({"attention": "moh", "execution": "sparse", "sparse_backend": "flex", "dropout": 0.1,
           "num_shared": 1}, r"sparse_backend='flex' has no attention dropout"),
     ],
