@@ -31,6 +31,7 @@ EXAMPLES = """examples:
   graphheads generate --run runs/default --task sort --prompt "5 2 9 1 7 3"
   graphheads generate --run runs/text --prompt "The head graph"
   graphheads report --run runs/default
+  graphheads viz --run runs/default   # runs/default/report/explorer.html (viz extra)
   graphheads export --run runs/default --out models/default
   graphheads continual --config stages.yaml --out runs/continual
   graphheads federated --mode personal --rounds 5 --out runs/federated
@@ -191,6 +192,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viz(args: argparse.Namespace) -> int:
+    from graphheads.explorer_page import write_explorer
+
+    print(f"explorer: {write_explorer(args.run, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphheads",
@@ -225,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, formatter_class=_HelpWithDefaults)
         p.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
         p.set_defaults(func=func)
+    viz = sub.add_parser(
+        "viz",
+        help="write a run's interactive explorer: one offline HTML page (viz extra)",
+        formatter_class=_HelpWithDefaults,
+    )
+    viz.add_argument("--run", type=Path, required=True, help="run folder or checkpoint file")
+    viz.add_argument("--out", type=Path, help="HTML file (default: RUN/report/explorer.html)")
+    viz.set_defaults(func=_viz)
     conf = sub.add_parser(
         "config", help="print every train setting with its default and meaning (a YAML file)"
     )

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import matplotlib.pyplot as plt
 import networkx as nx
@@ -14,48 +13,14 @@ from torch import nn
 
 from graphheads import viz
 from graphheads.builders import make_head_graph
-from graphheads.config import ModelConfig
 from graphheads.data import TaskSuite
 from graphheads.data.tasks import IGNORE_INDEX
-from graphheads.train.evaluation import forward_batch
-from graphheads.train.trainer import METRICS_NAME, load_run
+from graphheads.train.evaluation import forward_batch, read_metrics
+from graphheads.train.trainer import load_run
 from graphheads.transformer import DecoderOnlyLM
+from graphheads.viz import routing_caption
 
 __all__ = ["make_report", "read_metrics", "routing_caption", "task_coactivation"]
-
-
-def routing_caption(config: ModelConfig) -> str:
-    """What the gates of a routing figure are, for this model's gate convention."""
-    text = "gate = the weight on a head's output before the output projection (0: skipped)."
-    if config.hard_gates:
-        return text + " Hard gates: every active head's gate is 1."
-    k, shared = config.routed_top_k, config.num_shared
-    reference = config.gate_convention == "reference"
-    if shared and k:
-        total = "a0 + a1 = 2" if reference else "a0 + a1 = 1"
-        scale = "h_s x " if reference and shared > 1 else ""
-        routed = f"add up to top-k x a1 = {k} x a1" if reference else "add up to at most a1"
-        return text + (
-            f" Shared heads run for every token, but their gates are the two-stage weight a0"
-            f" times {scale}a softmax over the shared heads, so a small a0 makes them pale;"
-            f" a token's routed gates {routed} ({total})."
-        )
-    return text + (f" A token's gates add up to top-k = {k}." if reference else
-                   " A token's gates add up to at most 1.")  # fmt: skip
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (a torn last line is skipped)."""
-    path = Path(run_dir) / METRICS_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"no metrics at {path}")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def task_coactivation(
@@ -82,8 +47,9 @@ def _save(fig: plt.Figure, path: Path) -> str:
 
 def make_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report``: loss.png, accuracy.png, head_usage.png,
-    head_graph_layer{i}.png, routing_layer{i}.png, coactivation_layer{i}.png (per task)
-    and summary.md. Returns the folder."""
+    head_graph_layer{i}.png, routing_layer{i}.png, coactivation_layer{i}.png (per task),
+    summary.md, and with plotly (the viz extra) the interactive explorer.html
+    (:func:`graphheads.explorer_page.write_explorer`). Returns the folder."""
     run_dir = Path(run_dir)
     model, _, data, step = load_run(run_dir)
     records = read_metrics(run_dir)
@@ -194,6 +160,13 @@ def make_report(run_dir: str | Path) -> Path:
                 viz.draw_coactivation(per_layer[layer], ax=ax, title=task)
             fig.suptitle(f"layer {layer}: heads firing together, per task")
             figures.append(_save(fig, out / f"coactivation_layer{layer}.png"))
+    if importlib.util.find_spec("plotly") is not None:
+        from graphheads.explorer_page import write_explorer
+
+        write_explorer(run_dir, out / "explorer.html")
+        lines += ["Interactive: [explorer.html](explorer.html) (`graphheads viz`).", ""]
+    else:
+        lines += ["The interactive explorer.html needs plotly: pip install 'graphheads[viz]'.", ""]
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in figures]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return out

@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D
 from torch import Tensor
 
 from graphheads.compat import padding_from_token_mask
+from graphheads.config import ModelConfig
 from graphheads.graph import HeadGraph
 from graphheads.types import RoutingOutput
 from graphheads.viz_files import ROUTED_COLOR, SHARED_COLOR, export_graph, head_graph_html
@@ -32,6 +33,8 @@ __all__ = [
     "plot_patch_routing",
     "plot_routing",
     "plot_task_accuracy",
+    "routing_caption",
+    "trailing_mean",
 ]
 
 
@@ -40,6 +43,26 @@ def _axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
         return ax.figure, ax  # type: ignore[return-value]
     fig, new_ax = plt.subplots(figsize=size, layout="constrained")
     return fig, new_ax
+
+
+def routing_caption(config: ModelConfig) -> str:
+    """What the gates of a routing figure are, for this model's gate convention."""
+    text = "gate = the weight on a head's output before the output projection (0: skipped)."
+    if config.hard_gates:
+        return text + " Hard gates: every active head's gate is 1."
+    k, shared = config.routed_top_k, config.num_shared
+    reference = config.gate_convention == "reference"
+    if shared and k:
+        total = "a0 + a1 = 2" if reference else "a0 + a1 = 1"
+        scale = "h_s x " if reference and shared > 1 else ""
+        routed = f"add up to top-k x a1 = {k} x a1" if reference else "add up to at most a1"
+        return text + (
+            f" Shared heads run for every token, but their gates are the two-stage weight a0"
+            f" times {scale}a softmax over the shared heads, so a small a0 makes them pale;"
+            f" a token's routed gates {routed} ({total})."
+        )
+    return text + (f" A token's gates add up to top-k = {k}." if reference else
+                   " A token's gates add up to at most 1.")  # fmt: skip
 
 
 def draw_head_graph(
@@ -278,12 +301,8 @@ def plot_loss_curve(
         steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, color="C0", alpha=0.3, lw=0.8, label="train (one batch)")
         smooth = smooth if smooth is not None else max(1, round(len(losses) / 20))
-        values = torch.tensor(losses, dtype=torch.float64)
-        values = values.where(values.isfinite(), float("nan"))  # a NaN stays in its windows
-        padded = torch.cat([values.new_full((smooth - 1,), float("nan")), values])
-        mean = padded.unfold(0, smooth, 1).nanmean(dim=1)  # trailing, over finite losses
         label = f"train (mean of {smooth} logged)"
-        ax.plot(steps, mean.tolist(), color="C0", lw=1.6, label=label)
+        ax.plot(steps, trailing_mean(losses, smooth), color="C0", lw=1.6, label=label)
     if evals:
         tasks = any("accuracy" in r for r in eval_records)  # only a task run scores tasks
         label = "eval (mean over tasks)" if tasks else "eval (held-out text)"
@@ -295,6 +314,15 @@ def plot_loss_curve(
     ax.legend()
     ax.set_title("loss")
     return fig
+
+
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it, over the finite ones (a
+    NaN or inf loss stays out of every window it falls in; NaN where none is finite)."""
+    x = torch.tensor(values, dtype=torch.float64)
+    x = x.where(x.isfinite(), float("nan"))
+    padded = torch.cat([x.new_full((window - 1,), float("nan")), x])
+    return padded.unfold(0, window, 1).nanmean(dim=1).tolist()
 
 
 def plot_task_accuracy(

@@ -3,6 +3,7 @@ from a run configuration, the forward pass of a batch, loading a finished run.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,13 @@ __all__ = [
     "lm_loss_sum",
     "load_run",
     "model_device",
+    "read_metrics",
     "scored_routing",
     "split_at_separator",
 ]
 
 Data = TaskSuite | ByteTextDataset | TokenShardDataset
+METRICS_NAME = "metrics.jsonl"  # a run folder's metrics, one JSON record per line
 
 
 def build_data(config: DataConfig) -> Data:
@@ -142,6 +145,20 @@ def load_run(path: str | Path) -> tuple[DecoderOnlyLM | Transformer, RunConfig, 
     model = build_model(ModelConfig.from_saved(state["model_config"]), run_config.train.model_type)
     model.load_state_dict(state["model"])
     return model.eval(), run_config, build_data(run_config.data), int(state["step"])
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (a torn last line is skipped)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics at {path}")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def lm_loss_sum(logits: Tensor, targets: Tensor) -> Tensor:

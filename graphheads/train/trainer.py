@@ -47,6 +47,7 @@ from graphheads.train.checkpoint import (
 )
 from graphheads.train.config import RunConfig
 from graphheads.train.evaluation import (
+    METRICS_NAME,
     build_data,
     build_model,
     evaluate,
@@ -80,8 +81,6 @@ __all__ = [
     "save_checkpoint",
     "scored_routing",
 ]
-
-METRICS_NAME = "metrics.jsonl"
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:

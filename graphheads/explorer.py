@@ -1,0 +1,393 @@
+"""Interactive figures of heads with plotly (the ``viz`` extra): the head graph with
+arrows and an edge slider, head usage, each token's gates, co-activation, and training
+curves. Each function returns a ``plotly.graph_objects.Figure``, which a notebook shows
+inline (``fig.show()``, or as a cell's last value) and
+:func:`graphheads.explorer_page.write_explorer` puts together into one offline HTML page
+of a trained run.
+
+Why plotly: one figure object renders the same in Jupyter and in a self-contained HTML
+file (plotly.js inlined: no network at view time), with hover, sliders and click events
+built in; the page's cross-figure highlight is a few lines of JavaScript on
+``plotly_click``. The head layout is the PNG figures' (:func:`networkx.circular_layout`:
+head 0 on the right, counter-clockwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+from graphheads.graph import HeadGraph
+from graphheads.viz import trailing_mean
+from graphheads.viz_files import ROUTED_COLOR, SHARED_COLOR
+
+__all__ = [
+    "TokenGates",
+    "coactivation_figure",
+    "curves_figure",
+    "gates_figure",
+    "head_graph_figure",
+    "usage_figure",
+]
+
+
+def _go() -> Any:
+    try:
+        import plotly.graph_objects as go
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "graphheads.explorer needs plotly: pip install 'graphheads[viz]'"
+        ) from err
+    return go
+
+
+def _diverging(change: float, half: float) -> str:
+    """RdBu_r: blue below 0, white at 0, red above (``half`` the scale's half-width)."""
+    f = max(-1.0, min(1.0, change / half))
+    blue, red = (33, 102, 172), (178, 24, 43)
+    end = red if f > 0 else blue
+    rgb = [round(255 + (c - 255) * abs(f)) for c in end]
+    return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})"
+
+
+def _node_trace(
+    go: Any, pos: dict[int, Any], usage: Sequence[float], shared: int, name: str
+) -> Any:
+    heads = sorted(pos)
+    return go.Scatter(
+        x=[float(pos[n][0]) for n in heads],
+        y=[float(pos[n][1]) for n in heads],
+        mode="markers+text",
+        text=[str(n) for n in heads],
+        textfont={"color": "white"},
+        marker={
+            "size": [16 + 26 * math.sqrt(max(u, 0.0)) for u in usage],
+            "color": [SHARED_COLOR if n < shared else ROUTED_COLOR for n in heads],
+            "line": {"color": "black", "width": 1},
+        },
+        customdata=heads,
+        hovertext=[
+            f"head {n} ({'shared' if n < shared else 'routed'}), usage {u:.3f}"
+            for n, u in zip(heads, usage, strict=True)
+        ],
+        hoverinfo="text",
+        name=name,
+        showlegend=False,
+    )
+
+
+def _square(fig: Any, title: str, subtitle: str) -> Any:
+    hidden = {"visible": False, "range": [-1.35, 1.35]}
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>{subtitle}</sup>"},
+        xaxis=hidden,
+        yaxis={**hidden, "scaleanchor": "x"},
+        width=560,
+        height=600,
+        margin={"l": 10, "r": 10, "t": 70, "b": 80},
+        plot_bgcolor="white",
+    )
+    return fig
+
+
+def head_graph_figure(
+    graph: HeadGraph,
+    *,
+    initial: HeadGraph | float | None = None,
+    usage: Sequence[float] | Tensor | None = None,
+    num_shared: int | None = None,
+    shown: int | None = None,
+    title: str = "head graph",
+) -> Any:
+    """The head graph as directed weighted arrows, strongest first, as
+    :func:`graphheads.viz.draw_head_graph` draws it: colour = weight - ``initial``
+    weight (diverging, symmetric, at least +-5% of the initial weight wide), width
+    proportional to the weight, u->v and v->u side by side. A slider sets how many of the
+    strongest edges are drawn (``shown`` at first; default: 2 per head). Each arrow is a
+    layout annotation (``name`` "edge"); hovering an arrow's midpoint shows its weight
+    and change; clicking a head sends a plotly click with the head in ``customdata``."""
+    go = _go()
+    g = graph.to_networkx()
+    h = graph.num_heads
+    shared = num_shared if num_shared is not None else (graph.num_shared or 0)
+    pos = nx.circular_layout(g)
+    use = [1.0] * h if usage is None else [float(u) for u in usage]
+    edges = sorted(
+        ((u, v, float(d["weight"])) for u, v, d in g.edges(data=True) if u != v),
+        key=lambda e: -e[2],
+    )
+    if isinstance(initial, HeadGraph):
+        start_graph = initial.to_networkx()
+        starts = [
+            float(start_graph.get_edge_data(u, v, {"weight": 0.0})["weight"]) for u, v, _ in edges
+        ]
+    elif initial is not None:
+        starts = [float(initial)] * len(edges)
+    else:
+        median = float(torch.tensor([w for *_, w in edges]).median()) if edges else 1.0
+        starts = [median] * len(edges)
+    changes = [w - w0 for (*_, w), w0 in zip(edges, starts, strict=True)]
+    reference = abs(float(torch.tensor(starts).median())) if starts else 1.0
+    half = max([abs(c) for c in changes] + [0.05 * reference, 1e-6])
+    top = max((w for *_, w in edges), default=1.0) or 1.0
+    first = min(len(edges), shown if shown is not None else 2 * h)
+    if first < 0:
+        raise ValueError(f"head_graph_figure: shown must be >= 0, got {shown}")
+    fig = go.Figure()
+    mids: list[tuple[float, float, str]] = []
+    for i, ((u, v, w), change) in enumerate(zip(edges, changes, strict=True)):
+        (x0, y0), (x1, y1) = pos[u], pos[v]
+        length = math.hypot(x1 - x0, y1 - y0) or 1.0
+        dx, dy = 0.035 * (y1 - y0) / length, -0.035 * (x1 - x0) / length  # to the right
+        fig.add_annotation(
+            x=float(x1 + dx), y=float(y1 + dy), ax=float(x0 + dx), ay=float(y0 + dy),
+            xref="x", yref="y", axref="x", ayref="y", text="", showarrow=True,
+            arrowhead=2, arrowsize=1, arrowwidth=0.4 + 3.6 * w / top,
+            arrowcolor=_diverging(change, half), standoff=14, startstandoff=14,
+            opacity=0.9, visible=i < first, name="edge",
+        )  # fmt: skip
+        tip = f"{u} -> {v}: weight {w:.4f}, change {change:+.4f}"
+        mids.append((float((x0 + x1) / 2 + dx), float((y0 + y1) / 2 + dy), tip))
+
+    def midpoints(n: int) -> dict[str, Any]:
+        xs, ys, tips = zip(*mids[:n], strict=True) if n else ((), (), ())
+        return {"x": [list(xs)], "y": [list(ys)], "hovertext": [list(tips)]}
+
+    start = midpoints(first)
+    fig.add_trace(
+        go.Scatter(
+            x=start["x"][0], y=start["y"][0], hovertext=start["hovertext"][0], hoverinfo="text",
+            mode="markers", marker={"size": 9, "color": "rgba(0,0,0,0)"}, name="edges",
+            showlegend=False,
+        )
+    )  # fmt: skip
+    fig.add_trace(_node_trace(go, pos, use, shared, "heads"))
+    counts = sorted({n for n in (h, 2 * h, 4 * h, len(edges)) if n <= len(edges)} | {first})
+    if len(edges) > 1:
+        steps = [
+            {
+                "label": str(n),
+                "method": "update",
+                "args": [
+                    midpoints(n),
+                    {f"annotations[{i}].visible": i < n for i in range(len(edges))},
+                    [0],
+                ],
+            }
+            for n in counts
+        ]
+        fig.update_layout(
+            sliders=[
+                {
+                    "active": counts.index(first),
+                    "currentvalue": {"prefix": "strongest edges drawn: "},
+                    "steps": steps,
+                    "pad": {"t": 5},
+                }
+            ]
+        )
+    scale = "weight - initial weight" if initial is not None else "weight - median weight"
+    return _square(
+        fig,
+        title,
+        f"{len(edges)} edges; colour: {scale} (red up, blue down, +-{half:.3g}); "
+        "width: weight; node size: usage",
+    )
+
+
+def usage_figure(usage: Mapping[str, Sequence[Sequence[float]]], *, num_shared: int = 0) -> Any:
+    """Head usage per task: one heatmap row per (task, layer), a column per head; the
+    value is the fraction of the task's scored tokens that use the head."""
+    go = _go()
+    rows, labels = [], []
+    for task, per_layer in usage.items():
+        for layer, row in enumerate(per_layer):
+            rows.append([float(u) for u in row])
+            labels.append(f"{task} / layer {layer}")
+    heads = len(rows[0]) if rows else 0
+    kinds = ["shared" if i < num_shared else "routed" for i in range(heads)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=rows, x=list(range(heads)), y=labels, zmin=0.0, zmax=1.0, colorscale="Magma",
+            customdata=[kinds] * len(rows),
+            hovertemplate="%{y}<br>head %{x} (%{customdata})<br>usage %{z:.3f}<extra></extra>",
+            colorbar={"title": {"text": "fraction"}},
+        )
+    )  # fmt: skip
+    fig.update_layout(
+        title="head usage per task (fraction of scored tokens using each head)",
+        xaxis={"title": {"text": "head"}, "dtick": 1},
+        yaxis={"autorange": "reversed"},
+        height=160 + 26 * len(rows),
+        margin={"l": 10, "r": 10, "t": 50, "b": 40},
+    )
+    return fig
+
+
+@dataclass
+class TokenGates:
+    """One example's routing: its tokens' names, and per layer the gates (t, h) and the
+    active heads (t, h) boolean."""
+
+    tokens: list[str]
+    gates: list[Tensor]
+    active: list[Tensor]
+
+
+def gates_figure(
+    examples: Mapping[str, TokenGates], *, num_shared: int = 0, caption: str = ""
+) -> Any:
+    """Each token's gate per head (tokens down, heads across), one heatmap per
+    (example, layer) chosen in a menu; hover shows token, head, gate and whether the
+    head is shared, routed-active or off. The last trace (``name`` "selected", empty
+    here) is where the explorer page marks the tokens routed to a clicked head."""
+    go = _go()
+    fig = go.Figure()
+    labels: list[str] = []
+    ticks: list[dict[str, Any]] = []  # each trace's token names on the y axis
+    for name, ex in examples.items():
+        for layer, (gates, active) in enumerate(zip(ex.gates, ex.active, strict=True)):
+            t, h = gates.shape
+            states = [
+                [
+                    "shared" if j < num_shared else ("active" if bool(active[i, j]) else "off")
+                    for j in range(h)
+                ]
+                for i in range(t)
+            ]
+            custom = [[[states[i][j], ex.tokens[i], i] for j in range(h)] for i in range(t)]
+            fig.add_trace(
+                go.Heatmap(
+                    z=gates.float().tolist(), x=list(range(h)), y=list(range(t)),
+                    customdata=custom, colorscale="Viridis", zmin=0.0,
+                    hovertemplate="token %{customdata[2]}: %{customdata[1]}<br>head %{x}"
+                    "<br>gate %{z:.3f}<br>%{customdata[0]}<extra></extra>",
+                    colorbar={"title": {"text": "gate"}}, visible=not labels,
+                    name=f"{name} / layer {layer}", meta={"tokens": ex.tokens},
+                )
+            )  # fmt: skip
+            labels.append(f"{name} / layer {layer}")
+            ticks.append({"yaxis.tickvals": list(range(t)), "yaxis.ticktext": ex.tokens})
+    fig.add_trace(
+        go.Scatter(
+            x=[], y=[], mode="markers", name="selected", hoverinfo="skip", showlegend=False,
+            marker={"symbol": "square-open", "size": 14, "color": "#e7298a", "line": {"width": 3}},
+        )
+    )  # fmt: skip
+    n = len(labels)
+    buttons = [
+        {
+            "label": label,
+            "method": "update",
+            "args": [{"visible": [j == i for j in range(n)] + [True]}, ticks[i]],
+        }
+        for i, label in enumerate(labels)
+    ]
+    longest = max((len(ex.tokens) for ex in examples.values()), default=1)
+    fig.update_layout(
+        title={"text": f"gates per token and head<br><sup>{caption}</sup>"},
+        updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.12, "xanchor": "right"}],
+        xaxis={"title": {"text": "head"}, "dtick": 1, "side": "top"},
+        yaxis={"autorange": "reversed", "tickmode": "array",
+               "tickvals": ticks[0]["yaxis.tickvals"] if ticks else [],
+               "ticktext": ticks[0]["yaxis.ticktext"] if ticks else []},
+        height=max(360, 180 + 16 * longest),
+        margin={"l": 10, "r": 10, "t": 110, "b": 20},
+    )  # fmt: skip
+    return fig
+
+
+def coactivation_figure(graphs: Mapping[str, nx.Graph], *, title: str = "co-activation") -> Any:
+    """:func:`graphheads.viz.coactivation_graph` graphs side by side (one per task):
+    line width = the fraction of tokens where both heads fire, node size = usage."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=max(1, len(graphs)), subplot_titles=list(graphs))
+    for col, g in enumerate(graphs.values(), start=1):
+        pos = nx.circular_layout(g)
+        for u, v, d in g.edges(data=True):
+            w = float(d["weight"])
+            fig.add_trace(
+                go.Scatter(
+                    x=[float(pos[u][0]), float(pos[v][0])], y=[float(pos[u][1]), float(pos[v][1])],
+                    mode="lines", line={"width": 0.3 + 6.0 * w, "color": "rgba(85,85,85,0.5)"},
+                    hovertext=f"heads {u} and {v}: {w:.1%} of tokens", hoverinfo="text",
+                    showlegend=False,
+                ),
+                row=1, col=col,
+            )  # fmt: skip
+        shared = sum(bool(g.nodes[n].get("shared")) for n in g.nodes)
+        fig.add_trace(
+            _node_trace(go, pos, [g.nodes[n]["usage"] for n in sorted(g.nodes)], shared, "heads"),
+            row=1,
+            col=col,
+        )
+    fig.update_xaxes(visible=False, range=[-1.35, 1.35])
+    fig.update_yaxes(visible=False, range=[-1.35, 1.35])
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>line width: tokens where both heads fire; "
+               "node size: tokens using the head</sup>"},
+        height=380, width=max(420, 330 * len(graphs)), plot_bgcolor="white",
+        margin={"l": 10, "r": 10, "t": 80, "b": 10},
+    )  # fmt: skip
+    return fig
+
+
+def curves_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+    """Loss (train per logged step faint, its trailing mean over a twentieth of the
+    points, evaluation) and, beside it, per-task evaluation accuracy (task runs) or
+    held-out bits per byte (text runs) against step."""
+    go = _go()
+    from plotly.subplots import make_subplots
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    tasks = any("accuracy" in r for r in evals)
+    right = "token accuracy per task" if tasks else "held-out bits per byte"
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["loss (nats per token)", right])
+    if train:
+        steps, losses = (list(x) for x in zip(*train, strict=True))
+        window = max(1, round(len(losses) / 20))
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=losses,
+                name="train (one batch)",
+                mode="lines",
+                line={"color": "#1f77b4", "width": 1},
+                opacity=0.3,
+            ),
+            1,
+            1,
+        )
+        fig.add_trace(go.Scatter(x=steps, y=trailing_mean(losses, window), mode="lines",
+                                 name=f"train (mean of {window} logged)",
+                                 line={"color": "#1f77b4", "width": 2}), 1, 1)  # fmt: skip
+    if evals:
+        label = "eval (mean over tasks)" if tasks else "eval (held-out text)"
+        fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["loss"] for r in evals],
+                                 name=label, mode="lines+markers",
+                                 line={"color": "#ff7f0e"}), 1, 1)  # fmt: skip
+    if tasks:
+        for task in evals[-1]["accuracy"]:
+            points = [
+                (r["step"], r["accuracy"][task]) for r in evals if task in r.get("accuracy", {})
+            ]
+            fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[a for _, a in points],
+                                     name=task, mode="lines+markers"), 1, 2)  # fmt: skip
+        fig.update_yaxes(range=[0, 1.05], row=1, col=2)
+    else:
+        points = [(r["step"], r["bits_per_byte"]) for r in evals if "bits_per_byte" in r]
+        fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[b for _, b in points],
+                                 name="bits per byte", mode="lines+markers"), 1, 2)  # fmt: skip
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title={"text": "step"})
+    fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    return fig
