@@ -42,7 +42,9 @@ _EXPORTS = {
     "Transformer": "graphheads.transformer",
     "TransformerBlock": "graphheads.blocks",
     "TransformerStack": "graphheads.blocks",
+    "TrainedRun": "graphheads.runs",
     "load": "graphheads.loading",
+    "open_run": "graphheads.runs",
     "record_routing": "graphheads.goh",
     "route_heads": "graphheads.integrations.pytorch",
     "scaled_dot_product_attention": "graphheads.attention",
@@ -72,11 +74,13 @@ __all__ = [
     "RoutedMultiheadAttention",
     "RoutingOutput",
     "SinusoidalPositionalEncoding",
+    "TrainedRun",
     "Transformer",
     "TransformerBlock",
     "TransformerStack",
     "__version__",
     "load",
+    "open_run",
     "record_routing",
     "route_heads",
     "scaled_dot_product_attention",
@@ -116,6 +120,7 @@ if TYPE_CHECKING:
     from graphheads.loading import load
     from graphheads.moh import MoHAttention, MoHRouter
     from graphheads.routed import RoutedAttention
+    from graphheads.runs import TrainedRun, open_run
     from graphheads.transformer import (
         Decoder,
         DecoderLayer,

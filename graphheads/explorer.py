@@ -15,6 +15,7 @@ head 0 on the right, counter-clockwise).
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,7 @@ def _square(fig: Any, title: str, subtitle: str) -> Any:
         yaxis={**hidden, "scaleanchor": "x"},
         width=560,
         height=600,
-        margin={"l": 10, "r": 10, "t": 70, "b": 80},
+        margin={"l": 10, "r": 10, "t": 90, "b": 80},
         plot_bgcolor="white",
     )
     return fig
@@ -196,8 +197,8 @@ def head_graph_figure(
     return _square(
         fig,
         title,
-        f"{len(edges)} edges; colour: {scale} (red up, blue down, +-{half:.3g}); "
-        "width: weight; node size: usage",
+        f"{len(edges)} edges; colour: {scale} (red up, blue down, +-{half:.3g});"
+        "<br>width: weight; node size: usage",
     )
 
 
@@ -290,15 +291,19 @@ def gates_figure(
         for i, label in enumerate(labels)
     ]
     longest = max((len(ex.tokens) for ex in examples.values()), default=1)
+    lines = textwrap.wrap(caption, 120)
     fig.update_layout(
-        title={"text": f"gates per token and head<br><sup>{caption}</sup>"},
-        updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.12, "xanchor": "right"}],
-        xaxis={"title": {"text": "head"}, "dtick": 1, "side": "top"},
+        title={"text": "gates per token (down) and head (across)"
+               + "".join(f"<br><sup>{line}</sup>" for line in lines),
+               "yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 10}},
+        updatemenus=[{"buttons": buttons, "x": 0.0, "y": 1.0, "xanchor": "left",
+                      "yanchor": "bottom", "pad": {"b": 30}}],
+        xaxis={"dtick": 1, "side": "top"},
         yaxis={"autorange": "reversed", "tickmode": "array",
                "tickvals": ticks[0]["yaxis.tickvals"] if ticks else [],
                "ticktext": ticks[0]["yaxis.ticktext"] if ticks else []},
-        height=max(360, 180 + 16 * longest),
-        margin={"l": 10, "r": 10, "t": 110, "b": 20},
+        height=max(360, 240 + 24 * len(lines) + 16 * longest),
+        margin={"l": 10, "r": 10, "t": 130 + 24 * len(lines), "b": 20},
     )  # fmt: skip
     return fig
 

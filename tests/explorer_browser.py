@@ -3,7 +3,7 @@ chromium-driver, driven by Selenium), check it, and take the docs' screenshot.
 
 The browser test (tests/test_explorer.py) and the docs screenshot use this same code:
 
-    python tests/explorer_browser.py          # writes docs/img/explorer.png
+    python tests/explorer_browser.py    # trains 400 steps, writes docs/img/explorer.png
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def edge_counts(driver: Any, div_id: str) -> tuple[int, int]:
 def screenshot(page: Path, out: Path) -> Path:
     """The docs' screenshot: layer 0's head graph and the gates figure after a click on a
     routed head."""
-    with chromium(1300, 1500) as driver:
+    with chromium(1300, 2300) as driver:
         open_page(driver, page)
         graph = head_graph_ids(driver)[0]
         heads = driver.execute_script(
@@ -188,17 +188,19 @@ def screenshot(page: Path, out: Path) -> Path:
     return out
 
 
-def train_small_run(folder: Path) -> Path:
+def train_small_run(folder: Path, *more: str) -> Path:
+    """Train the test's run (``more``: settings that override it) into ``folder``."""
     from graphheads.train import RunConfig, Trainer
 
-    Trainer(RunConfig.load(None, RUN_SETTINGS), folder, progress=False).fit()
+    Trainer(RunConfig.load(None, [*RUN_SETTINGS, *more]), folder, progress=False).fit()
     return folder
 
 
 if __name__ == "__main__":
     from graphheads.explorer_page import write_explorer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        page = write_explorer(train_small_run(Path(tmp) / "run"))
+    with tempfile.TemporaryDirectory() as tmp:  # the docs' run learns for longer
+        run = train_small_run(Path(tmp) / "run", "train.steps=400", "train.eval_every=100")
+        page = write_explorer(run)
         out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "img" / "explorer.png"
         print(screenshot(page, out))

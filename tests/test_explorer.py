@@ -176,3 +176,18 @@ def test_explorer_in_a_headless_browser(small_run, tmp_path):
         assert after != before and after.startswith("head 3 (routed)")
         assert marked == [i for i, state in enumerate(first) if state != "off"]
         assert explorer_browser.console_errors(driver) == []
+
+
+def test_open_run_loads_a_run_in_one_line(small_run, tmp_path):
+    import json
+
+    import graphheads
+
+    run = graphheads.open_run(small_run)
+    lines = [json.loads(line) for line in (small_run / "metrics.jsonl").read_text().splitlines()]
+    assert (run.step, run.metrics, run.folder) == (30, lines, small_run)
+    assert run.last_eval == [r for r in lines if r["kind"] == "eval"][-1]
+    assert not run.model.training and run.config.train.steps == 30
+    assert set(run.last_eval["accuracy"]) == set(run.data.tasks)
+    with pytest.raises(FileNotFoundError, match="no run folder at"):
+        graphheads.open_run(tmp_path / "missing")

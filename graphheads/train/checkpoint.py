@@ -48,6 +48,7 @@ RESUMABLE_CHANGES = (  # section.key: how a run computes, never what it computes
     "train.compile",
     "train.grad_accum",
     "train.activation_checkpointing",
+    "train.log_to",
     "model.execution",  # every execution gives the same results (0.2 runs saved "dense")
     "model.sparse_backend",  # so does every sparse backend
 )

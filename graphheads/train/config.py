@@ -40,6 +40,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimiser step (batch_size is the global batch)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     parallel: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp" (FSDP2 shards)
+    log_to: str = "jsonl"  # "jsonl" (metrics.jsonl), "tensorboard" (also RUN/tensorboard)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -63,6 +64,10 @@ class TrainConfig:
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(
                 f"TrainConfig: parallel must be 'ddp' or 'fsdp', got {self.parallel!r}"
+            )
+        if self.log_to not in ("jsonl", "tensorboard"):
+            raise ValueError(
+                f"TrainConfig: log_to must be 'jsonl' or 'tensorboard', got {self.log_to!r}"
             )
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(

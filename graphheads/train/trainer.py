@@ -41,13 +41,11 @@ from graphheads.train.checkpoint import (
     full_state,
     load_checkpoint,
     load_full_state,
-    metric_line_step,
     save_checkpoint,
     write_text_atomically,
 )
 from graphheads.train.config import RunConfig
 from graphheads.train.evaluation import (
-    METRICS_NAME,
     build_data,
     build_model,
     evaluate,
@@ -56,6 +54,7 @@ from graphheads.train.evaluation import (
     load_run,
     scored_routing,
 )
+from graphheads.train.run_log import RunLog
 from graphheads.train.runtime import (
     StopSignals,
     autocast,
@@ -179,6 +178,9 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0
+        self.run_log = RunLog(
+            self.out_dir, log_to=train.log_to, model=self.model, main=self.is_main
+        )
 
     # -- schedule ---------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
@@ -199,12 +201,7 @@ class Trainer:
         return None if self.out_dir is None else self.out_dir / name
 
     def log(self, record: dict[str, Any]) -> None:
-        path = self._path(METRICS_NAME)
-        if path is None or not self.is_main:
-            return
-        with open(path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        self.run_log.write(record)
 
     def state(self) -> dict[str, Any]:
         """The full (unsharded, CPU) training state through torch.distributed.checkpoint's
@@ -250,16 +247,7 @@ class Trainer:
         if self.scaler is not None and "grad_scaler" in state:  # fp16's loss scale
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
-        self._keep_metrics_up_to(self.step)
-
-    def _keep_metrics_up_to(self, step: int) -> None:
-        """Drop the metric lines after ``step`` (all of them for step 0): lines a resumed
-        or restarted run writes again are never duplicated."""
-        metrics = self._path(METRICS_NAME)
-        if not self.is_main or metrics is None or not metrics.exists():
-            return
-        kept = [line for line in metrics.read_text().splitlines() if metric_line_step(line) <= step]
-        write_text_atomically(metrics, "".join(line + "\n" for line in kept))
+        self.run_log.keep_up_to(self.step)
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         """Whether SIGINT/SIGTERM stops the run after this step; under several processes
@@ -382,9 +370,12 @@ class Trainer:
         if state is not None:
             self._load_state(state)
         else:
-            self._keep_metrics_up_to(0)  # a fresh start: lines of an earlier attempt go
+            self.run_log.keep_up_to(0)  # a fresh start: lines of an earlier attempt go
         with StopSignals() as stop:
-            return self._loop(stop)
+            try:
+                return self._loop(stop)
+            finally:
+                self.run_log.close()
 
     def _loop(self, stop: StopSignals) -> TrainResult:
         t = self.config.train
