@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
-import torch
 from torch import Tensor
 
 from graphheads.graph import HeadGraph
 from graphheads.viz import trailing_mean
-from graphheads.viz_files import ROUTED_COLOR, SHARED_COLOR
+from graphheads.viz_files import ROUTED_COLOR, SHARED_COLOR, change_color, edge_changes
 
 __all__ = [
     "TokenGates",
@@ -46,15 +45,6 @@ def _go() -> Any:
             "graphheads.explorer needs plotly: pip install 'graphheads[viz]'"
         ) from err
     return go
-
-
-def _diverging(change: float, half: float) -> str:
-    """RdBu_r: blue below 0, white at 0, red above (``half`` the scale's half-width)."""
-    f = max(-1.0, min(1.0, change / half))
-    blue, red = (33, 102, 172), (178, 24, 43)
-    end = red if f > 0 else blue
-    rgb = [round(255 + (c - 255) * abs(f)) for c in end]
-    return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})"
 
 
 def _node_trace(
@@ -123,19 +113,7 @@ def head_graph_figure(
         ((u, v, float(d["weight"])) for u, v, d in g.edges(data=True) if u != v),
         key=lambda e: -e[2],
     )
-    if isinstance(initial, HeadGraph):
-        start_graph = initial.to_networkx()
-        starts = [
-            float(start_graph.get_edge_data(u, v, {"weight": 0.0})["weight"]) for u, v, _ in edges
-        ]
-    elif initial is not None:
-        starts = [float(initial)] * len(edges)
-    else:
-        median = float(torch.tensor([w for *_, w in edges]).median()) if edges else 1.0
-        starts = [median] * len(edges)
-    changes = [w - w0 for (*_, w), w0 in zip(edges, starts, strict=True)]
-    reference = abs(float(torch.tensor(starts).median())) if starts else 1.0
-    half = max([abs(c) for c in changes] + [0.05 * reference, 1e-6])
+    changes, half = edge_changes(edges, initial)
     top = max((w for *_, w in edges), default=1.0) or 1.0
     first = min(len(edges), shown if shown is not None else 2 * h)
     if first < 0:
@@ -150,7 +128,7 @@ def head_graph_figure(
             x=float(x1 + dx), y=float(y1 + dy), ax=float(x0 + dx), ay=float(y0 + dy),
             xref="x", yref="y", axref="x", ayref="y", text="", showarrow=True,
             arrowhead=2, arrowsize=1, arrowwidth=0.4 + 3.6 * w / top,
-            arrowcolor=_diverging(change, half), standoff=14, startstandoff=14,
+            arrowcolor=change_color(change, half), standoff=14, startstandoff=14,
             opacity=0.9, visible=i < first, name="edge",
         )  # fmt: skip
         tip = f"{u} -> {v}: weight {w:.4f}, change {change:+.4f}"

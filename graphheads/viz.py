@@ -22,7 +22,13 @@ from graphheads.compat import padding_from_token_mask
 from graphheads.config import ModelConfig
 from graphheads.graph import HeadGraph
 from graphheads.types import RoutingOutput
-from graphheads.viz_files import ROUTED_COLOR, SHARED_COLOR, export_graph, head_graph_html
+from graphheads.viz_files import (
+    ROUTED_COLOR,
+    SHARED_COLOR,
+    edge_changes,
+    export_graph,
+    head_graph_html,
+)
 
 __all__ = [
     "draw_head_graph",
@@ -106,10 +112,7 @@ def draw_head_graph(
         raise ValueError(f"draw_head_graph: strongest must be >= 0, got {strongest}")
     edges = edges[:keep]
     weights = [w for _, _, w in edges]
-    starts = _initial_weights(initial, [(u, v) for u, v, _ in edges], weights)
-    changes = [w - w0 for w, w0 in zip(weights, starts, strict=True)]
-    reference = abs(float(torch.tensor(starts).median())) if starts else 1.0
-    half = max([abs(c) for c in changes] + [0.05 * reference, 1e-6])
+    changes, half = edge_changes(edges, initial)
     norm = plt.Normalize(-half, half)
     cmap = plt.get_cmap("RdBu_r")
     strongest_weight = max(weights, default=1.0) or 1.0
@@ -156,19 +159,6 @@ def draw_head_graph(
     ax.set_axis_off()
     ax.margins(0.15)
     return fig
-
-
-def _initial_weights(
-    initial: HeadGraph | float | None, edges: Sequence[tuple[int, int]], weights: list[float]
-) -> list[float]:
-    """The starting weight of each drawn edge: from a graph (0 where it had no such
-    edge), one value for all, or the median drawn weight."""
-    if initial is None:
-        return [float(torch.tensor(weights).median())] * len(weights) if weights else []
-    if isinstance(initial, HeadGraph):
-        start = initial.to_networkx()
-        return [float(start.get_edge_data(u, v, {"weight": 0.0})["weight"]) for u, v in edges]
-    return [float(initial)] * len(edges)
 
 
 def plot_routing(

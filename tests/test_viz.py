@@ -149,3 +149,27 @@ def test_patch_routing_draws_one_panel_per_head_on_the_patch_grid():
     assert shown.shape == (4, 4) and shown[1, 1] == pytest.approx(0.7) and shown.sum() == 0.7
     with pytest.raises(ValueError, match=r"with 3 x 3 patches, got \(16, 4\)"):
         viz.plot_patch_routing(gates, (3, 3))
+
+
+def test_html_draws_arrows_of_the_strongest_edges_in_the_png_layout(tmp_path):
+    """Issue 30: the SVG drew all 56 edges of a complete graph as one grey clique of
+    near-equal widths, u -> v and v -> u as one line (one tooltip unreachable), no
+    arrows, and head 0 at the top while the PNG puts it on the right."""
+    import re
+
+    graph = HeadGraph.complete(8, learnable="edge")
+    with torch.no_grad():  # softplus(raw) from 0.5 to 1.5
+        graph.raw_weight.copy_(torch.linspace(0.5, 1.5, graph.num_edges).expm1().log())
+    page = viz.head_graph_html(graph, tmp_path / "g.html", initial=1.0).read_text()
+    lines = re.findall(r'<line class="edge" ([^>]*)><title>([^<]*)</title>', page)
+    assert len(lines) == 16  # the 2 H strongest of 56
+    assert all('marker-end="url(#arrow)"' in attrs for attrs, _ in lines)
+    tips = [tip for _, tip in lines]
+    assert len(set(tips)) == 16 and tips[0].startswith("7 -&gt; 6: weight 1.5000")
+    coords = {tuple(re.findall(r'[xy][12]="([-\d.]+)"', attrs)) for attrs, _ in lines}
+    assert len(coords) == 16  # each direction its own line
+    widths = [float(re.search(r'stroke-width="([\d.]+)"', a).group(1)) for a, _ in lines]
+    assert widths[0] == pytest.approx(5.0) and widths[-1] < widths[0]
+    assert 'stroke="rgb(178,24,43)"' in lines[0][0]  # +0.5 from 1.0: the scale's red end
+    circles = [float(x) for x in re.findall(r'<circle cx="([\d.]+)"', page)]
+    assert max(circles) == circles[0]  # head 0 on the right, as in draw_head_graph
