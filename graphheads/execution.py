@@ -45,6 +45,8 @@ __all__ = [
     "ExecutionPath",
     "SparseBackendChoice",
     "choose_execution",
+    "one_token_inference",
+    "takes_sparse_path",
 ]
 
 Execution = Literal["auto", "dense", "sparse"]
@@ -62,6 +64,23 @@ class ExecutionChoice:
     path: ExecutionPath
     reason: str
     backend: SparseBackend | None = None
+
+
+def one_token_inference(query_len: int, *, grad: bool, dropout_p: float) -> bool:
+    """One query token per sequence, no autograd, no dropout: a step routed decoding can
+    take."""
+    return query_len == 1 and not grad and dropout_p == 0
+
+
+def takes_sparse_path(
+    execution: Execution, *, query_len: int, grad: bool, dropout_p: float
+) -> bool:
+    """Whether :func:`choose_execution` will pick ``"sparse"`` for this call; known
+    before routing (it needs neither the keys nor the active heads), so a caller can
+    project every head's queries only when another path will use them."""
+    return execution == "sparse" and not one_token_inference(
+        query_len, grad=grad, dropout_p=dropout_p
+    )
 
 
 def choose_execution(
@@ -93,7 +112,7 @@ def choose_execution(
         )
     if execution == "dense":
         return ExecutionChoice("dense", "execution='dense'")
-    one_token = query_len == 1 and not grad and dropout_p == 0
+    one_token = one_token_inference(query_len, grad=grad, dropout_p=dropout_p)
     if execution == "sparse":
         if one_token:
             return ExecutionChoice("decode", "execution='sparse', one-token inference step")

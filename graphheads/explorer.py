@@ -48,24 +48,28 @@ def _go() -> Any:
 
 
 def _node_trace(
-    go: Any, pos: dict[int, Any], usage: Sequence[float], shared: int, name: str
+    go: Any, g: nx.Graph, usage: Sequence[float], shared: Sequence[bool], name: str
 ) -> Any:
-    heads = sorted(pos)
+    """Heads as markers in ``g``'s node order (head order), at the circular layout;
+    ``customdata`` is the head's index (what a click reports), the text its label."""
+    pos = nx.circular_layout(g)
+    nodes = list(g.nodes)
+    kinds = ["shared" if s else "routed" for s in shared]
     return go.Scatter(
-        x=[float(pos[n][0]) for n in heads],
-        y=[float(pos[n][1]) for n in heads],
+        x=[float(pos[n][0]) for n in nodes],
+        y=[float(pos[n][1]) for n in nodes],
         mode="markers+text",
-        text=[str(n) for n in heads],
+        text=[str(n) for n in nodes],
         textfont={"color": "white"},
         marker={
             "size": [16 + 26 * math.sqrt(max(u, 0.0)) for u in usage],
-            "color": [SHARED_COLOR if n < shared else ROUTED_COLOR for n in heads],
+            "color": [SHARED_COLOR if s else ROUTED_COLOR for s in shared],
             "line": {"color": "black", "width": 1},
         },
-        customdata=heads,
+        customdata=list(range(len(nodes))),
         hovertext=[
-            f"head {n} ({'shared' if n < shared else 'routed'}), usage {u:.3f}"
-            for n, u in zip(heads, usage, strict=True)
+            f"head {n} ({kind}), usage {u:.3f}"
+            for n, kind, u in zip(nodes, kinds, usage, strict=True)
         ],
         hoverinfo="text",
         name=name,
@@ -107,17 +111,25 @@ def head_graph_figure(
     g = graph.to_networkx()
     h = graph.num_heads
     shared = num_shared if num_shared is not None else (graph.num_shared or 0)
-    pos = nx.circular_layout(g)
+    pos = nx.circular_layout(g)  # keyed by node label: edges name their heads by label
     use = [1.0] * h if usage is None else [float(u) for u in usage]
+    if len(use) != h:
+        raise ValueError(
+            f"head_graph_figure: usage must have one value per head ({h}), got {len(use)}"
+        )
     edges = sorted(
         ((u, v, float(d["weight"])) for u, v, d in g.edges(data=True) if u != v),
         key=lambda e: -e[2],
     )
-    changes, half = edge_changes(edges, initial)
+    changes, half = edge_changes(edges, initial)  # the scale: every edge's change
     top = max((w for *_, w in edges), default=1.0) or 1.0
-    first = min(len(edges), shown if shown is not None else 2 * h)
-    if first < 0:
+    total = len(edges)
+    if shown is not None and shown < 0:
         raise ValueError(f"head_graph_figure: shown must be >= 0, got {shown}")
+    # at most 8 per head are ever drawn (a 32-head dense graph has 992 edges)
+    cap = max(min(total, 8 * h), min(total, shown or 0))
+    edges, changes = edges[:cap], changes[:cap]
+    first = min(cap, shown if shown is not None else 2 * h)
     fig = go.Figure()
     mids: list[tuple[float, float, str]] = []
     for i, ((u, v, w), change) in enumerate(zip(edges, changes, strict=True)):
@@ -146,8 +158,8 @@ def head_graph_figure(
             showlegend=False,
         )
     )  # fmt: skip
-    fig.add_trace(_node_trace(go, pos, use, shared, "heads"))
-    counts = sorted({n for n in (h, 2 * h, 4 * h, len(edges)) if n <= len(edges)} | {first})
+    fig.add_trace(_node_trace(go, g, use, [i < shared for i in range(h)], "heads"))
+    counts = sorted({n for n in (h, 2 * h, 4 * h, 8 * h, cap) if n <= cap} | {first})
     if len(edges) > 1:
         steps = [
             {
@@ -184,18 +196,23 @@ def usage_figure(usage: Mapping[str, Sequence[Sequence[float]]], *, num_shared: 
     """Head usage per task: one heatmap row per (task, layer), a column per head; the
     value is the fraction of the task's scored tokens that use the head."""
     go = _go()
-    rows, labels = [], []
+    rows, labels, custom = [], [], []
+    heads = len(next(iter(next(iter(usage.values()), [])), []))
+    kinds = ["shared" if i < num_shared else "routed" for i in range(heads)]
     for task, per_layer in usage.items():
         for layer, row in enumerate(per_layer):
+            if len(row) != heads:
+                raise ValueError(
+                    f"usage_figure: {task} layer {layer} has {len(row)} heads, not {heads}"
+                )
             rows.append([float(u) for u in row])
             labels.append(f"{task} / layer {layer}")
-    heads = len(rows[0]) if rows else 0
-    kinds = ["shared" if i < num_shared else "routed" for i in range(heads)]
+            custom.append([[kind, task, layer] for kind in kinds])  # what a click reports
     fig = go.Figure(
         go.Heatmap(
             z=rows, x=list(range(heads)), y=labels, zmin=0.0, zmax=1.0, colorscale="Magma",
-            customdata=[kinds] * len(rows),
-            hovertemplate="%{y}<br>head %{x} (%{customdata})<br>usage %{z:.3f}<extra></extra>",
+            customdata=custom,
+            hovertemplate="%{y}<br>head %{x} (%{customdata[0]})<br>usage %{z:.3f}<extra></extra>",
             colorbar={"title": {"text": "fraction"}},
         )
     )  # fmt: skip
@@ -217,6 +234,20 @@ class TokenGates:
     tokens: list[str]
     gates: list[Tensor]
     active: list[Tensor]
+
+    def __post_init__(self) -> None:
+        shapes = {tuple(x.shape) for x in (*self.gates, *self.active)}
+        if len(self.gates) != len(self.active) or len(shapes) > 1:
+            raise ValueError(
+                f"TokenGates: gates and active must be one (t, h) tensor per layer, all of "
+                f"one shape; got {len(self.gates)} gates, {len(self.active)} masks, "
+                f"shapes {sorted(shapes)}"
+            )
+        if shapes and next(iter(shapes))[0] != len(self.tokens):
+            raise ValueError(
+                f"TokenGates: {len(self.tokens)} token names for {next(iter(shapes))[0]} "
+                "rows of gates"
+            )
 
 
 def gates_figure(
@@ -248,7 +279,8 @@ def gates_figure(
                     hovertemplate="token %{customdata[2]}: %{customdata[1]}<br>head %{x}"
                     "<br>gate %{z:.3f}<br>%{customdata[0]}<extra></extra>",
                     colorbar={"title": {"text": "gate"}}, visible=not labels,
-                    name=f"{name} / layer {layer}", meta={"tokens": ex.tokens},
+                    name=f"{name} / layer {layer}",
+                    meta={"tokens": ex.tokens, "task": name, "layer": layer},
                 )
             )  # fmt: skip
             labels.append(f"{name} / layer {layer}")
@@ -306,12 +338,9 @@ def coactivation_figure(graphs: Mapping[str, nx.Graph], *, title: str = "co-acti
                 ),
                 row=1, col=col,
             )  # fmt: skip
-        shared = sum(bool(g.nodes[n].get("shared")) for n in g.nodes)
-        fig.add_trace(
-            _node_trace(go, pos, [g.nodes[n]["usage"] for n in sorted(g.nodes)], shared, "heads"),
-            row=1,
-            col=col,
-        )
+        usage = [float(g.nodes[n].get("usage", 1.0)) for n in g.nodes]
+        shared = [bool(g.nodes[n].get("shared")) for n in g.nodes]
+        fig.add_trace(_node_trace(go, g, usage, shared, "heads"), row=1, col=col)
     fig.update_xaxes(visible=False, range=[-1.35, 1.35])
     fig.update_yaxes(visible=False, range=[-1.35, 1.35])
     fig.update_layout(
@@ -332,8 +361,9 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Any:
 
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    tasks = any("accuracy" in r for r in evals)
-    right = "token accuracy per task" if tasks else "held-out bits per byte"
+    tasks = list(dict.fromkeys(t for r in evals for t in r.get("accuracy", {})))
+    bits = any("bits_per_byte" in r for r in evals)
+    right = "token accuracy per task" if tasks else ("held-out bits per byte" if bits else "")
     fig = make_subplots(rows=1, cols=2, subplot_titles=["loss (nats per token)", right])
     if train:
         steps, losses = (list(x) for x in zip(*train, strict=True))
@@ -354,19 +384,19 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Any:
                                  name=f"train (mean of {window} logged)",
                                  line={"color": "#1f77b4", "width": 2}), 1, 1)  # fmt: skip
     if evals:
-        label = "eval (mean over tasks)" if tasks else "eval (held-out text)"
+        label = "eval (mean over tasks)" if tasks else "eval (held-out)"
         fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["loss"] for r in evals],
                                  name=label, mode="lines+markers",
                                  line={"color": "#ff7f0e"}), 1, 1)  # fmt: skip
     if tasks:
-        for task in evals[-1]["accuracy"]:
+        for task in tasks:
             points = [
                 (r["step"], r["accuracy"][task]) for r in evals if task in r.get("accuracy", {})
             ]
             fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[a for _, a in points],
                                      name=task, mode="lines+markers"), 1, 2)  # fmt: skip
         fig.update_yaxes(range=[0, 1.05], row=1, col=2)
-    else:
+    elif bits:
         points = [(r["step"], r["bits_per_byte"]) for r in evals if "bits_per_byte" in r]
         fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[b for _, b in points],
                                  name="bits per byte", mode="lines+markers"), 1, 2)  # fmt: skip

@@ -2,8 +2,9 @@
 network at view time) with the figures of :mod:`graphheads.explorer`, written by
 ``graphheads viz --run DIR`` and by the report.
 
-Clicking a head (a node of a head graph, a cell of the usage or gates heatmaps) marks
-the tokens routed to it in the gates figure and lists them under it.
+Clicking a head (a node of a layer's head graph, a cell of the usage or gates heatmaps)
+shows that layer's (and task's) gates, marks the tokens routed to the head there and lists
+them above the figure; picking another example or layer in the menu clears the marks.
 """
 
 from __future__ import annotations
@@ -28,11 +29,17 @@ __all__ = ["explorer_sections", "write_explorer"]
 
 # the page's one script: a click on a head marks the tokens routed to it
 _SCRIPT = """
-function ghSelectHead(head) {
-  const gd = document.getElementById("gh-gates");
-  if (!gd) return;
-  const index = gd.data.findIndex(t => t.type === "heatmap" && t.visible !== false);
-  if (index < 0) return;
+const ghIdle = "click a head to list the tokens routed to it";
+function ghGates() { return document.getElementById("gh-gates"); }
+function ghShown(gd) {  // the visible gates trace (the last trace holds the marks)
+  return gd.data.findIndex((t, i) => i < gd.data.length - 1 && t.visible !== false);
+}
+function ghClear() {
+  const gd = ghGates();
+  Plotly.restyle(gd, {x: [[]], y: [[]]}, [gd.data.length - 1]);
+  document.getElementById("gh-selection").textContent = ghIdle;
+}
+function ghMark(gd, index, head) {
   const trace = gd.data[index], xs = [], ys = [], names = [];
   trace.customdata.forEach((row, token) => {
     if (row[head] && row[head][0] !== "off") {
@@ -46,11 +53,32 @@ function ghSelectHead(head) {
     `head ${head} (${kind}), ${trace.name}: ${ys.length} of ${trace.customdata.length} ` +
     `tokens routed to it: ` + names.map((n, i) => `${ys[i]}:${n}`).join(" ");
 }
+// mark head's tokens in the gates of (task, layer); null keeps the shown one's
+function ghSelectHead(head, layer, task) {
+  const gd = ghGates();
+  if (!gd) return;
+  const shown = ghShown(gd);
+  const now = gd.data[shown].meta;
+  const want = {task: task ?? now.task, layer: layer ?? now.layer};
+  const index = gd.data.findIndex((t, i) => i < gd.data.length - 1 &&
+    t.meta.task === want.task && t.meta.layer === want.layer);
+  if (index < 0 || index === shown) { ghMark(gd, shown, head); return; }
+  const tokens = gd.data[index].meta.tokens;
+  Plotly.update(gd, {visible: gd.data.map((t, i) => i === index || i === gd.data.length - 1)},
+    {"yaxis.tickvals": tokens.map((_, i) => i), "yaxis.ticktext": tokens,
+     "updatemenus[0].active": index}).then(() => ghMark(gd, index, head));
+}
 document.querySelectorAll(".gh-heads").forEach(gd => gd.on("plotly_click", event => {
   const point = event.points[0];
-  const head = point.data.type === "heatmap" ? point.x : point.customdata;
-  if (Number.isInteger(head)) ghSelectHead(head);
+  if (point.data.type === "heatmap") {  // usage: (kind, task, layer); gates: the trace's
+    const where = gd.id === "gh-gates" ? point.data.meta : point.customdata;
+    const [task, layer] = Array.isArray(where) ? [where[1], where[2]] : [where.task, where.layer];
+    ghSelectHead(point.x, layer, task);
+  } else if (Number.isInteger(point.customdata)) {  // a head graph's node
+    ghSelectHead(point.customdata, Number(gd.closest("[data-layer]").dataset.layer), null);
+  }
 }));
+if (ghGates()) ghGates().on("plotly_buttonclicked", ghClear);
 """
 
 _STYLE = """
@@ -68,27 +96,44 @@ def _routing_of(model: DecoderOnlyLM, batch: Any) -> tuple[list[RoutingOutput], 
     return list(out.routing), targets
 
 
+def _text_token_names(data: Any, ids: list[int]) -> list[str]:
+    """Byte tokens as characters (escaped when not printable ASCII); other tokenizers'
+    tokens as their ids (the shards keep no vocabulary)."""
+    if getattr(data, "bytes_level", True):  # ByteTextDataset, or byte shards
+        return [chr(i) if 32 <= i < 127 else f"\\x{i:02x}" for i in ids]
+    return [f"#{i}" for i in ids]
+
+
 def explorer_sections(run_dir: str | Path) -> tuple[str, list[tuple[str, str, list[Any]]]]:
     """The page title and its sections, each (heading, how to read it, plotly figures),
     from a run folder or checkpoint."""
     model, _, data, step = load_run(run_dir)
     config = model.config
-    records = read_metrics(Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent)
+    folder = Path(run_dir).resolve()
+    folder = folder if folder.is_dir() else folder.parent
+    records = read_metrics(folder)
+    heads = f"{config.num_heads} heads"
+    if config.attention != "mha":
+        heads += f" ({config.num_shared} shared, top-{config.routed_top_k} routed)"
     title = (
-        f"{Path(run_dir).name}: step {step}, {config.attention} attention, {config.num_layers} "
-        f"layers x {config.num_heads} heads ({config.num_shared} shared, top-"
-        f"{config.routed_top_k} routed)"
+        f"{folder.name}: step {step}, {config.attention} attention, {config.num_layers} "
+        f"layers x {heads}"
     )
-    sections = [
-        (
-            "Training curves",
-            "Train loss per logged step (faint: one batch each) with its trailing mean, and "
-            "the evaluation; beside it, evaluation accuracy per task or held-out bits/byte.",
-            [explorer.curves_figure(records)],
-        )
-    ]
+    curves = (
+        "Training curves",
+        "Train loss per logged step (faint: one batch each) with its trailing mean, and "
+        "the evaluation; beside it, evaluation accuracy per task or held-out bits/byte.",
+        [explorer.curves_figure(records)],
+    )
     if config.attention == "mha" or not isinstance(model, DecoderOnlyLM):
-        return title, sections  # no routing to show (or an encoder-decoder's two stacks)
+        why = (
+            "dense attention (attention='mha') routes no heads"
+            if config.attention == "mha"
+            else "the explorer draws the routing of decoder-only models; this run trained "
+            "an encoder-decoder (train.model_type='seq2seq')"
+        )
+        return title, [(curves[0], f"{curves[1]} No routing figures: {why}.", curves[2])]
+    sections = [curves]
     gen = torch.Generator().manual_seed(0)
     if isinstance(data, TaskSuite):
         batches = {task: data.sample(32, gen, task=task) for task in data.tasks}
@@ -109,7 +154,7 @@ def explorer_sections(run_dir: str | Path) -> tuple[str, list[tuple[str, str, li
             tokens = data.token_names(ids[:length])
         else:
             length = min(len(ids), 64)
-            tokens = [repr(chr(i))[1:-1] if i < 128 else f"\\x{i:02x}" for i in ids[:length]]
+            tokens = _text_token_names(data, ids[:length])
         examples[name] = explorer.TokenGates(
             tokens,
             [r.gates[0, :length].detach() for r in routing],
@@ -198,7 +243,8 @@ def write_explorer(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 config={"displaylogo": False, "responsive": True},
             )  # fmt: skip
             heads = heading in ("Head graphs", "Head usage", "Gates of one example")
-            body.append(f'<div class="{"gh-heads-box" if heads else "box"}">{div}</div>')
+            layer = f' data-layer="{i}"' if heading == "Head graphs" else ""
+            body.append(f'<div class="{"gh-heads-box" if heads else "box"}"{layer}>{div}</div>')
         body.append("</div>")
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -37,6 +37,7 @@ from graphheads.execution import (
     ExecutionChoice,
     SparseBackendChoice,
     choose_execution,
+    takes_sparse_path,
 )
 from graphheads.rotary import RotaryEmbedding
 from graphheads.sparse import routed_decode_attention, sparse_routed_attention
@@ -47,9 +48,10 @@ __all__ = ["Execution", "RoutedAttention", "Router", "SparseBackendChoice"]
 
 class Router(Protocol):
     """What :class:`RoutedAttention` needs of a router (:class:`~graphheads.moh.MoHRouter`,
-    :class:`~graphheads.goh.GraphRouter`). ``queries`` (b, t, h, e), every head's
-    projected queries, are passed to routers whose ``parameter_free`` attribute is true,
-    ``None`` to others."""
+    :class:`~graphheads.goh.GraphRouter`). ``queries`` (b, t, h, e) are every head's
+    projected queries; on the sparse path, which projects only the active heads'
+    queries, they are ``None`` unless the router's ``parameter_free`` attribute is true
+    (or the attention has rotary positions)."""
 
     num_heads: int
 
@@ -211,8 +213,14 @@ class RoutedAttention(MultiHeadAttention):
             type(self).__name__, token_mask, padding_mask, stacklevel=FORWARD_STACKLEVEL
         )
         key, value = self.resolve_inputs(query, key, value)
+        sparse = takes_sparse_path(
+            self.execution,
+            query_len=query.size(1),
+            grad=torch.is_grad_enabled(),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         q = None  # every head's queries; the sparse path makes only the active ones
-        if getattr(self.router, "parameter_free", False):
+        if not sparse or self.rotary is not None or getattr(self.router, "parameter_free", False):
             q = self.project_query(query, kv_cache)
         router_input = query
         if router_context is not None:
@@ -236,8 +244,6 @@ class RoutedAttention(MultiHeadAttention):
         cache = kv if use_cache else None
         num_active = routing.num_shared + routing.top_k_indices.size(-1)
         choice = self.choose_execution(query, kv.key, num_active)
-        if choice.path != "sparse" or self.rotary is not None:
-            q = self.project_query(query, kv_cache) if q is None else q
         if choice.path == "dense":
             assert q is not None
             heads = self.attend(

@@ -55,11 +55,12 @@ class TrainedRun:
         return make_report(self.folder)
 
 
-def open_run(folder: str | Path) -> TrainedRun:
-    """The run in ``folder`` (``graphheads train --out FOLDER``): its model, config,
-    data, step and metrics."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"open_run: no run folder at {folder}")
-    model, config, data, step = load_run(folder)
+def open_run(path: str | Path) -> TrainedRun:
+    """The run in folder ``path`` (``graphheads train --out FOLDER``), or of a checkpoint
+    file in one: its model, config, data, step and metrics."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"open_run: no run folder or checkpoint at {path}")
+    folder = path if path.is_dir() else path.parent
+    model, config, data, step = load_run(path)
     return TrainedRun(folder, model, config, data, step, read_metrics(folder))

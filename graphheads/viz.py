@@ -87,9 +87,11 @@ def draw_head_graph(
 
     Edges show what was learned. Colour is how far each weight moved from its
     ``initial`` value (a graph with the starting weights, e.g. the preset a model was
-    built from, or one value; default: the median drawn weight): a diverging scale, red
-    above and blue below, symmetric and at least +-5% of the initial weight wide, so that
-    small changes stay pale instead of filling the scale. Width is proportional to the
+    built from, or one value; default: the median weight): a diverging scale, red above
+    and blue below, symmetric, as wide as the largest change of any edge (drawn or not,
+    as in :func:`graphheads.viz_files.head_graph_html` and the explorer) and at least
+    +-5% of the initial weight wide, so that small changes stay pale instead of filling
+    the scale. Width is proportional to the
     weight (0 to the strongest drawn). Only the ``strongest`` edges are drawn (default:
     all when there are at most 2 per head, else the 2 H strongest); the title says how
     many.
@@ -110,9 +112,9 @@ def draw_head_graph(
     keep = strongest if strongest is not None else (total if total <= 2 * h else 2 * h)
     if keep < 0:
         raise ValueError(f"draw_head_graph: strongest must be >= 0, got {strongest}")
-    edges = edges[:keep]
+    changes, half = edge_changes(edges, initial)  # the scale: every edge's change
+    edges, changes = edges[:keep], changes[:keep]
     weights = [w for _, _, w in edges]
-    changes, half = edge_changes(edges, initial)
     norm = plt.Normalize(-half, half)
     cmap = plt.get_cmap("RdBu_r")
     strongest_weight = max(weights, default=1.0) or 1.0
@@ -137,7 +139,7 @@ def draw_head_graph(
         bar.set_label(
             "edge weight - initial weight (width: weight)"
             if initial is not None
-            else "edge weight - median drawn weight (not a change; width: weight)"
+            else "edge weight - median weight (not a change; width: weight)"
         )
     ax.legend(
         handles=[

@@ -109,8 +109,9 @@ def head_graph_html(
     )
     if keep < 0:
         raise ValueError(f"head_graph_html: strongest must be >= 0, got {strongest}")
-    edges = edges[:keep]
-    changes, half = edge_changes(edges, initial)
+    total = len(edges)
+    changes, half = edge_changes(edges, initial)  # the scale: every edge's change
+    edges, changes = edges[:keep], changes[:keep]
     top = max((w for *_, w in edges), default=1.0) or 1.0
     directed = g.is_directed()
     marker = ' marker-end="url(#arrow)"' if directed else ""
@@ -140,8 +141,8 @@ def head_graph_html(
             f'fill="{color}"><title>{tip}</title></circle>'
             f'<text x="{x:.1f}" y="{y + 4:.1f}">{html.escape(str(node))}</text></g>'
         )
-    scale = "the starting weight" if initial is not None else "the median drawn weight"
-    shown = "all edges" if keep >= len(edges) else f"the strongest {keep} edges"
+    scale = "the starting weight" if initial is not None else "the median weight"
+    shown = "all edges" if keep >= total else f"the strongest {keep} of {total} edges"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>

@@ -139,6 +139,39 @@ def click(driver: Any, div_id: str, x: float, y: float, trace: int = 0) -> None:
     actions.perform()
 
 
+def shown_gates(driver: Any) -> dict[str, Any]:
+    """The visible gates trace's name and cells, and the rows marked as routed."""
+    return dict(
+        driver.execute_script(
+            """
+            const gd = document.getElementById("gh-gates");
+            const marks = gd.data[gd.data.length - 1];
+            const trace = gd.data.find((t, i) => i < gd.data.length - 1 && t.visible !== false);
+            return {name: trace.name, customdata: trace.customdata, marked: [...marks.y]};
+            """
+        )
+    )
+
+
+def selection(driver: Any) -> str:
+    return str(driver.execute_script("return document.getElementById('gh-selection').textContent"))
+
+
+def pick_menu_item(driver: Any, div_id: str, index: int) -> None:
+    """Open a figure's drop-down menu and click its ``index``-th item, as a user does."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    div = driver.find_element(By.ID, div_id)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", div)
+    ActionChains(driver).click(div.find_element(By.CSS_SELECTOR, ".updatemenu-header")).perform()
+    items = WebDriverWait(driver, 10).until(
+        lambda d: div.find_elements(By.CSS_SELECTOR, ".updatemenu-dropdown-button")
+    )
+    ActionChains(driver).click(items[index]).perform()
+
+
 def head_graph_ids(driver: Any) -> list[str]:
     return list(
         driver.execute_script(

@@ -30,7 +30,7 @@ def test_the_help_lists_every_command_on_a_line(capsys):
     out = capsys.readouterr().out
     for name in commands:
         assert f"\n    {name} " in out or f"\n    {name}\n" in out, name
-    assert len(commands) == 10
+    assert len(commands) == 11
 
 
 def test_config_lists_every_setting_and_loads_back_to_the_defaults(tmp_path, capsys):

@@ -125,3 +125,35 @@ def test_the_module_answers_for_its_settings():
         assert attn.choose_execution(x[:, :1], SMALL, 4).path == "decode"
         attn.execution = "auto"
         assert attn.choose_execution(x[:, :1], LARGE, 4).path == "dense"  # eager
+
+
+def test_routers_get_every_heads_queries_wherever_the_path_projects_them():
+    """A router that reads ``queries`` without declaring ``parameter_free`` (a wrapper
+    of MoH's parameter-free router) gets them on the dense and decode paths, as before
+    the policy; the sparse path, which projects only the active heads, passes ``None``."""
+    from torch import nn
+
+    from graphheads import MoHRouter
+    from graphheads.routed import RoutedAttention
+
+    class Wrapped(nn.Module):  # hides parameter_free
+        def __init__(self):
+            super().__init__()
+            self.inner = MoHRouter(H * 4, H, 2, 3, parameter_free=True)
+            self.num_heads, self.seen = H, []
+
+        def forward(self, x, *, queries=None, head_states=None, padding_mask=None):
+            self.seen.append(queries is not None)
+            if queries is None:  # the sparse path: route from the inputs alone
+                queries = x.new_ones(*x.shape[:2], H, 4)
+            return self.inner(x, queries=queries, padding_mask=padding_mask)
+
+    attn = RoutedAttention(H * 4, H, router=Wrapped()).eval()
+    x = torch.randn(2, 5, H * 4)
+    with torch.no_grad():
+        attn(x)  # dense
+        attn(x[:, :1])  # one-token, eager auto: dense
+        attn.execution = "sparse"
+        attn(x[:, :1])  # decode
+        attn(x)  # sparse
+    assert attn.router.seen == [True, True, True, False]

@@ -173,8 +173,32 @@ def test_explorer_in_a_headless_browser(small_run, tmp_path):
         first = driver.execute_script(
             "return document.getElementById('gh-gates').data[0].customdata.map(row => row[3][0])"
         )
-        assert after != before and after.startswith("head 3 (routed)")
+        assert after != before and after.startswith("head 3 (routed), copy / layer 0")
         assert marked == [i for i, state in enumerate(first) if state != "off"]
+        # a head of layer 1's graph: the gates switch to layer 1 (same task)
+        explorer_browser.click(driver, graphs[1], x, y, nodes)
+        shown = explorer_browser.shown_gates(driver)
+        assert shown["name"] == "copy / layer 1" and shown["marked"] == [
+            i for i, row in enumerate(shown["customdata"]) if row[3][0] != "off"
+        ]
+        assert explorer_browser.selection(driver).startswith("head 3 (routed), copy / layer 1")
+        # a cell of the usage map: that task and layer
+        usage = driver.execute_script(
+            "return [...document.querySelectorAll('.gh-heads')]"
+            ".find(g => g.data[0].type === 'heatmap' && g.id !== 'gh-gates').id"
+        )
+        row = driver.execute_script(
+            "return document.getElementById(arguments[0]).data[0].y.indexOf('sort / layer 0')",
+            usage,
+        )
+        explorer_browser.click(driver, usage, 4, row)
+        assert explorer_browser.shown_gates(driver)["name"] == "sort / layer 0"
+        assert explorer_browser.selection(driver).startswith("head 4 (routed), sort / layer 0")
+        # another example from the menu clears the marks
+        explorer_browser.pick_menu_item(driver, "gh-gates", 1)
+        shown = explorer_browser.shown_gates(driver)
+        assert shown["name"] == "copy / layer 1" and shown["marked"] == []
+        assert explorer_browser.selection(driver).startswith("click a head")
         assert explorer_browser.console_errors(driver) == []
 
 
@@ -189,5 +213,52 @@ def test_open_run_loads_a_run_in_one_line(small_run, tmp_path):
     assert run.last_eval == [r for r in lines if r["kind"] == "eval"][-1]
     assert not run.model.training and run.config.train.steps == 30
     assert set(run.last_eval["accuracy"]) == set(run.data.tasks)
-    with pytest.raises(FileNotFoundError, match="no run folder at"):
+    assert graphheads.open_run(small_run / "checkpoint.pt").step == 30
+    with pytest.raises(FileNotFoundError, match="no run folder or checkpoint at"):
         graphheads.open_run(tmp_path / "missing")
+
+
+def test_named_heads_large_graphs_and_bad_inputs():
+    import networkx as nx
+
+    from graphheads.explorer import coactivation_figure, curves_figure
+
+    named = nx.DiGraph()
+    named.add_edge("q", "k", weight=2.0)
+    named.add_edge("k", "v", weight=1.0)
+    fig = head_graph_figure(HeadGraph.from_networkx(named), num_shared=1)
+    nodes = fig.data[1]
+    assert list(nodes.text) == ["q", "k", "v"] and list(nodes.customdata) == [0, 1, 2]
+    assert nodes.hovertext[0].startswith("head q (shared)")
+    # a 32-head dense graph: at most 8 per head drawable, the slider up to them
+    big = head_graph_figure(HeadGraph.complete(32), usage=[0.5] * 32)
+    assert len(big.layout.annotations) == 256
+    assert [s.label for s in big.layout.sliders[0].steps] == ["32", "64", "128", "256"]
+    with pytest.raises(ValueError, match=r"usage must have one value per head \(32\), got 3"):
+        head_graph_figure(HeadGraph.complete(32), usage=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="3 token names for 2 rows of gates"):
+        TokenGates(["a", "b", "c"], [torch.zeros(2, 4)], [torch.zeros(2, 4, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="sort layer 0 has 3 heads, not 2"):
+        usage_figure({"copy": [[1.0, 0.5]], "sort": [[1.0, 0.5, 0.2]]})
+    # curves without evaluations, and evaluations whose tasks differ
+    records = [{"kind": "train", "step": 1, "loss": 2.0},
+               {"kind": "eval", "step": 1, "loss": 2.0, "accuracy": {"copy": 0.5}},
+               {"kind": "eval", "step": 2, "loss": 1.0, "accuracy": {"sort": 0.25}}]  # fmt: skip
+    assert {t.name for t in curves_figure(records).data} >= {"copy", "sort"}
+    titles = [a.text for a in curves_figure(records[:1]).layout.annotations]
+    assert "held-out bits per byte" not in titles and "token accuracy per task" not in titles
+    coact = nx.Graph()
+    coact.add_node(0, usage=1.0, shared=True)
+    coact.add_node(1, usage=0.5, shared=False)
+    coact.add_edge(0, 1, weight=0.5)
+    assert coactivation_figure({"copy": coact}).data[-1].marker.color == ("#d95f02", "#1b9e77")
+
+
+def test_a_dense_run_gets_curves_and_says_why_there_is_no_routing(tmp_path):
+    from graphheads.explorer_page import explorer_sections
+
+    run = explorer_browser.train_small_run(tmp_path / "mha", "model.attention=mha")
+    title, sections = explorer_sections(run)
+    assert "mha attention, 2 layers x 8 heads" in title and "routed" not in title
+    assert [s[0] for s in sections] == ["Training curves"]
+    assert "No routing figures: dense attention (attention='mha') routes no heads" in sections[0][1]

@@ -98,3 +98,30 @@ def test_a_missing_tensorboard_is_named_before_training(tmp_path, monkeypatch):
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'graphheads\[tensorboard\]'"):
         Trainer(RunConfig.load(None, SETTINGS), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_sharded_head_graphs_are_left_out_not_crashed_on(tmp_path):
+    """Under FSDP every rank evaluates but only the main one writes: drawing a sharded
+    graph's weights (DTensor .tolist()) raised on rank 0 and left the others waiting."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from graphheads import DecoderOnlyLM, ModelConfig
+    from graphheads.train.tensorboard import TensorBoardLog
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = ModelConfig(vocab_size=10, d_model=16, num_heads=4, num_layers=1,
+                             attention="goh", num_shared=1, top_k=2)  # fmt: skip
+        model = DecoderOnlyLM(config)
+        fully_shard(model)
+        assert type(model.head_graphs()[0].raw_weight).__name__ == "DTensor"
+        log = TensorBoardLog(tmp_path, model, first_step=1)
+        log.write({"kind": "eval", "step": 1, "loss": 1.25})
+        log.close()
+    finally:
+        dist.destroy_process_group()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("eval/loss")] == [1.25]
+    assert acc.Tags()["images"] == []

@@ -5,6 +5,7 @@ record per line, read back by :func:`graphheads.train.evaluation.read_metrics`),
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -29,12 +30,17 @@ class RunLog:
     """
 
     def __init__(self, folder: Path | None, *, log_to: str, model: nn.Module, main: bool) -> None:
-        if log_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-            raise ModuleNotFoundError(  # refused before any step is taken
-                "train.log_to='tensorboard' needs tensorboard: pip install "
-                "'graphheads[tensorboard]'"
-            )
         self.path = None if folder is None or not main else folder / METRICS_NAME
+        if log_to == "tensorboard" and self.path is not None:  # refused before any step
+            try:
+                if importlib.util.find_spec("tensorboard") is None:
+                    raise ModuleNotFoundError("No module named 'tensorboard'")
+                importlib.import_module("torch.utils.tensorboard")
+            except ImportError as err:
+                raise ModuleNotFoundError(
+                    f"train.log_to='tensorboard' needs tensorboard ({err}): pip install "
+                    "'graphheads[tensorboard]'"
+                ) from err
         self.log_to, self.model = log_to, model
         self.tensorboard: Any = None  # opened at the first record (its step purges)
 

@@ -1,6 +1,7 @@
 """TensorBoard for a training run (``train.log_to="tensorboard"``, the tensorboard
 extra): every metrics record as scalars, head usage per layer as histograms over heads,
-and each layer's head graph as an image, in ``RUN/tensorboard`` (``tensorboard --logdir
+and each layer's head graph as an image (not under FSDP, whose shards only the main
+process would gather), in ``RUN/tensorboard`` (``tensorboard --logdir
 RUN``). ``metrics.jsonl`` is written as always; this is a second view of it.
 """
 
@@ -12,10 +13,12 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from graphheads import viz
 from graphheads.builders import make_head_graph
 from graphheads.graph import HeadGraph
+from graphheads.transformer import DecoderOnlyLM
 
 __all__ = ["TENSORBOARD_DIR", "TensorBoardLog", "scalars"]
 
@@ -81,12 +84,28 @@ class TensorBoardLog:
                     global_step=step,
                 )
         if record.get("kind") == "eval":
-            graphs: list[HeadGraph] = getattr(self.model, "head_graphs", list)()
-            for layer, graph in enumerate(graphs):
-                fig = viz.draw_head_graph(graph, initial=self.start, title=f"layer {layer}")
-                self.writer.add_figure(f"head_graph/layer{layer}", fig, step, close=True)
+            for tag, graph in self._graphs():
+                fig = viz.draw_head_graph(graph, initial=self.start, title=tag)
+                self.writer.add_figure(f"head_graph/{tag}", fig, step, close=True)
                 plt.close(fig)
         self.writer.flush()
+
+    def _graphs(self) -> list[tuple[str, HeadGraph]]:
+        """(tag, graph) of each distinct head graph: ``layer{i}`` in a decoder-only LM,
+        ``graph{i}`` (in ``model.head_graphs()`` order) in an encoder-decoder; a graph
+        shared by every layer once. None whose weights are sharded (FSDP: only this,
+        the main process, writes, so it cannot gather them)."""
+        graphs: list[HeadGraph] = getattr(self.model, "head_graphs", list)()
+        if any(isinstance(p, DTensor) for g in graphs for p in g.parameters()):
+            return []
+        kind = "layer" if isinstance(self.model, DecoderOnlyLM) else "graph"
+        seen: set[int] = set()
+        out = []
+        for i, graph in enumerate(graphs):
+            if id(graph) not in seen:
+                seen.add(id(graph))
+                out.append((f"{kind}{i}", graph))
+        return out
 
     def close(self) -> None:
         self.writer.close()

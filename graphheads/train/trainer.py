@@ -46,6 +46,7 @@ from graphheads.train.checkpoint import (
 )
 from graphheads.train.config import RunConfig
 from graphheads.train.evaluation import (
+    METRICS_NAME,
     build_data,
     build_model,
     evaluate,
@@ -68,6 +69,7 @@ from graphheads.train.runtime import (
 )
 
 __all__ = [
+    "METRICS_NAME",  # now defined in graphheads.train.evaluation
     "CheckpointError",
     "TrainResult",
     "Trainer",
