@@ -12,6 +12,9 @@ import typing
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Union
 
+from graphheads.gnn import CONVS
+from graphheads.graph import PRESETS
+
 __all__ = ["LLAMA_PRESETS", "AttentionKind", "ModelConfig", "check_field_types", "check_known_keys"]
 
 
@@ -152,7 +155,7 @@ class ModelConfig:
     graph_layers: int = 2  # message-passing layers L (0 = no message passing)
     share_graph: bool = False  # one head graph for all layers instead of one per layer
     carry_head_states: bool = False  # feed each layer's head states into the next router
-    graph_conv: str = "gcn"  # message-passing layer: gcn, lightgcn, graphconv
+    graph_conv: str = "gcn"  # message-passing layer: gcn, gatv2 (per token), lightgcn, graphconv
     graph_scale_init: float = 0.0  # initial weight of the graph branch (0: starts as MoH)
     task_embeddings: int = 0  # tasks with a learned embedding in every router's input
     # --- the block ---
@@ -206,6 +209,15 @@ class ModelConfig:
                 f"{'them' if len(ignored) > 1 else 'it'} at the default, or pick "
                 f"attention {'moh or goh' if self.attention == 'mha' else 'goh'})"
             )
+        if self.attention == "goh":  # else refused above when set (ignored)
+            choices = {"graph": PRESETS, "graph_learnable": ("fixed", "edge", "dense"),
+                       "graph_conv": CONVS}  # fmt: skip
+            for key, names in choices.items():
+                if getattr(self, key) not in names:
+                    raise ValueError(
+                        f"ModelConfig: {key} must be one of {list(names)}, "
+                        f"got {getattr(self, key)!r}"
+                    )
         routed_sparse = self.execution == "sparse" and self.attention != "mha"
         if routed_sparse and self.sparse_backend == "flex" and self.dropout > 0:
             raise ValueError(

@@ -35,6 +35,7 @@ from graphheads.compat import renamed_argument
 
 __all__ = ["HeadGCNConv", "HeadMessagePassing", "gcn_norm_dense", "make_conv"]
 
+CONVS = ("gcn", "gatv2", "lightgcn", "graphconv")  # make_conv's layer names
 ConvFactory = Callable[[int], MessagePassing]
 Propagation = Literal["dense", "edges"]
 
@@ -160,17 +161,22 @@ class HeadGCNConv(MessagePassing):
 
 
 def make_conv(name: str, feature_dim: int) -> MessagePassing:
-    """A layer by name, over the head axis: "gcn" (:class:`HeadGCNConv`), "lightgcn"
-    (PyG ``LGConv``), "graphconv" (PyG ``GraphConv``)."""
+    """A layer by name, over the head axis: "gcn" (:class:`HeadGCNConv`), "gatv2"
+    (:class:`~graphheads.gat.HeadGATv2Conv`: edge weights computed per token from the
+    head states), "lightgcn" (PyG ``LGConv``), "graphconv" (PyG ``GraphConv``)."""
     from torch_geometric.nn import GraphConv, LGConv
+
+    from graphheads.gat import HeadGATv2Conv
 
     if name == "gcn":
         return HeadGCNConv(feature_dim, feature_dim)
+    if name == "gatv2":
+        return HeadGATv2Conv(feature_dim)
     if name == "lightgcn":
         return LGConv(node_dim=-2)
     if name == "graphconv":
         return GraphConv(feature_dim, feature_dim, node_dim=-2)
-    raise ValueError(f"make_conv: unknown conv {name!r}; choose 'gcn', 'lightgcn' or 'graphconv'")
+    raise ValueError(f"make_conv: unknown conv {name!r}; choose from {list(CONVS)}")
 
 
 class HeadMessagePassing(nn.Module):

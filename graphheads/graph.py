@@ -41,6 +41,8 @@ from graphheads.gnn import gcn_norm_dense
 
 __all__ = ["EdgeLearning", "HeadGraph"]
 
+PRESETS = ("complete", "ring", "star", "grid", "empty")  # HeadGraph.preset names
+
 EdgeLearning = Literal["fixed", "edge", "dense"]
 
 
@@ -279,7 +281,7 @@ class HeadGraph(nn.Module):
         makers = {"complete": cls.complete, "ring": cls.ring, "star": cls.star, "empty": cls.empty}
         if name not in makers:
             raise ValueError(
-                f"HeadGraph.preset: unknown graph {name!r}; choose from {sorted([*makers, 'grid'])}"
+                f"HeadGraph.preset: unknown graph {name!r}; choose from {sorted(PRESETS)}"
             )
         return makers[name](num_heads, **kwargs)
 
