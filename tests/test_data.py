@@ -125,3 +125,61 @@ def test_every_window_of_a_split_is_drawn_and_the_shortest_split_works():
     assert one.inputs.tolist() == [[0, 1, 2, 3]] * 3 and one.targets[0].tolist() == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="4 tokens hold no window of 5"):
         sample_windows(torch.arange(4), 4, 1, gen)
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3])
+def test_hops_answers_need_every_link(hops):
+    """Pointer chasing (issue 33): the answer is f^k(start) read from the prompt's links,
+    and every shorter chain f^j(start), j < k, ends elsewhere, so no answer follows from
+    fewer than k lookups."""
+    from graphheads.data.tasks import IGNORE_INDEX
+
+    suite = TaskSuite(("copy", "hops"), length=6, num_symbols=16, hops=hops)
+    batch = suite.sample(256, torch.Generator().manual_seed(0), task="hops")
+    s0, n = suite.first_symbol, suite.length
+    for inputs, targets in zip(batch.inputs.tolist(), batch.targets.tolist(), strict=True):
+        assert inputs[0] == suite.task_token("hops")
+        links = dict(zip(inputs[1 : 2 * n : 2], inputs[2 : 2 * n + 1 : 2], strict=True))
+        assert len(links) == n and set(links.values()) == set(links)  # a permutation
+        start = inputs[2 * n + 1]
+        chain = [start]
+        for _ in range(hops):
+            chain.append(links[chain[-1]])
+        scored = [t for t in targets if t != IGNORE_INDEX]
+        assert scored == [chain[-1]]  # one answer token: f^k(start)
+        assert chain[-1] not in chain[:-1]  # fewer hops end elsewhere
+        assert all(s0 <= t < s0 + suite.num_symbols for t in inputs[1 : 2 * n + 2])
+    assert suite.chance_accuracy("hops") == pytest.approx(1 / 5)
+
+
+def test_hops_is_opt_in_and_keeps_the_default_vocabulary():
+    default, with_hops = TaskSuite(), TaskSuite((*TaskSuite().tasks, "hops"))
+    assert default.vocab_size == 2 + 5 + 16  # unchanged: old runs load as they were
+    assert with_hops.vocab_size == default.vocab_size + 1
+    assert with_hops.task_token("hops") == default.vocab_size  # after the symbols
+    assert with_hops.task_token("sort") == default.task_token("sort") == 4
+    gen = torch.Generator().manual_seed(1)
+    row = with_hops.sample(1, gen, task="hops").inputs[0].tolist()
+    assert with_hops.render(row).startswith("hops: ")
+    tokens, answer = with_hops.encode_prompt("hops", "3 5 5 1 1 3 | 3")
+    s0 = with_hops.first_symbol
+    assert answer == 1 and tokens.tolist() == [
+        [with_hops.task_token("hops"), *(s0 + v for v in (3, 5, 5, 1, 1, 3, 3)), 1]
+    ]
+    with pytest.raises(ValueError, match=r"write links x f\(x\), '\|', then the start symbol"):
+        with_hops.encode_prompt("hops", "3 5 5")
+    with pytest.raises(ValueError, match=r"hops needs 1 <= hops \(6\) < length \(6\)"):
+        TaskSuite(("hops",), length=6, hops=6)
+
+
+def test_a_run_trains_on_hops():
+    from graphheads.train import RunConfig, Trainer
+
+    config = RunConfig.load(None, ["data.tasks=hops", "data.hops=3", "train.steps=2",
+                                   "train.eval_batches=1", "train.eval_batch_size=8",
+                                   "train.batch_size=8", "model.d_model=32"])  # fmt: skip
+    trainer = Trainer(config, None, progress=False)
+    assert trainer.data.hops == 3 and trainer.model.config.vocab_size == 2 + 5 + 16 + 1
+    result = trainer.fit()
+    assert set(result.final_eval["accuracy"]) == {"hops"}
+    assert result.final_eval["chance"]["hops"] == pytest.approx(1 / 5)

@@ -2,6 +2,8 @@
 
 from graphheads.data.shards import TokenShardDataset, prepare_tokens
 from graphheads.data.tasks import (
+    ALL_TASKS,
+    EXTRA_TASKS,
     IGNORE_INDEX,
     PAD,
     SEP,
@@ -14,6 +16,8 @@ from graphheads.data.tasks import (
 from graphheads.data.text import ByteTextDataset, bits_per_byte
 
 __all__ = [
+    "ALL_TASKS",
+    "EXTRA_TASKS",
     "IGNORE_INDEX",
     "PAD",
     "SEP",

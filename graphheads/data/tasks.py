@@ -14,7 +14,15 @@ Tasks (ids are their positions in :data:`TASKS`):
 * ``sort``: repeat them in ascending order;
 * ``mqar``: multi-query associative recall (Arora et al. 2023): ``length`` key-value
   pairs, then the keys again in a shuffled order, each to be followed by its value;
-* ``modadd``: ``a b SEP (a + b) mod modulus``.
+* ``modadd``: ``a b SEP (a + b) mod modulus``;
+* ``hops`` (opt-in, not in the default suite): pointer chasing. ``length`` links
+  ``x f(x)`` of one random cycle over ``length`` distinct symbols, in a shuffled order,
+  then a start symbol ``x``; the answer is ``f^k(x)`` for ``k = hops`` links, one token.
+  On a single cycle longer than ``k`` every shorter chain ends elsewhere
+  (``f^j(x) != f^k(x)`` for ``j < k``), so the answer needs all ``k`` lookups.
+
+Opt-in tasks (:data:`EXTRA_TASKS`) take token ids after the data symbols, so a suite of
+default tasks keeps its vocabulary whatever tasks are added.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ALL_TASKS",
+    "EXTRA_TASKS",
     "IGNORE_INDEX",
     "PAD",
     "SEP",
@@ -38,7 +48,9 @@ __all__ = [
 
 IGNORE_INDEX = -100
 PAD, SEP = 0, 1
-TASKS = ("copy", "reverse", "sort", "mqar", "modadd")
+TASKS = ("copy", "reverse", "sort", "mqar", "modadd")  # the default suite: ids 2 .. 6
+EXTRA_TASKS = ("hops",)  # opt-in: their ids follow the data symbols
+ALL_TASKS = TASKS + EXTRA_TASKS
 
 
 @dataclass
@@ -110,6 +122,7 @@ class TaskSuite:
         num_symbols: data symbols in the vocabulary (mqar keys use the first half, values
             the second half).
         modulus: the modulus of ``modadd`` (at most ``num_symbols``).
+        hops: links ``hops`` follows from its start symbol (below ``length``).
     """
 
     def __init__(
@@ -119,11 +132,12 @@ class TaskSuite:
         length: int = 6,
         num_symbols: int = 16,
         modulus: int = 11,
+        hops: int = 2,
     ) -> None:
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in ALL_TASKS]
         if unknown or not tasks:
             raise ValueError(
-                f"TaskSuite: unknown task(s) {unknown or list(tasks)}; known: {list(TASKS)}"
+                f"TaskSuite: unknown task(s) {unknown or list(tasks)}; known: {list(ALL_TASKS)}"
             )
         if length < 1:
             raise ValueError(f"TaskSuite: length must be >= 1, got {length}")
@@ -134,6 +148,12 @@ class TaskSuite:
                 f"TaskSuite: mqar needs length ({length}) <= num_symbols // 2 "
                 f"({num_symbols // 2}) distinct keys"
             )
+        if "hops" in tasks and not 1 <= hops < length <= num_symbols:
+            raise ValueError(
+                f"TaskSuite: hops needs 1 <= hops ({hops}) < length ({length}) <= "
+                f"num_symbols ({num_symbols}): a cycle of length distinct symbols, longer "
+                "than the chain"
+            )
         if not 2 <= modulus <= num_symbols:
             raise ValueError(
                 f"TaskSuite: modulus ({modulus}) must be in [2, num_symbols={num_symbols}]"
@@ -142,11 +162,20 @@ class TaskSuite:
         self.length = length
         self.num_symbols = num_symbols
         self.modulus = modulus
+        self.hops = hops
         self.first_symbol = 2 + len(TASKS)
+        self.extra_tasks = tuple(t for t in EXTRA_TASKS if t in self.tasks)
 
     @property
     def vocab_size(self) -> int:
-        return self.first_symbol + self.num_symbols
+        return self.first_symbol + self.num_symbols + len(self.extra_tasks)
+
+    def task_token(self, task: str) -> int:
+        """The id of ``task``'s token (default tasks 2 .. 6; opt-in ones after the
+        symbols)."""
+        if task in self.extra_tasks:
+            return self.first_symbol + self.num_symbols + self.extra_tasks.index(task)
+        return 2 + TASKS.index(task)
 
     @property
     def max_seq_len(self) -> int:
@@ -161,6 +190,7 @@ class TaskSuite:
             "sort": 2 * n + 2,
             "mqar": 4 * n + 2,
             "modadd": 5,
+            "hops": 2 * n + 4,
         }[task]
 
     def chance_accuracy(self, task: str) -> float:
@@ -169,12 +199,14 @@ class TaskSuite:
             return 1.0 / (self.num_symbols - self.num_symbols // 2)
         if task == "modadd":
             return 1.0 / self.modulus
+        if task == "hops":  # one of the other symbols of the cycle
+            return 1.0 / (self.length - 1)
         return 1.0 / self.num_symbols
 
     def _generate(self, task: str, batch_size: int, gen: torch.Generator) -> TaskBatch:
         n, s0 = self.length, self.first_symbol
         b = batch_size
-        head = torch.full((b, 1), 2 + TASKS.index(task), dtype=torch.long)
+        head = torch.full((b, 1), self.task_token(task), dtype=torch.long)
         sep = torch.full((b, 1), SEP, dtype=torch.long)
         if task in ("copy", "reverse", "sort"):
             x = torch.randint(0, self.num_symbols, (b, n), generator=gen)
@@ -193,6 +225,16 @@ class TaskSuite:
             batch = _finish(seq, 2 * n + 2)
             batch.targets[:, 2 * n + 1 :: 2] = IGNORE_INDEX  # score the values, not the keys
             return batch
+        if task == "hops":
+            cycle = torch.rand(b, self.num_symbols, generator=gen).argsort(dim=1)[:, :n]
+            following = cycle.roll(-1, dims=1)  # f(cycle[i]) = cycle[i + 1 mod n]
+            order = torch.rand(b, n, generator=gen).argsort(dim=1)
+            links = torch.stack([cycle.gather(1, order), following.gather(1, order)], dim=2)
+            start = torch.randint(0, n, (b, 1), generator=gen)
+            query = cycle.gather(1, start)
+            answer = cycle.gather(1, (start + self.hops) % n)
+            seq = torch.cat([head, links.flatten(1) + s0, query + s0, sep, answer + s0], dim=1)
+            return _finish(seq, 2 * n + 3)
         a = torch.randint(0, self.modulus, (b, 2), generator=gen)
         c = a.sum(dim=1, keepdim=True) % self.modulus
         return _finish(torch.cat([head, a + s0, sep, c + s0], dim=1), 4)
@@ -226,7 +268,9 @@ class TaskSuite:
     def prompt_length(self, task: str) -> int:
         """Tokens before the first answer token (task token, prompt, SEP; for mqar also
         the first queried key)."""
-        return {"mqar": 2 * self.length + 3, "modadd": 4}.get(task, self.length + 2)
+        return {"mqar": 2 * self.length + 3, "modadd": 4, "hops": 2 * self.length + 3}.get(
+            task, self.length + 2
+        )
 
     def token_names(
         self,
@@ -248,6 +292,10 @@ class TaskSuite:
                 names.append(sep)
             elif tok < self.first_symbol:
                 names.append(task.format(TASKS[tok - 2]))
+            elif tok >= self.first_symbol + self.num_symbols:
+                names.append(
+                    task.format(self.extra_tasks[tok - self.first_symbol - self.num_symbols])
+                )
             else:
                 names.append(str(tok - self.first_symbol))
         return names
@@ -260,7 +308,8 @@ class TaskSuite:
         """A prompt written as symbol numbers -> ((1, t) tokens up to the answer, answer
         length). ``copy``/``reverse``/``sort``: the symbols (``"3 1 4"`` or ``"3,1,4"``);
         ``modadd``: two numbers below the modulus; ``mqar``: key-value pairs, ``|``, then
-        the key to recall (``"1 9 2 12 | 2"``)."""
+        the key to recall (``"1 9 2 12 | 2"``); ``hops``: links ``x f(x)``, ``|``, then
+        the start symbol (``"3 5 5 1 1 3 | 3"``)."""
         if task not in self.tasks:
             raise ValueError(f"TaskSuite: unknown task {task!r}; this suite has {list(self.tasks)}")
         before, bar, after = text.partition("|")
@@ -280,6 +329,14 @@ class TaskSuite:
                     f"[{half}, {self.num_symbols})"
                 )
             symbols, tail, answer = pairs, query, 1
+        elif task == "hops":
+            links, start = parts
+            if not bar or len(start) != 1 or not links or len(links) % 2:
+                raise ValueError(
+                    f"hops prompt {text!r}: write links x f(x), '|', then the start symbol, "
+                    "e.g. '3 5 5 1 1 3 | 3'"
+                )
+            symbols, tail, answer = links + start, [], 1  # the start comes before SEP
         else:
             if bar or not parts[0]:
                 raise ValueError(f"{task} prompt {text!r}: write the symbols, e.g. '3 1 4'")
@@ -291,7 +348,7 @@ class TaskSuite:
                     f"{self.modulus}, e.g. '3 5'"
                 )
         s0 = self.first_symbol
-        tokens = [2 + TASKS.index(task), *(v + s0 for v in symbols), SEP, *(v + s0 for v in tail)]
+        tokens = [self.task_token(task), *(v + s0 for v in symbols), SEP, *(v + s0 for v in tail)]
         return torch.tensor([tokens]), answer
 
     def _symbols(self, task: str, text: str) -> list[int]:

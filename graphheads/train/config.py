@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from graphheads.config import ModelConfig, check_field_types, check_known_keys, model_keys
-from graphheads.data import TASKS
+from graphheads.data import ALL_TASKS, TASKS
 
 __all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config", "describe_settings"]
 
@@ -96,10 +96,11 @@ class TrainConfig:
 class DataConfig:
     """What to train on: the built-in task suite, or byte-level text when ``text`` is set."""
 
-    tasks: tuple[str, ...] = TASKS  # built-in tasks (graphheads.data.TASKS)
+    tasks: tuple[str, ...] = TASKS  # built-in tasks (graphheads.data.TASKS; opt-in: hops)
     length: int = 6  # symbols per prompt
     num_symbols: int = 16  # data symbols in the vocabulary (mqar: keys, then values)
     modulus: int = 11  # modadd's modulus
+    hops: int = 2  # hops' links to follow from its start symbol (< length)
     text: str | None = None  # a UTF-8 file or folder: byte-level LM instead of tasks
     tokens: str | None = None  # a folder from `graphheads prepare`: token shards (memmap)
     seq_len: int = 128  # window length for text and tokens
@@ -118,10 +119,10 @@ class DataConfig:
         if self.text is not None and self.tokens is not None:
             raise ValueError("DataConfig: set data.text or data.tokens, not both")
         if not self.tasks:
-            raise ValueError(f"DataConfig: tasks must name at least one task of {list(TASKS)}")
-        unknown = [t for t in self.tasks if t not in TASKS]
+            raise ValueError(f"DataConfig: tasks must name at least one task of {list(ALL_TASKS)}")
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown:
-            raise ValueError(f"DataConfig: unknown task(s) {unknown}; known: {list(TASKS)}")
+            raise ValueError(f"DataConfig: unknown task(s) {unknown}; known: {list(ALL_TASKS)}")
 
 
 _YAML_FLOAT = re.compile(  # YAML 1.2's floats: PyYAML (1.1) reads 3e-4 as text

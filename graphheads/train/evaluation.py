@@ -51,7 +51,11 @@ def build_data(config: DataConfig) -> Data:
     if config.tokens is not None:
         return TokenShardDataset(config.tokens, seq_len=config.seq_len)
     return TaskSuite(
-        config.tasks, length=config.length, num_symbols=config.num_symbols, modulus=config.modulus
+        config.tasks,
+        length=config.length,
+        num_symbols=config.num_symbols,
+        modulus=config.modulus,
+        hops=config.hops,
     )
 
 

@@ -63,7 +63,8 @@ def variant_batch(
     )
     batch = pad_batch(suite.sample(batch_size, generator), width)
     relabel = torch.arange(suite.vocab_size)
-    relabel[suite.first_symbol :] = suite.first_symbol + torch.tensor(variant.permutation)
+    symbols = slice(suite.first_symbol, suite.first_symbol + n)  # opt-in task tokens follow
+    relabel[symbols] = suite.first_symbol + torch.tensor(variant.permutation)
     targets = torch.where(
         batch.targets == IGNORE_INDEX, batch.targets, relabel[batch.targets.clamp(min=0)]
     )
