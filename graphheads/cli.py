@@ -113,9 +113,7 @@ def _train(args: argparse.Namespace) -> int:
             )
         )
         if not args.no_report:
-            from graphheads.report import make_report
-
-            print(f"report: {make_report(args.out)}")
+            _print_report(args.out)
     _leave_process_group()
     return 0
 
@@ -185,10 +183,17 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
+def _print_report(run: Path) -> None:
     from graphheads.report import make_report
 
-    print(f"report: {make_report(args.run)}")
+    folder = make_report(run)
+    print(f"report: {folder}")
+    if (folder / "explorer.html").exists():
+        print(f"explorer: {folder / 'explorer.html'} (open it in a browser)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    _print_report(args.run)
     return 0
 
 

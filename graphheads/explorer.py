@@ -68,7 +68,7 @@ def _node_trace(
         },
         customdata=list(range(len(nodes))),
         hovertext=[
-            f"head {n} ({kind}), usage {u:.3f}"
+            f"head {n} ({kind}), usage {u:.3f} (fraction of tokens)"
             for n, kind, u in zip(nodes, kinds, usage, strict=True)
         ],
         hoverinfo="text",
@@ -158,6 +158,16 @@ def head_graph_figure(
             showlegend=False,
         )
     )  # fmt: skip
+    fig.add_trace(  # no points: the colour bar of the arrows' change
+        go.Scatter(
+            x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
+            marker={"colorscale": [[0.0, change_color(-1, 1)], [0.5, "rgb(255,255,255)"],
+                                   [1.0, change_color(1, 1)]],
+                    "cmin": -half, "cmax": half, "color": [0.0], "showscale": True,
+                    "colorbar": {"title": {"text": "weight change", "side": "right"},
+                                 "thickness": 12, "len": 0.6}},
+        )
+    )  # fmt: skip
     fig.add_trace(_node_trace(go, g, use, [i < shared for i in range(h)], "heads"))
     counts = sorted({n for n in (h, 2 * h, 4 * h, 8 * h, cap) if n <= cap} | {first})
     if len(edges) > 1:
@@ -187,9 +197,16 @@ def head_graph_figure(
     return _square(
         fig,
         title,
-        f"{len(edges)} edges; colour: {scale} (red up, blue down, +-{half:.3g});"
-        "<br>width: weight; node size: usage",
+        f"{total} edges{f', the strongest {cap} drawable' if cap < total else ''}; colour: "
+        f"{scale} (red up, blue down);<br>width: weight; node size: usage; orange: shared "
+        "heads (always on), green: routed",
     )
+
+
+def _head_ticks(heads: int, num_shared: int) -> dict[str, Any]:
+    """Head axis ticks as the PNG figures label them: s0, s1 (shared), r2, ... (routed)."""
+    labels = [f"{'s' if i < num_shared else 'r'}{i}" for i in range(heads)]
+    return {"tickmode": "array", "tickvals": list(range(heads)), "ticktext": labels}
 
 
 def usage_figure(usage: Mapping[str, Sequence[Sequence[float]]], *, num_shared: int = 0) -> Any:
@@ -218,10 +235,10 @@ def usage_figure(usage: Mapping[str, Sequence[Sequence[float]]], *, num_shared: 
     )  # fmt: skip
     fig.update_layout(
         title="head usage per task (fraction of scored tokens using each head)",
-        xaxis={"title": {"text": "head"}, "dtick": 1},
+        xaxis={"title": {"text": "head (s: shared, r: routed)"}, **_head_ticks(heads, num_shared)},
         yaxis={"autorange": "reversed"},
         height=160 + 26 * len(rows),
-        margin={"l": 10, "r": 10, "t": 50, "b": 40},
+        margin={"l": 10, "r": 50, "t": 50, "b": 40},
     )
     return fig
 
@@ -284,7 +301,8 @@ def gates_figure(
                 )
             )  # fmt: skip
             labels.append(f"{name} / layer {layer}")
-            ticks.append({"yaxis.tickvals": list(range(t)), "yaxis.ticktext": ex.tokens})
+            ticks.append({"yaxis.tickvals": list(range(t)), "yaxis.ticktext": ex.tokens,
+                          "yaxis.range": [t - 0.5, -0.5]})  # fmt: skip
     fig.add_trace(
         go.Scatter(
             x=[], y=[], mode="markers", name="selected", hoverinfo="skip", showlegend=False,
@@ -301,19 +319,20 @@ def gates_figure(
         for i, label in enumerate(labels)
     ]
     longest = max((len(ex.tokens) for ex in examples.values()), default=1)
+    heads = next(iter(examples.values())).gates[0].size(-1) if examples else 0
     lines = textwrap.wrap(caption, 120)
     fig.update_layout(
         title={"text": "gates per token (down) and head (across)"
                + "".join(f"<br><sup>{line}</sup>" for line in lines),
-               "yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 10}},
+               "yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 16}},
         updatemenus=[{"buttons": buttons, "x": 0.0, "y": 1.0, "xanchor": "left",
-                      "yanchor": "bottom", "pad": {"b": 30}}],
-        xaxis={"dtick": 1, "side": "top"},
-        yaxis={"autorange": "reversed", "tickmode": "array",
+                      "yanchor": "bottom", "pad": {"b": 24}}],
+        xaxis={"side": "top", "range": [-0.5, heads - 0.5], **_head_ticks(heads, num_shared)},
+        yaxis={"range": ticks[0]["yaxis.range"] if ticks else None, "tickmode": "array",
                "tickvals": ticks[0]["yaxis.tickvals"] if ticks else [],
                "ticktext": ticks[0]["yaxis.ticktext"] if ticks else []},
         height=max(360, 240 + 24 * len(lines) + 16 * longest),
-        margin={"l": 10, "r": 10, "t": 130 + 24 * len(lines), "b": 20},
+        margin={"l": 10, "r": 50, "t": 110 + 22 * len(lines), "b": 20},
     )  # fmt: skip
     return fig
 
@@ -346,7 +365,7 @@ def coactivation_figure(graphs: Mapping[str, nx.Graph], *, title: str = "co-acti
     fig.update_layout(
         title={"text": f"{title}<br><sup>line width: tokens where both heads fire; "
                "node size: tokens using the head</sup>"},
-        height=380, width=max(420, 330 * len(graphs)), plot_bgcolor="white",
+        height=380, plot_bgcolor="white",
         margin={"l": 10, "r": 10, "t": 80, "b": 10},
     )  # fmt: skip
     return fig
@@ -364,7 +383,9 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Any:
     tasks = list(dict.fromkeys(t for r in evals for t in r.get("accuracy", {})))
     bits = any("bits_per_byte" in r for r in evals)
     right = "token accuracy per task" if tasks else ("held-out bits per byte" if bits else "")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["loss (nats per token)", right])
+    fig = make_subplots(
+        rows=1, cols=2, shared_xaxes=True, subplot_titles=["loss (nats per token)", right]
+    )
     if train:
         steps, losses = (list(x) for x in zip(*train, strict=True))
         window = max(1, round(len(losses) / 20))
@@ -381,7 +402,8 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Any:
             1,
         )
         fig.add_trace(go.Scatter(x=steps, y=trailing_mean(losses, window), mode="lines",
-                                 name=f"train (mean of {window} logged)",
+                                 name=f"train (trailing mean of {window} logged steps)"
+                                 if window > 1 else "train",
                                  line={"color": "#1f77b4", "width": 2}), 1, 1)  # fmt: skip
     if evals:
         label = "eval (mean over tasks)" if tasks else "eval (held-out)"
@@ -400,7 +422,6 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Any:
         points = [(r["step"], r["bits_per_byte"]) for r in evals if "bits_per_byte" in r]
         fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[b for _, b in points],
                                  name="bits per byte", mode="lines+markers"), 1, 2)  # fmt: skip
-    fig.update_yaxes(type="log", row=1, col=1)
     fig.update_xaxes(title={"text": "step"})
     fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 50, "b": 40})
     return fig

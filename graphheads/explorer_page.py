@@ -66,7 +66,8 @@ function ghSelectHead(head, layer, task) {
   const tokens = gd.data[index].meta.tokens;
   Plotly.update(gd, {visible: gd.data.map((t, i) => i === index || i === gd.data.length - 1)},
     {"yaxis.tickvals": tokens.map((_, i) => i), "yaxis.ticktext": tokens,
-     "updatemenus[0].active": index}).then(() => ghMark(gd, index, head));
+     "yaxis.range": [tokens.length - 0.5, -0.5], "updatemenus[0].active": index})
+    .then(() => ghMark(gd, index, head));
 }
 document.querySelectorAll(".gh-heads").forEach(gd => gd.on("plotly_click", event => {
   const point = event.points[0];
@@ -94,14 +95,6 @@ def _routing_of(model: DecoderOnlyLM, batch: Any) -> tuple[list[RoutingOutput], 
     with torch.no_grad():
         out, targets = forward_batch(model, batch)
     return list(out.routing), targets
-
-
-def _text_token_names(data: Any, ids: list[int]) -> list[str]:
-    """Byte tokens as characters (escaped when not printable ASCII); other tokenizers'
-    tokens as their ids (the shards keep no vocabulary)."""
-    if getattr(data, "bytes_level", True):  # ByteTextDataset, or byte shards
-        return [chr(i) if 32 <= i < 127 else f"\\x{i:02x}" for i in ids]
-    return [f"#{i}" for i in ids]
 
 
 def explorer_sections(run_dir: str | Path) -> tuple[str, list[tuple[str, str, list[Any]]]]:
@@ -154,7 +147,7 @@ def explorer_sections(run_dir: str | Path) -> tuple[str, list[tuple[str, str, li
             tokens = data.token_names(ids[:length])
         else:
             length = min(len(ids), 64)
-            tokens = _text_token_names(data, ids[:length])
+            tokens = data.token_names(ids[:length])
         examples[name] = explorer.TokenGates(
             tokens,
             [r.gates[0, :length].detach() for r in routing],
@@ -238,6 +231,7 @@ def write_explorer(run_dir: str | Path, out: str | Path | None = None) -> Path:
         body.append('<div class="row">')
         for i, fig in enumerate(figures):
             div_id = {"Gates of one example": "gh-gates"}.get(heading, f"gh-{len(body)}-{i}")
+            fig.update_layout(modebar={"orientation": "v"})  # beside the plot, not on titles
             div = pio.to_html(
                 fig, full_html=False, include_plotlyjs=False, div_id=div_id,
                 config={"displaylogo": False, "responsive": True},

@@ -13,7 +13,7 @@ from torch import nn
 
 from graphheads import viz
 from graphheads.builders import make_head_graph
-from graphheads.data import TaskSuite
+from graphheads.data import TaskBatch, TaskSuite
 from graphheads.data.tasks import IGNORE_INDEX
 from graphheads.train.evaluation import forward_batch, read_metrics
 from graphheads.train.trainer import load_run
@@ -85,6 +85,18 @@ def make_report(run_dir: str | Path) -> Path:
             "",
         ]
     usage = last.get("head_usage")
+    text_coactivation: dict[str, list[nx.Graph]] = {}
+    if not isinstance(data, TaskSuite) and config.attention != "mha":  # measured here
+        if isinstance(model, DecoderOnlyLM):
+            text_sample = data.sample(8, torch.Generator().manual_seed(0), split="val")
+            with torch.no_grad():
+                out_text, targets = forward_batch(model, text_sample)
+            graphs_text = [
+                viz.coactivation_graph(r, padding_mask=targets == IGNORE_INDEX)
+                for r in out_text.routing
+            ]
+            text_coactivation = {"text": graphs_text}
+            usage = {"text": [[g.nodes[i]["usage"] for i in sorted(g.nodes)] for g in graphs_text]}
     if usage:
         figures.append(
             _save(viz.plot_head_usage(usage, num_shared=config.num_shared), out / "head_usage.png")
@@ -100,7 +112,8 @@ def make_report(run_dir: str | Path) -> Path:
             top = [
                 (torch.tensor(row[shared:]).topk(k).indices + shared).tolist() for row in per_layer
             ]
-            lines.append(f"- {task}: most used routed heads per layer {top}")
+            per_layer = "; ".join(f"layer {i} {heads}" for i, heads in enumerate(top))
+            lines.append(f"- {task}: most used routed heads: {per_layer}")
         lines.append("")
     graphs = model.head_graphs()
     start = make_head_graph(config) if graphs else None  # the weights training started from
@@ -116,31 +129,41 @@ def make_report(run_dir: str | Path) -> Path:
             title=f"layer {i} head graph",
         )
         figures.append(_save(fig, out / f"head_graph_layer{i}.png"))
-    if (
-        isinstance(data, TaskSuite)
-        and isinstance(model, DecoderOnlyLM)
-        and config.attention != "mha"
-    ):
+    if isinstance(model, DecoderOnlyLM) and config.attention != "mha":
         gen = torch.Generator().manual_seed(0)
-        batches = {task: data.sample(1, gen, task=task) for task in data.tasks}
-        examples = {task: b.inputs for task, b in batches.items()}
+        examples: dict[str, tuple[TaskBatch, int, list[str]]] = {}  # batch, tokens, names
+        if isinstance(data, TaskSuite):
+            for task in data.tasks:
+                batch = data.sample(1, gen, task=task)
+                length = data.sequence_length(task) - 1
+                examples[task] = (
+                    batch,
+                    length,
+                    data.token_names(batch.inputs[0, :length].tolist()),
+                )
+        else:  # a held-out window of text, its first 48 tokens
+            batch = text_sample.rows(slice(0, 1))
+            names = data.token_names(batch.inputs[0, :48].tolist())
+            examples["text"] = (batch, len(names), names)
         with torch.no_grad():
-            routings = {task: forward_batch(model, b)[0].routing for task, b in batches.items()}
+            routings = {
+                name: forward_batch(model, ex[0])[0].routing for name, ex in examples.items()
+            }
         for layer in range(config.num_layers):
             fig, axes = plt.subplots(
                 1, len(examples), figsize=(3.6 * len(examples), 6.5), layout="constrained"
             )
             axes_list = [axes] if len(examples) == 1 else list(axes)
             gate_max = max(float(routings[t][layer].gates.max()) for t in examples)
-            for i, (ax, (task, x)) in enumerate(zip(axes_list, examples.items(), strict=True)):
-                length = data.sequence_length(task) - 1
-                gates = routings[task][layer].gates[0, :length]
+            for i, (ax, (name, (_, length, names))) in enumerate(
+                zip(axes_list, examples.items(), strict=True)
+            ):
                 viz.plot_routing(
-                    gates,
-                    tokens=data.token_names(x[0, :length].tolist()),
+                    routings[name][layer].gates[0, :length],
+                    tokens=names,
                     num_shared=config.num_shared,
                     ax=ax,
-                    title=task,
+                    title=name,
                     colorbar=False,  # one bar for the row: no label between panels
                     vmax=gate_max,
                 )
@@ -150,7 +173,9 @@ def make_report(run_dir: str | Path) -> Path:
             fig.suptitle(f"layer {layer} routing (tokens x heads)")
             fig.supxlabel(textwrap.fill(routing_caption(config), 110), fontsize=7)
             figures.append(_save(fig, out / f"routing_layer{layer}.png"))
-        coactivation = task_coactivation(model, data)
+        coactivation = (
+            task_coactivation(model, data) if isinstance(data, TaskSuite) else text_coactivation
+        )
         for layer in range(config.num_layers):
             fig, axes = plt.subplots(
                 1, len(coactivation), figsize=(3.4 * len(coactivation), 3.8), layout="constrained"

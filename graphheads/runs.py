@@ -34,6 +34,12 @@ class TrainedRun:
     step: int
     metrics: list[dict[str, Any]]
 
+    def __repr__(self) -> str:  # the model and every metric record would fill a screen
+        return (
+            f"TrainedRun(folder={str(self.folder)!r}, model={type(self.model).__name__}, "
+            f"step={self.step}, metrics={len(self.metrics)} records)"
+        )
+
     @property
     def last_eval(self) -> dict[str, Any]:
         """The last evaluation record (empty when the run has none)."""

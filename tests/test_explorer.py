@@ -41,7 +41,7 @@ def test_head_graph_draws_each_directed_edge_as_an_arrow_strongest_first():
     ends = {(round(a.x, 3), round(a.y, 3), round(a.ax, 3), round(a.ay, 3)) for a in arrows}
     assert len(ends) == 12
     # head 0 on the right, as the PNG figure (networkx.circular_layout)
-    nodes = fig.data[1]
+    nodes = fig.data[-1]  # the heads, drawn last (over the arrows)
     assert nodes.x[0] == pytest.approx(1.0) and nodes.y[0] == pytest.approx(0.0, abs=1e-6)
     assert list(nodes.customdata) == [0, 1, 2, 3]
     # the slider steps show 4, 5, 8, 12 of the strongest
@@ -154,7 +154,7 @@ def test_explorer_in_a_headless_browser(small_run, tmp_path):
             drawn, visible = explorer_browser.edge_counts(driver, graph)
             assert drawn == visible == 16  # 2 per head of 8, of 56 edges
         label = explorer_browser.hover(driver, "gh-gates", 2, 1)
-        assert "head 2" in label and "gate" in label and ("active" in label or "off" in label)
+        assert "head r2" in label and "gate" in label and ("active" in label or "off" in label)
         before = driver.execute_script("return document.getElementById('gh-selection').textContent")
         nodes = driver.execute_script(
             "const g = document.getElementById(arguments[0]); return g.data.length - 1", graphs[0]
@@ -227,7 +227,7 @@ def test_named_heads_large_graphs_and_bad_inputs():
     named.add_edge("q", "k", weight=2.0)
     named.add_edge("k", "v", weight=1.0)
     fig = head_graph_figure(HeadGraph.from_networkx(named), num_shared=1)
-    nodes = fig.data[1]
+    nodes = fig.data[-1]  # the heads, drawn last (over the arrows)
     assert list(nodes.text) == ["q", "k", "v"] and list(nodes.customdata) == [0, 1, 2]
     assert nodes.hovertext[0].startswith("head q (shared)")
     # a 32-head dense graph: at most 8 per head drawable, the slider up to them

@@ -488,9 +488,9 @@ def test_a_report_lists_the_routed_heads_used_most_and_says_its_units(tiny_runs)
     from graphheads.report import make_report, routing_caption
 
     summary = (make_report(tiny_runs / "tasks") / "summary.md").read_text()
-    listed = re.findall(r"most used routed heads per layer (\[.*\])", summary)
-    assert listed and all(
-        head >= 1 for line in listed for layer in json.loads(line) for head in layer
+    listed = re.findall(r"layer (\d) (\[[\d, ]*\])", summary)  # "layer 0 [2, 1]; layer 1 ..."
+    assert {layer for layer, _ in listed} == {"0", "1"} and all(
+        head >= 1 for _, heads in listed for head in json.loads(heads)
     )  # SMALL: 1 shared head (head 0), top-2 of 3 routed
     assert "Shared heads are on for every token" in summary
     moh = ModelConfig(vocab_size=9, num_heads=8, attention="moh", num_shared=2, top_k=3)
@@ -500,8 +500,20 @@ def test_a_report_lists_the_routed_heads_used_most_and_says_its_units(tiny_runs)
     paper = ModelConfig(vocab_size=9, attention="moh", num_shared=1, gate_convention="paper")
     assert "at most a1 (a0 + a1 = 1)" in routing_caption(paper)
     assert "is 1" in routing_caption(ModelConfig(vocab_size=9, attention="moh", hard_gates=True))
-    text = (make_report(tiny_runs / "text") / "summary.md").read_text()
+    report = make_report(tiny_runs / "text")
+    text = (report / "summary.md").read_text()
     assert re.search(r"bits per byte: [0-9.]+ \(the loss figure is in nats per token", text)
+    # a text run gets usage, routing and co-activation figures too, from held-out text
+    pngs = {p.name for p in report.glob("*.png")}
+    assert {"head_usage.png", "routing_layer0.png", "coactivation_layer1.png"} <= pngs
+    assert re.search(r"- text: most used routed heads: layer 0 \[\d+, \d+\]", text)
+
+
+def test_byte_names_read_as_text():
+    from graphheads.data.text import byte_names
+
+    assert byte_names(list(b"a b\n\t")) == ["a", "\u2423", "b", "\\n", "\\t"]
+    assert byte_names(list("é".encode())) == ["\\xc3", "\\xa9"]  # one name per byte
 
 
 def test_generate_takes_a_task_prompt_and_prints_it_readably(tiny_runs, capsys):

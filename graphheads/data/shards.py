@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from graphheads.data.tasks import TaskBatch
-from graphheads.data.text import read_text, sample_windows, text_files
+from graphheads.data.text import byte_names, read_text, sample_windows, text_files
 from graphheads.hub import usual_mode
 
 __all__ = ["SHARD_FORMAT", "TokenShardDataset", "prepare_tokens"]
@@ -140,6 +141,11 @@ class TokenShardDataset:
     @property
     def max_seq_len(self) -> int:
         return self.seq_len
+
+    def token_names(self, tokens: Sequence[int]) -> list[str]:
+        """A name per token: bytes for byte shards (:func:`~graphheads.data.text.byte_names`),
+        ``#id`` for a tokenizer's ids (the shards keep no vocabulary)."""
+        return byte_names(tokens) if self.bytes_level else [f"#{t}" for t in tokens]
 
     def sample(
         self, batch_size: int, generator: torch.Generator, *, split: str = "train"

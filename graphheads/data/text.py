@@ -12,7 +12,23 @@ from torch import Tensor
 
 from graphheads.data.tasks import TaskBatch
 
-__all__ = ["ByteTextDataset", "bits_per_byte", "read_text", "sample_windows", "text_files"]
+__all__ = [
+    "ByteTextDataset",
+    "bits_per_byte",
+    "byte_names",
+    "read_text",
+    "sample_windows",
+    "text_files",
+]
+
+_NAMED_BYTES = {32: "\u2423", 10: "\\n", 9: "\\t", 13: "\\r"}  # a space: the open box
+
+
+def byte_names(tokens: Sequence[int]) -> list[str]:
+    """A name per byte token, for figures: printable ASCII as itself, a space as the open
+    box, newline, tab and carriage return escaped, other bytes as ``\\xNN`` (a UTF-8
+    character of several bytes is several names)."""
+    return [_NAMED_BYTES.get(i, chr(i) if 32 < i < 127 else f"\\x{i:02x}") for i in tokens]
 
 
 def text_files(path: str | Path) -> list[Path]:
@@ -93,6 +109,10 @@ class ByteTextDataset:
     @property
     def max_seq_len(self) -> int:
         return self.seq_len
+
+    def token_names(self, tokens: Sequence[int]) -> list[str]:
+        """A name per token (:func:`byte_names`)."""
+        return byte_names(tokens)
 
     def sample(
         self, batch_size: int, generator: torch.Generator, *, split: str = "train"

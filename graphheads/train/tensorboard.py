@@ -28,11 +28,11 @@ TENSORBOARD_DIR = "tensorboard"
 def scalars(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
     """``(tag, value)`` of every number in a metrics record, nested dictionaries joined
     with "/" under the record's kind (``eval/accuracy/copy``); ``head_usage`` (drawn as
-    histograms), ``step`` and ``kind`` are left out."""
+    histograms), ``chance`` (a constant per task), ``step`` and ``kind`` are left out."""
     if not prefix:
         prefix = f"{record.get('kind', 'metrics')}/"
     for key, value in record.items():
-        if key in ("step", "kind", "head_usage"):
+        if key in ("step", "kind", "head_usage", "chance"):  # chance: a constant per task
             continue
         if isinstance(value, Mapping):
             yield from scalars({"kind": "", **value}, f"{prefix}{key}/")

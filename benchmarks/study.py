@@ -1,0 +1,338 @@
+"""Does the head graph matter? A resumable, paired study of the graph-router (issue 33).
+
+Every run is one process (one thread, ``--workers`` at a time) that trains one
+(variant, bench, heads, seed) with the graphheads trainer and appends one line to
+``WORK/runs.jsonl`` when it finishes: an interrupted study resumes where it stopped.
+Runs of the same seed see the same training batches and evaluation samples, so every
+comparison is a paired difference, reported as its mean with a 95% t-interval, and with
+the smallest effect the study could detect (80% power, paired t-test).
+
+Variants (routed ones: 2 shared heads plus half of the routed heads, graph scale 0):
+
+    MHA                dense attention
+    MoH                MoH's linear router
+    GoH null           the per-head MLP router: the graph-router on the empty graph
+                       (self-loops only: no messages between heads), the null a graph
+                       must beat
+    GoH complete       the defaults (complete graph, learnable edge weights, 2 GCN layers)
+    GoH ring           a fixed ring
+    GoH learned        a dense learnable adjacency grown from the ring
+    GoH gatv2          token-conditional: GATv2 attention over the complete graph's heads
+    GoH carry          head states carried through depth
+
+With ``--match-params`` the feed-forward width of each variant is set so that every
+model has the parameter count of "GoH complete" (within 0.5%); the table states them.
+
+Benches: ``text`` (byte-level LM on English text that ships offline: benchmarks/corpus.py,
+frozen in WORK/corpus.txt; metric bits per byte, lower is better), ``mqar`` (16 key-value
+pairs over 64 symbols; token accuracy), ``hops`` (pointer chasing, 8 links, 2 hops;
+accuracy). ``--heads 8 32`` runs both head counts at the same width.
+
+    python benchmarks/study.py --benches hops --seeds 0 1 2 3 4 5 6 7 8 9 --steps 1500
+    python benchmarks/study.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+BASE = {"d_model": 64, "num_layers": 2, "d_ff": 128, "norm_first": True}
+GOH = {"attention": "goh", "graph": "complete"}
+VARIANTS: dict[str, dict] = {
+    "MHA": {"attention": "mha"},
+    "MoH": {"attention": "moh"},
+    "GoH null": {**GOH, "graph": "empty", "graph_learnable": "fixed"},
+    "GoH complete": GOH,
+    "GoH ring": {**GOH, "graph": "ring", "graph_learnable": "fixed"},
+    "GoH learned": {**GOH, "graph": "ring", "graph_learnable": "dense"},
+    "GoH gatv2": {**GOH, "graph_conv": "gatv2"},
+    "GoH carry": {**GOH, "carry_head_states": True},
+}
+REFERENCE = "GoH complete"  # --match-params matches every model to its size
+BENCHES = {
+    "text": {"higher_is_better": False, "solved": None},
+    "mqar": {"higher_is_better": True, "solved": 0.99},
+    "hops": {"higher_is_better": True, "solved": 0.99},
+}
+# two-sided 97.5% quantiles of Student's t, df 1..30 (then the normal's 1.96)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip
+
+
+def t975(df: int) -> float:
+    return T975[df - 1] if 1 <= df <= len(T975) else 1.96
+
+
+def model_section(variant: str, heads: int, d_ff: int | None = None) -> dict:
+    settings = {**BASE, "num_heads": heads, **VARIANTS[variant]}
+    if settings["attention"] != "mha":
+        settings.update(num_shared=2, top_k=(heads - 2) // 2)
+    if d_ff is not None:
+        settings["d_ff"] = d_ff
+    return settings
+
+
+def data_section(bench: str, work: pathlib.Path) -> tuple[dict, dict]:
+    """(data, train) sections of one bench."""
+    if bench == "text":
+        data = {"text": str(work / "corpus.txt"), "seq_len": 128}
+        train = {"batch_size": 16, "eval_batches": 8, "eval_batch_size": 32}
+    elif bench == "mqar":
+        data = {"tasks": ["mqar"], "length": 16, "num_symbols": 64}
+        train = {"batch_size": 32, "eval_batches": 8, "eval_batch_size": 64}
+    else:
+        data = {"tasks": ["hops"], "length": 8, "num_symbols": 16, "hops": 2}
+        train = {"batch_size": 32, "eval_batches": 8, "eval_batch_size": 64}
+    return data, {**train, "warmup_steps": 100, "checkpoint_every": 10**6, "log_every": 50}
+
+
+def parameter_count(model: dict, data: dict, work: pathlib.Path) -> int:
+    from graphheads.train import RunConfig
+    from graphheads.train.evaluation import build_data, build_model
+
+    config = RunConfig.from_dict({"model": model, "data": data})
+    built = build_data(config.data)
+    net = build_model(config.model_config(built.vocab_size, built.max_seq_len), "lm")
+    return sum(p.numel() for p in net.parameters())
+
+
+def matched_d_ff(variant: str, heads: int, data: dict, work: pathlib.Path, target: int) -> int:
+    """The d_ff that brings ``variant`` to ``target`` parameters (they grow linearly)."""
+    low, high = (parameter_count(model_section(variant, heads, d), data, work) for d in (64, 192))
+    return max(1, round(64 + (target - low) * (192 - 64) / (high - low)))
+
+
+def metric_of(record: dict, bench: str) -> float:
+    if bench == "text":
+        return float(record["bits_per_byte"])
+    return float(next(iter(record["accuracy"].values())))
+
+
+def run_one(spec: dict) -> dict:
+    """Train one run (in a worker process) and return its record."""
+    import torch
+
+    torch.set_num_threads(1)
+    from graphheads.train import RunConfig, Trainer
+
+    work = pathlib.Path(spec["work"])
+    data, train = data_section(spec["bench"], work)
+    train = {
+        **train,
+        "steps": spec["steps"],
+        "eval_every": spec["eval_every"],
+        "seed": spec["seed"],
+    }
+    model = model_section(spec["variant"], spec["heads"], spec.get("d_ff"))
+    config = RunConfig.from_dict({"model": model, "data": data, "train": train})
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(config, folder, progress=False)
+        trainer.fit()
+        lines = (pathlib.Path(folder) / "metrics.jsonl").read_text().splitlines()
+    evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+    curve = [(r["step"], metric_of(r, spec["bench"])) for r in evals]
+    return {
+        **{k: spec[k] for k in ("variant", "bench", "heads", "seed", "steps")},
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "d_ff": model["d_ff"],
+        "metric": curve[-1][1],
+        "curve": curve,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def load_records(path: pathlib.Path) -> list[dict]:
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a torn last line: that run is done again
+    return records
+
+
+def launch(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__, "--run-one", json.dumps(spec)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def paired(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean, 95% t-interval half-width, and the smallest effect an n-pair t-test detects
+    with 80% power at 5% (``(t_0.975 + 0.84) sd / sqrt(n)``, 0.84 the normal's 80%)."""
+    n = len(diffs)
+    mean = statistics.mean(diffs)
+    if n < 2:
+        return mean, math.inf, math.inf
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    return mean, t975(n - 1) * se, (t975(n - 1) + 0.84) * se
+
+
+def report(records: list[dict]) -> str:
+    """Markdown tables: per (bench, heads), each variant's mean, its paired difference
+    to MoH and to the null (GoH null) with 95% intervals, solve rates, parameters."""
+    lines = []
+    groups = sorted({(r["bench"], r["heads"]) for r in records})
+    for bench, heads in groups:
+        runs = [r for r in records if (r["bench"], r["heads"]) == (bench, heads)]
+        by = {v: {r["seed"]: r for r in runs if r["variant"] == v} for v in VARIANTS}
+        solved = BENCHES[bench]["solved"]
+        unit = "bits/byte" if bench == "text" else "accuracy"
+        lines += [
+            f"### {bench}, {heads} heads",
+            "",
+            f"| variant | params | seeds | {unit} | minus MoH (95% CI) | minus null (95% CI) |"
+            + (" solved |" if solved else ""),
+            "| --- | --- | --- | --- | --- | --- |" + (" --- |" if solved else ""),
+        ]
+        for variant, seeds in by.items():
+            if not seeds:
+                continue
+            values = [r["metric"] for r in seeds.values()]
+            cells = []
+            for other in ("MoH", "GoH null"):
+                common = sorted(set(seeds) & set(by[other]))
+                if variant == other or len(common) < 2:
+                    cells.append("-")
+                    continue
+                mean, half, mde = paired(
+                    [seeds[s]["metric"] - by[other][s]["metric"] for s in common]
+                )
+                cells.append(
+                    f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (MDE {mde:.3f})"
+                )
+            params = sorted({r["params"] for r in seeds.values()})
+            row = (
+                f"| {variant} | {', '.join(map(str, params))} | {len(values)} | "
+                f"{statistics.mean(values):.3f} | {cells[0]} | {cells[1]} |"
+            )
+            if solved:
+                row += f" {sum(v > solved for v in values)}/{len(values)} |"
+            lines.append(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(records: list[dict], out: pathlib.Path) -> None:
+    """Per (bench, heads): each variant's mean paired difference to MoH along training."""
+    import matplotlib.pyplot as plt
+
+    for bench, heads in sorted({(r["bench"], r["heads"]) for r in records}):
+        runs = [r for r in records if (r["bench"], r["heads"]) == (bench, heads)]
+        moh = {r["seed"]: dict(map(tuple, r["curve"])) for r in runs if r["variant"] == "MoH"}
+        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+        for variant in VARIANTS:
+            mine = {
+                r["seed"]: dict(map(tuple, r["curve"])) for r in runs if r["variant"] == variant
+            }
+            seeds = sorted(set(mine) & set(moh))
+            if variant == "MoH" or len(seeds) < 2:
+                continue
+            steps = sorted(set.intersection(*(set(mine[s]) & set(moh[s]) for s in seeds)))
+            means, halves = [], []
+            for step in steps:
+                mean, half, _ = paired([mine[s][step] - moh[s][step] for s in seeds])
+                means.append(mean)
+                halves.append(half)
+            line = ax.plot(steps, means, marker="o", ms=3, label=variant)[0]
+            ax.fill_between(steps, [m - h for m, h in zip(means, halves, strict=True)],
+                            [m + h for m, h in zip(means, halves, strict=True)],
+                            color=line.get_color(), alpha=0.12)  # fmt: skip
+        ax.axhline(0, color="black", lw=0.8)
+        unit = (
+            "bits/byte (below 0: better than MoH)"
+            if bench == "text"
+            else "accuracy (above 0: better)"
+        )
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"variant - MoH, paired, {unit}")
+        ax.set_title(f"{bench}, {heads} heads: mean paired difference to MoH, 95% CI")
+        ax.legend(fontsize=7)
+        fig.savefig(out / f"curves_{bench}_{heads}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(5)))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--benches", nargs="+", default=["hops"], choices=list(BENCHES))
+    parser.add_argument("--heads", type=int, nargs="+", default=[8])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--match-params", action="store_true")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/study"))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    corpus_file = args.work / "corpus.txt"
+    if "text" in args.benches and not corpus_file.exists():  # frozen at the first run
+        sys.path.insert(0, str(HERE))
+        import corpus
+
+        tmp = corpus_file.with_name(".corpus.txt.tmp")
+        tmp.write_text(corpus.offline_text())
+        os.replace(tmp, corpus_file)
+    runs_file = args.work / "runs.jsonl"
+    done = {(r["variant"], r["bench"], r["heads"], r["seed"]) for r in load_records(runs_file)}
+    todo = []
+    for bench in [] if args.report_only else args.benches:
+        data, _ = data_section(bench, args.work)
+        for heads in args.heads:
+            target = parameter_count(model_section(REFERENCE, heads), data, args.work)
+            for variant in args.variants:
+                d_ff = None
+                if args.match_params and variant != REFERENCE:
+                    d_ff = matched_d_ff(variant, heads, data, args.work, target)
+                todo += [
+                    {"variant": variant, "bench": bench, "heads": heads, "seed": s,
+                     "steps": args.steps, "eval_every": args.eval_every, "d_ff": d_ff,
+                     "work": str(args.work)}
+                    for s in args.seeds
+                    if (variant, bench, heads, s) not in done
+                ]  # fmt: skip
+    todo.sort(key=lambda spec: spec["seed"])  # seed by seed: early pairs are complete
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(launch, s) for s in todo]):
+            record = future.result()
+            with open(runs_file, "a") as fh:  # one whole line per finished run
+                fh.write(json.dumps(record) + "\n")
+            print(
+                f"{record['bench']} h{record['heads']} {record['variant']:13s} seed "
+                f"{record['seed']}: {record['metric']:.4f} ({record['seconds']:.0f} s)",
+                flush=True,
+            )
+    records = load_records(runs_file)
+    text = report(records)
+    print(f"\n{time.perf_counter() - start:.0f} s\n\n{text}")
+    (args.work / "report.md").write_text(text)
+    plot_curves(records, args.work)
+
+
+if __name__ == "__main__":
+    main()
