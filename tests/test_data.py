@@ -129,26 +129,29 @@ def test_every_window_of_a_split_is_drawn_and_the_shortest_split_works():
 
 @pytest.mark.parametrize("hops", [1, 2, 3])
 def test_hops_answers_need_every_link(hops):
-    """Pointer chasing (issue 33): the answer is f^k(start) read from the prompt's links,
-    and every shorter chain f^j(start), j < k, ends elsewhere, so no answer follows from
-    fewer than k lookups."""
+    """Pointer chasing (issue 33): each queried start's answer is f^k(start) read from
+    the prompt's links, and every shorter chain f^j(start), j < k, ends elsewhere, so no
+    answer follows from fewer than k lookups; half of the symbols are queried, so the
+    earlier answers never pin down the last one."""
     from graphheads.data.tasks import IGNORE_INDEX
 
     suite = TaskSuite(("copy", "hops"), length=6, num_symbols=16, hops=hops)
     batch = suite.sample(256, torch.Generator().manual_seed(0), task="hops")
     s0, n = suite.first_symbol, suite.length
     for inputs, targets in zip(batch.inputs.tolist(), batch.targets.tolist(), strict=True):
-        assert inputs[0] == suite.task_token("hops")
+        assert inputs[0] == suite.task_token("hops") and inputs[2 * n + 1] == 1  # SEP
         links = dict(zip(inputs[1 : 2 * n : 2], inputs[2 : 2 * n + 1 : 2], strict=True))
         assert len(links) == n and set(links.values()) == set(links)  # a permutation
-        start = inputs[2 * n + 1]
-        chain = [start]
-        for _ in range(hops):
-            chain.append(links[chain[-1]])
+        queries = inputs[2 * n + 2 :: 2][:3]  # the starts (the last answer is a target)
         scored = [t for t in targets if t != IGNORE_INDEX]
-        assert scored == [chain[-1]]  # one answer token: f^k(start)
-        assert chain[-1] not in chain[:-1]  # fewer hops end elsewhere
-        assert all(s0 <= t < s0 + suite.num_symbols for t in inputs[1 : 2 * n + 2])
+        assert len(queries) == len(scored) == 3 and len(set(queries)) == 3
+        for start, answer in zip(queries, scored, strict=True):
+            chain = [start]
+            for _ in range(hops):
+                chain.append(links[chain[-1]])
+            assert answer == chain[-1]  # f^k(start)
+            assert answer not in chain[:-1]  # fewer hops end elsewhere
+        assert all(s0 <= t < s0 + suite.num_symbols for t in inputs[1 : 2 * n + 1])
     assert suite.chance_accuracy("hops") == pytest.approx(1 / 5)
 
 
@@ -164,7 +167,7 @@ def test_hops_is_opt_in_and_keeps_the_default_vocabulary():
     tokens, answer = with_hops.encode_prompt("hops", "3 5 5 1 1 3 | 3")
     s0 = with_hops.first_symbol
     assert answer == 1 and tokens.tolist() == [
-        [with_hops.task_token("hops"), *(s0 + v for v in (3, 5, 5, 1, 1, 3, 3)), 1]
+        [with_hops.task_token("hops"), *(s0 + v for v in (3, 5, 5, 1, 1, 3)), 1, s0 + 3]
     ]
     with pytest.raises(ValueError, match=r"write links x f\(x\), '\|', then the start symbol"):
         with_hops.encode_prompt("hops", "3 5 5")

@@ -15,11 +15,13 @@ Tasks (ids are their positions in :data:`TASKS`):
 * ``mqar``: multi-query associative recall (Arora et al. 2023): ``length`` key-value
   pairs, then the keys again in a shuffled order, each to be followed by its value;
 * ``modadd``: ``a b SEP (a + b) mod modulus``;
-* ``hops`` (opt-in, not in the default suite): pointer chasing. ``length`` links
-  ``x f(x)`` of one random cycle over ``length`` distinct symbols, in a shuffled order,
-  then a start symbol ``x``; the answer is ``f^k(x)`` for ``k = hops`` links, one token.
-  On a single cycle longer than ``k`` every shorter chain ends elsewhere
-  (``f^j(x) != f^k(x)`` for ``j < k``), so the answer needs all ``k`` lookups.
+* ``hops`` (opt-in, not in the default suite): pointer chasing, laid out as ``mqar``.
+  ``length`` links ``x f(x)`` of one random cycle over ``length`` distinct symbols, in a
+  shuffled order, SEP, then ``ceil(length / 2)`` distinct start symbols ``x``, each
+  followed by its answer ``f^k(x)`` for ``k = hops`` links (the answers are scored). On a
+  single cycle longer than ``k`` every shorter chain ends elsewhere
+  (``f^j(x) != f^k(x)`` for ``j < k``), so an answer needs all ``k`` lookups; with half
+  of the symbols queried, the earlier answers never pin down the last one.
 
 Opt-in tasks (:data:`EXTRA_TASKS`) take token ids after the data symbols, so a suite of
 default tasks keeps its vocabulary whatever tasks are added.
@@ -190,7 +192,7 @@ class TaskSuite:
             "sort": 2 * n + 2,
             "mqar": 4 * n + 2,
             "modadd": 5,
-            "hops": 2 * n + 4,
+            "hops": 2 * n + 2 * ((n + 1) // 2) + 2,
         }[task]
 
     def chance_accuracy(self, task: str) -> float:
@@ -230,11 +232,14 @@ class TaskSuite:
             following = cycle.roll(-1, dims=1)  # f(cycle[i]) = cycle[i + 1 mod n]
             order = torch.rand(b, n, generator=gen).argsort(dim=1)
             links = torch.stack([cycle.gather(1, order), following.gather(1, order)], dim=2)
-            start = torch.randint(0, n, (b, 1), generator=gen)
-            query = cycle.gather(1, start)
-            answer = cycle.gather(1, (start + self.hops) % n)
-            seq = torch.cat([head, links.flatten(1) + s0, query + s0, sep, answer + s0], dim=1)
-            return _finish(seq, 2 * n + 3)
+            starts = torch.rand(b, n, generator=gen).argsort(dim=1)[:, : (n + 1) // 2]
+            queries = torch.stack(
+                [cycle.gather(1, starts), cycle.gather(1, (starts + self.hops) % n)], dim=2
+            ).flatten(1)  # x1 f^k(x1) x2 f^k(x2) ...
+            seq = torch.cat([head, links.flatten(1) + s0, sep, queries + s0], dim=1)
+            batch = _finish(seq, 2 * n + 2)
+            batch.targets[:, 2 * n + 1 :: 2] = IGNORE_INDEX  # score the answers, not starts
+            return batch
         a = torch.randint(0, self.modulus, (b, 2), generator=gen)
         c = a.sum(dim=1, keepdim=True) % self.modulus
         return _finish(torch.cat([head, a + s0, sep, c + s0], dim=1), 4)
@@ -336,7 +341,7 @@ class TaskSuite:
                     f"hops prompt {text!r}: write links x f(x), '|', then the start symbol, "
                     "e.g. '3 5 5 1 1 3 | 3'"
                 )
-            symbols, tail, answer = links + start, [], 1  # the start comes before SEP
+            symbols, tail, answer = links, start, 1
         else:
             if bar or not parts[0]:
                 raise ValueError(f"{task} prompt {text!r}: write the symbols, e.g. '3 1 4'")
