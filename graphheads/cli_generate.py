@@ -47,7 +47,8 @@ def _generate_task(
         expected = None
         trained, given = data.prompt_length(task), prompt_tokens.size(1)
         # copy/reverse/sort: the symbols typed (the task token and SEP are not)
-        unit, extra = ("tokens", 0) if task in ("mqar", "modadd") else ("symbols", 2)
+        one_answer = ("mqar", "modadd", "hops")  # one answer token per prompt
+        unit, extra = ("tokens", 0) if task in one_answer else ("symbols", 2)
         if given + answer_len - 1 > data.max_seq_len:
             # n symbols take n + 2 prompt tokens and n answer tokens, the last not fed back
             longest = (data.max_seq_len - 1) // 2 if extra else data.max_seq_len
@@ -66,7 +67,7 @@ def _generate_task(
     else:
         batch = data.sample(args.num, gen, task=task)
         prompt_len = data.prompt_length(task)
-        answer_len = 1 if task in ("mqar", "modadd") else data.length
+        answer_len = 1 if task in ("mqar", "modadd", "hops") else data.length
         prompt_tokens = batch.inputs[:, :prompt_len]
         expected = batch.targets[:, prompt_len - 1 : prompt_len - 1 + answer_len]
     if isinstance(model, Transformer):  # source up to SEP; the decoder starts at SEP

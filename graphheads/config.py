@@ -218,6 +218,16 @@ class ModelConfig:
                         f"ModelConfig: {key} must be one of {list(names)}, "
                         f"got {getattr(self, key)!r}"
                     )
+        if (
+            self.attention == "goh"
+            and self.graph_conv == "gatv2"
+            and self.graph_learnable == "dense"
+        ):
+            raise ValueError(
+                "ModelConfig: graph_conv='gatv2' takes its edges from the graph and a weight "
+                "cannot switch one off, so graph_learnable='dense' (every pair an edge) would "
+                "be the complete graph; use graph_learnable 'edge' or 'fixed'"
+            )
         routed_sparse = self.execution == "sparse" and self.attention != "mha"
         if routed_sparse and self.sparse_backend == "flex" and self.dropout > 0:
             raise ValueError(

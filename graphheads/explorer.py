@@ -164,7 +164,8 @@ def head_graph_figure(
             marker={"colorscale": [[0.0, change_color(-1, 1)], [0.5, "rgb(255,255,255)"],
                                    [1.0, change_color(1, 1)]],
                     "cmin": -half, "cmax": half, "color": [0.0], "showscale": True,
-                    "colorbar": {"title": {"text": "weight change", "side": "right"},
+                    "colorbar": {"title": {"text": "weight - initial" if initial is not None
+                                           else "weight - median", "side": "right"},
                                  "thickness": 12, "len": 0.6}},
         )
     )  # fmt: skip
@@ -383,9 +384,7 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Any:
     tasks = list(dict.fromkeys(t for r in evals for t in r.get("accuracy", {})))
     bits = any("bits_per_byte" in r for r in evals)
     right = "token accuracy per task" if tasks else ("held-out bits per byte" if bits else "")
-    fig = make_subplots(
-        rows=1, cols=2, shared_xaxes=True, subplot_titles=["loss (nats per token)", right]
-    )
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["loss (nats per token)", right])
     if train:
         steps, losses = (list(x) for x in zip(*train, strict=True))
         window = max(1, round(len(losses) / 20))
@@ -422,6 +421,6 @@ def curves_figure(records: Sequence[Mapping[str, Any]]) -> Any:
         points = [(r["step"], r["bits_per_byte"]) for r in evals if "bits_per_byte" in r]
         fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[b for _, b in points],
                                  name="bits per byte", mode="lines+markers"), 1, 2)  # fmt: skip
-    fig.update_xaxes(title={"text": "step"})
+    fig.update_xaxes(title={"text": "step"}, matches="x")  # one step axis for both panels
     fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 50, "b": 40})
     return fig

@@ -12,8 +12,15 @@ interaction can depend on the input. For edge j -> i (and a self-loop on every h
 
 with ``w_ji`` the head graph's (learnable) edge weight. :class:`HeadGATv2Conv` computes
 this densely over the head axis, for every token at once, equal to PyG's
-``GATv2Conv(f, f, edge_dim=1)`` run on one graph per token (a test checks outputs and
-gradients); its parameter names are ``GATv2Conv``'s, so its state dict loads.
+``GATv2Conv(f, f, edge_dim=1)`` run on one graph per token on a coalesced graph (every
+:class:`~graphheads.graph.HeadGraph` is; PyG gives repeated edges a softmax term each,
+this sums their weights into one); a test checks outputs and gradients. Its parameter
+names are ``GATv2Conv``'s, so its state dict loads.
+
+Which heads talk is the graph's edge set: a weight enters the logit as a feature and
+cannot switch an edge off, so a graph whose every pair is an edge (``learnable="dense"``)
+is the complete graph here (``ModelConfig`` refuses that combination), and a self-loop's
+weight is replaced, as in PyG, by the mean of the head's incoming weights.
 
 Shapes: z (..., h, f), edge_index (2, E), edge_weight (E,) -> (..., h, f).
 """
@@ -63,26 +70,35 @@ class HeadGATv2Conv(MessagePassing):
     def attention(self, z: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
         """The attention (..., h, h): ``[..., i, j]`` weighs head j's message to head i
         (0 where the graph has no edge j -> i)."""
+        return self._attention(z, self.lin_l(z), edge_index, edge_weight)
+
+    def _attention(
+        self, z: Tensor, x_l: Tensor, edge_index: Tensor, edge_weight: Tensor | None
+    ) -> Tensor:
         h = z.size(-2)
         src, dst = edge_index[0], edge_index[1]
         keep = (src != dst).to(z.dtype)  # existing self-loops are replaced
         linked = z.new_zeros(h, h).index_put((dst, src), keep, accumulate=True)
         eye = torch.eye(h, dtype=z.dtype, device=z.device)
         mask = (linked + eye) > 0
-        scores = self.lin_r(z).unsqueeze(-2) + self.lin_l(z).unsqueeze(-3)  # (..., i, j, f)
+        scores = self.lin_r(z).unsqueeze(-2) + x_l.unsqueeze(-3)  # (..., i, j, f)
         if edge_weight is not None:
             w = edge_weight.to(z.dtype) * keep
             attr = z.new_zeros(h, h).index_put((dst, src), w, accumulate=True)
             incoming = linked.sum(-1)
             loops = attr.sum(-1) / incoming.clamp_min(1.0)  # mean of incoming; 0 if none
             attr = attr + torch.diag(loops)
-            scores = scores + attr.unsqueeze(-1) * self.lin_edge.weight.view(-1)
-        logits = (F.leaky_relu(scores, self.negative_slope) * self.att.view(-1)).sum(-1)
+            edge = attr.unsqueeze(-1) * self.lin_edge.weight.view(-1)
+            scores = scores + edge.to(scores.dtype)  # autocast: stay in the features' dtype
+        att = self.att.view(-1).to(scores.dtype)  # no fp32 copy of the (..., h, h, f) scores
+        logits = (F.leaky_relu(scores, self.negative_slope) * att).sum(-1).float()
         return logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
     def forward(self, z: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
-        alpha = self.attention(z, edge_index, edge_weight)
-        return alpha @ self.lin_l(z) + self.bias
+        x_l = self.lin_l(z)
+        alpha = self._attention(z, x_l, edge_index, edge_weight)
+        out = alpha.to(x_l.dtype) @ x_l
+        return out + self.bias.to(out.dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.channels})"

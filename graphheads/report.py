@@ -112,7 +112,8 @@ def make_report(run_dir: str | Path) -> Path:
             top = [
                 (torch.tensor(row[shared:]).topk(k).indices + shared).tolist() for row in per_layer
             ]
-            per_layer = "; ".join(f"layer {i} {heads}" for i, heads in enumerate(top))
+            site = "layer" if isinstance(model, DecoderOnlyLM) else "decoder attention"
+            per_layer = "; ".join(f"{site} {i} {heads}" for i, heads in enumerate(top))
             lines.append(f"- {task}: most used routed heads: {per_layer}")
         lines.append("")
     graphs = model.head_graphs()

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -150,7 +151,11 @@ def test_hops_answers_need_every_link(hops):
             for _ in range(hops):
                 chain.append(links[chain[-1]])
             assert answer == chain[-1]  # f^k(start)
-            assert answer not in chain[:-1]  # fewer hops end elsewhere
+            assert answer not in chain[:-1]  # fewer hops forwards end elsewhere
+            inverse, back = {v: k for k, v in links.items()}, [start]
+            for _ in range(hops - 1):  # fewer than k links backwards end elsewhere too
+                back.append(inverse[back[-1]])
+            assert answer not in back
         assert all(s0 <= t < s0 + suite.num_symbols for t in inputs[1 : 2 * n + 1])
     assert suite.chance_accuracy("hops") == pytest.approx(1 / 5)
 
@@ -171,8 +176,31 @@ def test_hops_is_opt_in_and_keeps_the_default_vocabulary():
     ]
     with pytest.raises(ValueError, match=r"write links x f\(x\), '\|', then the start symbol"):
         with_hops.encode_prompt("hops", "3 5 5")
-    with pytest.raises(ValueError, match=r"hops needs 1 <= hops \(6\) < length \(6\)"):
-        TaskSuite(("hops",), length=6, hops=6)
+    with pytest.raises(ValueError, match=r"hops needs 1 <= hops \(4\), 2 x hops <= length"):
+        TaskSuite(("hops",), length=6, hops=4)  # 2 links backwards would reach the answer
+    with pytest.raises(ValueError, match="each symbol may start one link"):
+        with_hops.encode_prompt("hops", "3 5 3 1 | 3")
+    with pytest.raises(ValueError, match="the start symbol must start one"):
+        with_hops.encode_prompt("hops", "3 5 5 1 | 9")
+
+
+def test_generate_answers_hops_prompts_with_one_token(tmp_path, capsys):
+    """``graphheads generate --task hops`` asked for ``length`` answer tokens (past the
+    context) and printed IGNORE_INDEX as the expected answer."""
+    from graphheads.cli import main
+    from graphheads.train import RunConfig, Trainer
+
+    config = RunConfig.load(None, ["data.tasks=copy,hops", "train.steps=1", "train.batch_size=8",
+                                   "train.eval_batches=1", "train.eval_batch_size=8",
+                                   "model.d_model=32"])  # fmt: skip
+    Trainer(config, tmp_path / "run", progress=False).fit()
+    assert main(["generate", "--run", str(tmp_path / "run"), "--task", "hops", "--num", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        expected = json.loads(line.split("(expected ")[1].rstrip(")"))
+        assert len(expected) == 1 and 0 <= expected[0] < 16
+        assert len(json.loads(line.split("generated ")[1].split(" (")[0])) == 1
 
 
 def test_a_run_trains_on_hops():

@@ -229,6 +229,8 @@ def test_named_heads_large_graphs_and_bad_inputs():
     fig = head_graph_figure(HeadGraph.from_networkx(named), num_shared=1)
     nodes = fig.data[-1]  # the heads, drawn last (over the arrows)
     assert list(nodes.text) == ["q", "k", "v"] and list(nodes.customdata) == [0, 1, 2]
+    bar = fig.data[1].marker.colorbar.title.text
+    assert bar == "weight - median"  # no initial graph: not a change from a start
     assert nodes.hovertext[0].startswith("head q (shared)")
     # a 32-head dense graph: at most 8 per head drawable, the slider up to them
     big = head_graph_figure(HeadGraph.complete(32), usage=[0.5] * 32)
@@ -244,7 +246,9 @@ def test_named_heads_large_graphs_and_bad_inputs():
     records = [{"kind": "train", "step": 1, "loss": 2.0},
                {"kind": "eval", "step": 1, "loss": 2.0, "accuracy": {"copy": 0.5}},
                {"kind": "eval", "step": 2, "loss": 1.0, "accuracy": {"sort": 0.25}}]  # fmt: skip
-    assert {t.name for t in curves_figure(records).data} >= {"copy", "sort"}
+    curves = curves_figure(records)
+    assert {t.name for t in curves.data} >= {"copy", "sort"}
+    assert curves.layout.xaxis2.matches == "x"  # one step axis for loss and accuracy
     titles = [a.text for a in curves_figure(records[:1]).layout.annotations]
     assert "held-out bits per byte" not in titles and "token accuracy per task" not in titles
     coact = nx.Graph()

@@ -85,3 +85,19 @@ def test_model_config_refuses_unknown_graph_settings_when_built(key, value, matc
     """They were accepted and failed only when the model was built."""
     with pytest.raises(ValueError, match=match):
         ModelConfig(vocab_size=10, attention="goh", num_shared=1, **{key: value})
+
+
+def test_gatv2_with_a_dense_graph_is_refused_and_autocast_keeps_the_dtype():
+    """A dense learnable graph makes every pair an edge, and a weight cannot switch an
+    edge off in GATv2: it would silently be the complete graph. Under autocast the
+    layer's output kept fp32 (an fp32 edge term and bias promoted the bf16 features)."""
+    with pytest.raises(ValueError, match=r"graph_learnable='dense' .* would be the complete graph"):
+        ModelConfig(vocab_size=10, attention="goh", num_shared=1, graph_conv="gatv2",
+                    graph_learnable="dense")  # fmt: skip
+    conv, g = HeadGATv2Conv(F), graph()
+    z = torch.randn(2, 3, H, F)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(z, g.edge_index, g.edge_weight)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), conv(z, g.edge_index, g.edge_weight),
+                               atol=0.1, rtol=0.05)  # fmt: skip

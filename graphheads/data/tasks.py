@@ -19,9 +19,10 @@ Tasks (ids are their positions in :data:`TASKS`):
   ``length`` links ``x f(x)`` of one random cycle over ``length`` distinct symbols, in a
   shuffled order, SEP, then ``ceil(length / 2)`` distinct start symbols ``x``, each
   followed by its answer ``f^k(x)`` for ``k = hops`` links (the answers are scored). On a
-  single cycle longer than ``k`` every shorter chain ends elsewhere
-  (``f^j(x) != f^k(x)`` for ``j < k``), so an answer needs all ``k`` lookups; with half
-  of the symbols queried, the earlier answers never pin down the last one.
+  single cycle of ``n >= 2 k`` links every shorter chain ends elsewhere, forwards
+  (``f^j(x) != f^k(x)`` for ``j < k``) and backwards (``f^k = f^-(n - k)``, and
+  ``n - k >= k``), so an answer needs ``k`` lookups; with half of the symbols queried,
+  the earlier answers never pin down the last one.
 
 Opt-in tasks (:data:`EXTRA_TASKS`) take token ids after the data symbols, so a suite of
 default tasks keeps its vocabulary whatever tasks are added.
@@ -124,7 +125,7 @@ class TaskSuite:
         num_symbols: data symbols in the vocabulary (mqar keys use the first half, values
             the second half).
         modulus: the modulus of ``modadd`` (at most ``num_symbols``).
-        hops: links ``hops`` follows from its start symbol (below ``length``).
+        hops: links ``hops`` follows from its start symbol (at most ``length / 2``).
     """
 
     def __init__(
@@ -150,11 +151,11 @@ class TaskSuite:
                 f"TaskSuite: mqar needs length ({length}) <= num_symbols // 2 "
                 f"({num_symbols // 2}) distinct keys"
             )
-        if "hops" in tasks and not 1 <= hops < length <= num_symbols:
+        if "hops" in tasks and not (1 <= hops and 2 * hops <= length <= num_symbols):
             raise ValueError(
-                f"TaskSuite: hops needs 1 <= hops ({hops}) < length ({length}) <= "
-                f"num_symbols ({num_symbols}): a cycle of length distinct symbols, longer "
-                "than the chain"
+                f"TaskSuite: hops needs 1 <= hops ({hops}), 2 x hops <= length ({length}) <= "
+                f"num_symbols ({num_symbols}): on a cycle of length links, length - hops links "
+                "backwards reach the same answer, which must be no shorter"
             )
         if not 2 <= modulus <= num_symbols:
             raise ValueError(
@@ -340,6 +341,12 @@ class TaskSuite:
                 raise ValueError(
                     f"hops prompt {text!r}: write links x f(x), '|', then the start symbol, "
                     "e.g. '3 5 5 1 1 3 | 3'"
+                )
+            keys = links[0::2]
+            if len(set(keys)) != len(keys) or start[0] not in keys:
+                raise ValueError(
+                    f"hops prompt {text!r}: each symbol may start one link, and the start "
+                    "symbol must start one"
                 )
             symbols, tail, answer = links, start, 1
         else:

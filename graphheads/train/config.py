@@ -100,7 +100,7 @@ class DataConfig:
     length: int = 6  # symbols per prompt
     num_symbols: int = 16  # data symbols in the vocabulary (mqar: keys, then values)
     modulus: int = 11  # modadd's modulus
-    hops: int = 2  # hops' links to follow from its start symbol (< length)
+    hops: int = 2  # hops' links to follow from its start symbol (at most length / 2)
     text: str | None = None  # a UTF-8 file or folder: byte-level LM instead of tasks
     tokens: str | None = None  # a folder from `graphheads prepare`: token shards (memmap)
     seq_len: int = 128  # window length for text and tokens
@@ -116,6 +116,8 @@ class DataConfig:
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
         check_field_types(self)
+        if isinstance(self.hops, bool) or not isinstance(self.hops, int) or self.hops < 1:
+            raise ValueError(f"DataConfig: hops must be a positive int, got {self.hops!r}")
         if self.text is not None and self.tokens is not None:
             raise ValueError("DataConfig: set data.text or data.tokens, not both")
         if not self.tasks:
