@@ -261,6 +261,12 @@ class RoutedAttention(MultiHeadAttention):
                 key_padding_mask=key_padding_mask,
                 is_causal=False,  # the causal part stays a flag (a key limit per chunk)
             )
+        weights: dict[str, Any] = {  # the projections both kernels take as tensors
+            "q_weight": self.q_proj.weight,
+            "q_bias": self.q_proj.bias,
+            "out_weight": self.out_proj.weight,
+            "out_bias": self.out_proj.bias,
+        }
         if choice.path == "decode":  # one token with a causal cache sees every key
             output = routed_decode_attention(
                 query,
@@ -268,10 +274,7 @@ class RoutedAttention(MultiHeadAttention):
                 kv.value,
                 routing.gates,
                 routing.active_head_indices,
-                q_weight=self.q_proj.weight,
-                q_bias=self.q_proj.bias,
-                out_weight=self.out_proj.weight,
-                out_bias=self.out_proj.bias,
+                **weights,
                 attn_bias=bias,
                 queries=q,
                 fused_attention=self.fused_attention,
@@ -284,10 +287,7 @@ class RoutedAttention(MultiHeadAttention):
             values,
             routing.gates,
             routing.routed_mask,
-            q_weight=self.q_proj.weight,
-            q_bias=self.q_proj.bias,
-            out_weight=self.out_proj.weight,
-            out_bias=self.out_proj.bias,
+            **weights,
             attn_bias=bias,
             is_causal=is_causal and query.size(1) > 1,
             dropout_p=self.dropout if self.training else 0.0,
