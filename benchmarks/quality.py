@@ -41,6 +41,9 @@ import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from runlog import append_record, frozen_corpus, load_records  # noqa: E402
+
 MODEL = {"d_model": 64, "num_heads": 8, "num_layers": 2, "d_ff": 128, "norm_first": True}
 GOH = {"attention": "goh", "num_shared": 2, "top_k": 2, "graph": "complete"}
 VARIANTS: dict[str, dict] = {
@@ -136,18 +139,6 @@ def run_one(spec: dict) -> dict:
     if spec["variant"] == "MoH":
         record["coactivation"] = coactivation(trainer, spec["bench"])
     return record
-
-
-def load_records(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a torn last line of an interrupted run: that run is done again
-    return records
 
 
 def launch(spec: dict, old_code: pathlib.Path | None) -> dict:
@@ -256,14 +247,7 @@ def main() -> None:
         print(json.dumps(run_one(json.loads(args.run_one))))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    corpus_file = args.work / "corpus.txt"
-    if not corpus_file.exists():  # frozen at the first run: docs may change afterwards
-        sys.path.insert(0, str(HERE))
-        import corpus
-
-        tmp = corpus_file.with_name(".corpus.txt.tmp")
-        tmp.write_text(corpus.offline_text())
-        os.replace(tmp, corpus_file)
+    frozen_corpus(args.work)
     runs_file = args.work / "runs.jsonl"
     variants = [v for v in args.variants if v != "GoH v0.1" or args.old_code is not None]
     if args.report_only:
@@ -306,8 +290,7 @@ def main() -> None:
             ]
             for future in concurrent.futures.as_completed(futures):
                 record = future.result()
-                with open(runs_file, "a") as fh:  # one whole line per finished run
-                    fh.write(json.dumps(record) + "\n")
+                append_record(runs_file, record)
                 print(
                     f"{record['bench']:5s} {record['variant']:14s} seed {record['seed']}: "
                     f"metric {record['metric']:.4f} ({record['seconds']:.0f} s)",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,9 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from runlog import append_record, frozen_corpus, load_records  # noqa: E402
+
 BASE = {"d_model": 64, "num_layers": 2, "d_ff": 128, "norm_first": True}
 GOH = {"attention": "goh", "graph": "complete"}
 VARIANTS: dict[str, dict] = {
@@ -71,8 +75,18 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip
 
 
+# one-sided 80% quantiles of Student's t, df 1..30 (then the normal's 0.842)
+T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873,
+       0.870, 0.868, 0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857,
+       0.856, 0.856, 0.855, 0.855, 0.854, 0.854]  # fmt: skip
+
+
 def t975(df: int) -> float:
     return T975[df - 1] if 1 <= df <= len(T975) else 1.96
+
+
+def t80(df: int) -> float:
+    return T80[df - 1] if 1 <= df <= len(T80) else 0.842
 
 
 def model_section(variant: str, heads: int, d_ff: int | None = None) -> dict:
@@ -154,15 +168,18 @@ def run_one(spec: dict) -> dict:
     }
 
 
-def load_records(path: pathlib.Path) -> list[dict]:
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a torn last line: that run is done again
-    return records
+def settings_keys(spec: dict) -> tuple[str, str]:
+    """(the run's settings, its comparison group): hashes of everything a run computes
+    from (model, data and training sections), and of the data and training alone, so a
+    study resumed or rerun with other settings never mixes or pairs their runs."""
+    data, train = data_section(spec["bench"], pathlib.Path("WORK"))
+    train = {**train, "steps": spec["steps"], "eval_every": spec["eval_every"]}
+    model = model_section(spec["variant"], spec["heads"], spec.get("d_ff"))
+
+    def digest(value: object) -> str:
+        return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+    return digest([model, data, train]), digest([data, train, spec["heads"]])
 
 
 def launch(spec: dict) -> dict:
@@ -178,27 +195,33 @@ def launch(spec: dict) -> dict:
 
 def paired(diffs: list[float]) -> tuple[float, float, float]:
     """Mean, 95% t-interval half-width, and the smallest effect an n-pair t-test detects
-    with 80% power at 5% (``(t_0.975 + 0.84) sd / sqrt(n)``, 0.84 the normal's 80%)."""
+    with 80% power at 5% (``(t_0.975 + t_0.8) sd / sqrt(n)``, from the observed sd: a
+    rough guide). Each interval is for one comparison (no multiplicity correction)."""
     n = len(diffs)
     mean = statistics.mean(diffs)
     if n < 2:
         return mean, math.inf, math.inf
     se = statistics.stdev(diffs) / math.sqrt(n)
-    return mean, t975(n - 1) * se, (t975(n - 1) + 0.84) * se
+    return mean, t975(n - 1) * se, (t975(n - 1) + t80(n - 1)) * se
 
 
 def report(records: list[dict]) -> str:
     """Markdown tables: per (bench, heads), each variant's mean, its paired difference
     to MoH and to the null (GoH null) with 95% intervals, solve rates, parameters."""
     lines = []
-    groups = sorted({(r["bench"], r["heads"]) for r in records})
-    for bench, heads in groups:
-        runs = [r for r in records if (r["bench"], r["heads"]) == (bench, heads)]
+    groups = sorted({(r["bench"], r["heads"], r.get("group", "")) for r in records})
+    for bench, heads, group in groups:
+        runs = [
+            r
+            for r in records
+            if (r["bench"], r["heads"], r.get("group", "")) == (bench, heads, group)
+        ]
         by = {v: {r["seed"]: r for r in runs if r["variant"] == v} for v in VARIANTS}
         solved = BENCHES[bench]["solved"]
         unit = "bits/byte" if bench == "text" else "accuracy"
+        steps = sorted({r["steps"] for r in runs})
         lines += [
-            f"### {bench}, {heads} heads",
+            f"### {bench}, {heads} heads, {'/'.join(map(str, steps))} steps (settings {group})",
             "",
             f"| variant | params | seeds | {unit} | minus MoH (95% CI) | minus null (95% CI) |"
             + (" solved |" if solved else ""),
@@ -236,8 +259,14 @@ def plot_curves(records: list[dict], out: pathlib.Path) -> None:
     """Per (bench, heads): each variant's mean paired difference to MoH along training."""
     import matplotlib.pyplot as plt
 
-    for bench, heads in sorted({(r["bench"], r["heads"]) for r in records}):
-        runs = [r for r in records if (r["bench"], r["heads"]) == (bench, heads)]
+    for bench, heads, group in sorted(
+        {(r["bench"], r["heads"], r.get("group", "")) for r in records}
+    ):
+        runs = [
+            r
+            for r in records
+            if (r["bench"], r["heads"], r.get("group", "")) == (bench, heads, group)
+        ]
         moh = {r["seed"]: dict(map(tuple, r["curve"])) for r in runs if r["variant"] == "MoH"}
         fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
         for variant in VARIANTS:
@@ -267,7 +296,7 @@ def plot_curves(records: list[dict], out: pathlib.Path) -> None:
         ax.set_ylabel(f"variant - MoH, paired, {unit}")
         ax.set_title(f"{bench}, {heads} heads: mean paired difference to MoH, 95% CI")
         ax.legend(fontsize=7)
-        fig.savefig(out / f"curves_{bench}_{heads}.png", dpi=110)
+        fig.savefig(out / f"curves_{bench}_{heads}_{group}.png", dpi=110)
         plt.close(fig)
 
 
@@ -289,16 +318,10 @@ def main() -> None:
         print(json.dumps(run_one(json.loads(args.run_one))))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    corpus_file = args.work / "corpus.txt"
-    if "text" in args.benches and not corpus_file.exists():  # frozen at the first run
-        sys.path.insert(0, str(HERE))
-        import corpus
-
-        tmp = corpus_file.with_name(".corpus.txt.tmp")
-        tmp.write_text(corpus.offline_text())
-        os.replace(tmp, corpus_file)
+    if "text" in args.benches:
+        frozen_corpus(args.work)
     runs_file = args.work / "runs.jsonl"
-    done = {(r["variant"], r["bench"], r["heads"], r["seed"]) for r in load_records(runs_file)}
+    done = {(r["seed"], r.get("settings")) for r in load_records(runs_file)}
     todo = []
     for bench in [] if args.report_only else args.benches:
         data, _ = data_section(bench, args.work)
@@ -308,20 +331,28 @@ def main() -> None:
                 d_ff = None
                 if args.match_params and variant != REFERENCE:
                     d_ff = matched_d_ff(variant, heads, data, args.work, target)
+                spec = {"variant": variant, "bench": bench, "heads": heads,
+                        "steps": args.steps, "eval_every": args.eval_every, "d_ff": d_ff,
+                        "work": str(args.work)}  # fmt: skip
+                spec["settings"], spec["group"] = settings_keys(spec)
                 todo += [
-                    {"variant": variant, "bench": bench, "heads": heads, "seed": s,
-                     "steps": args.steps, "eval_every": args.eval_every, "d_ff": d_ff,
-                     "work": str(args.work)}
-                    for s in args.seeds
-                    if (variant, bench, heads, s) not in done
-                ]  # fmt: skip
+                    {**spec, "seed": s} for s in args.seeds if (s, spec["settings"]) not in done
+                ]
     todo.sort(key=lambda spec: spec["seed"])  # seed by seed: early pairs are complete
     start = time.perf_counter()
+    failed = []
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-        for future in concurrent.futures.as_completed([pool.submit(launch, s) for s in todo]):
-            record = future.result()
-            with open(runs_file, "a") as fh:  # one whole line per finished run
-                fh.write(json.dumps(record) + "\n")
+        futures = {pool.submit(launch, spec): spec for spec in todo}
+        for future in concurrent.futures.as_completed(futures):
+            spec = futures[future]
+            try:
+                record = future.result()
+            except RuntimeError as err:  # the others go on, and are kept
+                failed.append(spec)
+                print(f"FAILED {spec['variant']} {spec['bench']} seed {spec['seed']}: {err}")
+                continue
+            record.update(settings=spec["settings"], group=spec["group"])
+            append_record(runs_file, record)
             print(
                 f"{record['bench']} h{record['heads']} {record['variant']:13s} seed "
                 f"{record['seed']}: {record['metric']:.4f} ({record['seconds']:.0f} s)",
@@ -332,6 +363,8 @@ def main() -> None:
     print(f"\n{time.perf_counter() - start:.0f} s\n\n{text}")
     (args.work / "report.md").write_text(text)
     plot_curves(records, args.work)
+    if failed:
+        sys.exit(f"{len(failed)} runs failed (see above); rerun to retry them")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""The runs file of a resumable benchmark (quality.py, study.py): one JSON record per
+finished run, appended whole; an interrupted benchmark resumes from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+
+def load_records(path: pathlib.Path) -> list[dict]:
+    """The records of ``path``. A torn last line (a run interrupted while writing) is cut
+    off the file, so the next record starts on a line of its own."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def append_record(path: pathlib.Path, record: dict) -> None:
+    with open(path, "a") as fh:  # one whole line per finished run
+        fh.write(json.dumps(record) + "\n")
+
+
+def frozen_corpus(work: pathlib.Path) -> pathlib.Path:
+    """``work/corpus.txt``: the offline English text (benchmarks/corpus.py), written at
+    the first run and kept, so later changes to the docs do not change a benchmark."""
+    import corpus
+
+    path = work / "corpus.txt"
+    if not path.exists():
+        tmp = path.with_name(".corpus.txt.tmp")
+        tmp.write_text(corpus.offline_text())
+        os.replace(tmp, path)
+    return path
