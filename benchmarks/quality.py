@@ -42,7 +42,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from runlog import append_record, frozen_corpus, load_records  # noqa: E402
+import runlog  # noqa: E402
 
 MODEL = {"d_model": 64, "num_heads": 8, "num_layers": 2, "d_ff": 128, "norm_first": True}
 GOH = {"attention": "goh", "num_shared": 2, "top_k": 2, "graph": "complete"}
@@ -236,23 +236,18 @@ def main() -> None:
     parser.add_argument("--benches", nargs="+", default=["text", "mqar"], choices=["text", "mqar"])
     parser.add_argument("--text-steps", type=int, default=2000)
     parser.add_argument("--mqar-steps", type=int, default=2000)
-    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
-    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/quality"))
+    runlog.add_runner_arguments(parser, "runs/quality")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/img"))
     parser.add_argument("--old-code", type=pathlib.Path, help="a checkout for 'GoH v0.1'")
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.run_one:
-        print(json.dumps(run_one(json.loads(args.run_one))))
+    if runlog.run_worker_or_prepare(args, run_one):
         return
-    args.work.mkdir(parents=True, exist_ok=True)
-    frozen_corpus(args.work)
+    runlog.frozen_corpus(args.work)
     runs_file = args.work / "runs.jsonl"
     variants = [v for v in args.variants if v != "GoH v0.1" or args.old_code is not None]
     if args.report_only:
         variants = []
-    done = {(r["variant"], r["bench"], r["seed"]) for r in load_records(runs_file)}
+    done = {(r["variant"], r["bench"], r["seed"]) for r in runlog.load_records(runs_file)}
     # MoH first: the co-activation variant reads the trained MoH model's co-activation
     order = sorted(variants, key=lambda v: (v != "MoH", v == "GoH coact"))
     todo = [
@@ -274,7 +269,9 @@ def main() -> None:
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
         for batch in (pending, later):
             moh = {
-                (r["bench"], r["seed"]): r for r in load_records(runs_file) if "coactivation" in r
+                (r["bench"], r["seed"]): r
+                for r in runlog.load_records(runs_file)
+                if "coactivation" in r
             }
             for spec in batch:
                 if spec["variant"] == "GoH coact":
@@ -290,14 +287,14 @@ def main() -> None:
             ]
             for future in concurrent.futures.as_completed(futures):
                 record = future.result()
-                append_record(runs_file, record)
+                runlog.append_record(runs_file, record)
                 print(
                     f"{record['bench']:5s} {record['variant']:14s} seed {record['seed']}: "
                     f"metric {record['metric']:.4f} ({record['seconds']:.0f} s)",
                     flush=True,
                 )
     print(f"\n{time.perf_counter() - start:.0f} s in all\n")
-    report(load_records(runs_file), args.out, args.seeds)
+    report(runlog.load_records(runs_file), args.out, args.seeds)
 
 
 if __name__ == "__main__":

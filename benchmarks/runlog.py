@@ -3,9 +3,11 @@ finished run, appended whole; an interrupted benchmark resumes from it."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
+from collections.abc import Callable
 
 
 def load_records(path: pathlib.Path) -> list[dict]:
@@ -44,3 +46,22 @@ def frozen_corpus(work: pathlib.Path) -> pathlib.Path:
         tmp.write_text(corpus.offline_text())
         os.replace(tmp, path)
     return path
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser, work: str) -> None:
+    """``--workers``, ``--work`` (default ``work``), ``--report-only`` and the hidden
+    ``--run-one SPEC`` a worker process is started with."""
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
+    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path(work))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+
+
+def run_worker_or_prepare(args: argparse.Namespace, run_one: Callable[[dict], dict]) -> bool:
+    """In a worker (``--run-one``): run it, print its record, and return True; else make
+    the work folder and return False."""
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return True
+    args.work.mkdir(parents=True, exist_ok=True)
+    return False

@@ -49,7 +49,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from runlog import append_record, frozen_corpus, load_records  # noqa: E402
+import runlog  # noqa: E402
 
 BASE = {"d_model": 64, "num_layers": 2, "d_ff": 128, "norm_first": True}
 GOH = {"attention": "goh", "graph": "complete"}
@@ -309,19 +309,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--match-params", action="store_true")
-    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
-    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/study"))
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    runlog.add_runner_arguments(parser, "runs/study")
     args = parser.parse_args()
-    if args.run_one:
-        print(json.dumps(run_one(json.loads(args.run_one))))
+    if runlog.run_worker_or_prepare(args, run_one):
         return
-    args.work.mkdir(parents=True, exist_ok=True)
     if "text" in args.benches:
-        frozen_corpus(args.work)
+        runlog.frozen_corpus(args.work)
     runs_file = args.work / "runs.jsonl"
-    done = {(r["seed"], r.get("settings")) for r in load_records(runs_file)}
+    done = {(r["seed"], r.get("settings")) for r in runlog.load_records(runs_file)}
     todo = []
     for bench in [] if args.report_only else args.benches:
         data, _ = data_section(bench, args.work)
@@ -352,13 +347,13 @@ def main() -> None:
                 print(f"FAILED {spec['variant']} {spec['bench']} seed {spec['seed']}: {err}")
                 continue
             record.update(settings=spec["settings"], group=spec["group"])
-            append_record(runs_file, record)
+            runlog.append_record(runs_file, record)
             print(
                 f"{record['bench']} h{record['heads']} {record['variant']:13s} seed "
                 f"{record['seed']}: {record['metric']:.4f} ({record['seconds']:.0f} s)",
                 flush=True,
             )
-    records = load_records(runs_file)
+    records = runlog.load_records(runs_file)
     text = report(records)
     print(f"\n{time.perf_counter() - start:.0f} s\n\n{text}")
     (args.work / "report.md").write_text(text)
