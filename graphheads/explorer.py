@@ -161,8 +161,7 @@ def head_graph_figure(
     fig.add_trace(  # no points: the colour bar of the arrows' change
         go.Scatter(
             x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
-            marker={"colorscale": [[0.0, change_color(-1, 1)], [0.5, "rgb(255,255,255)"],
-                                   [1.0, change_color(1, 1)]],
+            marker={"colorscale": [[i / 10, change_color(i / 5 - 1, 1)] for i in range(11)],
                     "cmin": -half, "cmax": half, "color": [0.0], "showscale": True,
                     "colorbar": {"title": {"text": "weight - initial" if initial is not None
                                            else "weight - median", "side": "right"},

@@ -23,8 +23,10 @@ from graphheads.config import ModelConfig
 from graphheads.graph import HeadGraph
 from graphheads.types import RoutingOutput
 from graphheads.viz_files import (
+    CHANGE_CMAP,
     ROUTED_COLOR,
     SHARED_COLOR,
+    change_color,
     edge_changes,
     export_graph,
     head_graph_html,
@@ -116,7 +118,6 @@ def draw_head_graph(
     edges, changes = edges[:keep], changes[:keep]
     weights = [w for _, _, w in edges]
     norm = plt.Normalize(-half, half)
-    cmap = plt.get_cmap("RdBu_r")
     strongest_weight = max(weights, default=1.0) or 1.0
     nx.draw_networkx_edges(
         g,
@@ -124,7 +125,7 @@ def draw_head_graph(
         ax=ax,
         edgelist=[(u, v) for u, v, _ in edges],
         width=[0.3 + 3.7 * w / strongest_weight for w in weights],
-        edge_color=[cmap(norm(c)) for c in changes],
+        edge_color=[change_color(c, half) for c in changes],
         arrows=g.is_directed(),
         arrowsize=8,
         node_size=sizes,
@@ -135,7 +136,7 @@ def draw_head_graph(
     )
     nx.draw_networkx_labels(g, pos, ax=ax, labels={n: str(n) for n in nodes}, font_size=9)
     if weights:
-        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.6)
+        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CHANGE_CMAP), ax=ax, shrink=0.6)
         bar.set_label(
             "edge weight - initial weight (width: weight)"
             if initial is not None

@@ -11,11 +11,14 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
+import matplotlib.colors
 import networkx as nx
 
 from graphheads.graph import HeadGraph
 
 __all__ = [
+    "CHANGE_CMAP",
     "ROUTED_COLOR",
     "SHARED_COLOR",
     "change_color",
@@ -25,6 +28,7 @@ __all__ = [
 ]
 
 SHARED_COLOR, ROUTED_COLOR = "#d95f02", "#1b9e77"
+CHANGE_CMAP = "RdBu_r"  # weight changes: blue down, red up
 
 
 def _as_networkx(graph: HeadGraph | nx.Graph) -> nx.Graph:
@@ -46,12 +50,11 @@ def export_graph(graph: HeadGraph | nx.Graph, path: str | Path) -> Path:
 
 
 def change_color(change: float, half: float) -> str:
-    """The diverging colour (RdBu reversed) of a weight's change on a scale of
-    +-``half``: blue below 0, white at 0, red above."""
+    """The colour of a weight's change on a scale of +-``half`` (blue below 0, pale at 0,
+    red above): matplotlib's :data:`CHANGE_CMAP`, the one the PNG figures draw with, so
+    the PNG, the SVG page and the explorer show one scale."""
     f = max(-1.0, min(1.0, change / half)) if half > 0 else 0.0
-    end = (178, 24, 43) if f > 0 else (33, 102, 172)
-    r, g, b = (round(255 + (c - 255) * abs(f)) for c in end)
-    return f"rgb({r},{g},{b})"
+    return matplotlib.colors.to_hex(matplotlib.colormaps[CHANGE_CMAP](0.5 + 0.5 * f))
 
 
 def edge_changes(
@@ -155,7 +158,7 @@ body {{ font-family: sans-serif; margin: 2em; }}
 </style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>Orange: shared heads; green: routed heads; node size: usage. Arrows ({shown}): width
-proportional to the weight, colour its change from {scale} (red up, blue down, white
+proportional to the weight, colour its change from {scale} (red up, blue down, pale
 unchanged; scale +-{half:.3g}). Hover for values.</p>
 <svg width="{size}" height="{size}" viewBox="0 0 {size} {size}">
 <defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="5"

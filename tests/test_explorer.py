@@ -5,6 +5,7 @@ import os
 import sys
 from html.parser import HTMLParser
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
@@ -34,9 +35,12 @@ def test_head_graph_draws_each_directed_edge_as_an_arrow_strongest_first():
         (0.4 + 3.6) / (0.4 + 3.6 * expected[-1][2] / expected[0][2])
     )  # proportional to the weight, not a near-constant width
     # colour: red where the weight rose from the start (1.0), blue where it fell
-    rgb = [[int(c) for c in a.arrowcolor[4:-1].split(",")] for a in arrows]
-    assert rgb[0] == [178, 24, 43]  # the largest rise: the scale's red end
-    assert rgb[-1][2] > rgb[-1][0]  # 0.9: a fall, blue
+    from matplotlib.colors import to_hex, to_rgb
+
+    red_end = to_hex(plt.get_cmap("RdBu_r")(1.0))  # the PNG figures' colour map
+    assert arrows[0].arrowcolor == red_end  # the largest rise: the scale's red end
+    r, _, b = to_rgb(arrows[-1].arrowcolor)
+    assert b > r  # 0.9: a fall, blue
     # u -> v and v -> u are two distinct arrows (offset to their right)
     ends = {(round(a.x, 3), round(a.y, 3), round(a.ax, 3), round(a.ay, 3)) for a in arrows}
     assert len(ends) == 12

@@ -159,6 +159,9 @@ def test_html_draws_arrows_of_the_strongest_edges_in_the_png_layout(tmp_path):
     arrows, and head 0 at the top while the PNG puts it on the right."""
     import re
 
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
     graph = HeadGraph.complete(8, learnable="edge")
     with torch.no_grad():  # softplus(raw) from 0.5 to 1.5
         graph.raw_weight.copy_(torch.linspace(0.5, 1.5, graph.num_edges).expm1().log())
@@ -172,6 +175,7 @@ def test_html_draws_arrows_of_the_strongest_edges_in_the_png_layout(tmp_path):
     assert len(coords) == 16  # each direction its own line
     widths = [float(re.search(r'stroke-width="([\d.]+)"', a).group(1)) for a, _ in lines]
     assert widths[0] == pytest.approx(5.0) and widths[-1] < widths[0]
-    assert 'stroke="rgb(178,24,43)"' in lines[0][0]  # +0.5 from 1.0: the scale's red end
+    red_end = to_hex(plt.get_cmap("RdBu_r")(1.0))  # the PNG's colour map, one scale
+    assert f'stroke="{red_end}"' in lines[0][0]  # +0.5 from 1.0: the scale's red end
     circles = [float(x) for x in re.findall(r'<circle cx="([\d.]+)"', page)]
     assert max(circles) == circles[0]  # head 0 on the right, as in draw_head_graph
