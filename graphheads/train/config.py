@@ -12,7 +12,14 @@ from typing import Any
 from graphheads.config import ModelConfig, check_field_types, check_known_keys, model_keys
 from graphheads.data import ALL_TASKS, TASKS
 
-__all__ = ["DataConfig", "RunConfig", "TrainConfig", "default_model_config", "describe_settings"]
+__all__ = [
+    "DataConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "default_model_config",
+    "describe_settings",
+]
 
 
 @dataclass(frozen=True)
@@ -251,20 +258,29 @@ class RunConfig:
         values are parsed as JSON when they can be (``3``, ``true``, ``["copy"]``); a list
         setting also takes a comma list (``data.tasks=copy,sort``)."""
         values: dict[str, Any] = {} if path is None else read_config_file(path)
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            section, dot, name = key.partition(".")
-            if not sep or not dot or not name:
-                raise ValueError(f"override {item!r} must look like section.key=value")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            values.setdefault(section, {})
-            if not isinstance(values[section], dict):
-                raise ValueError(f"config section {section!r} must be a mapping")
-            values[section][name] = value
-        return cls.from_dict(values)
+        return cls.from_dict(apply_overrides(values, overrides))
+
+
+def apply_overrides(
+    values: dict[str, Any], overrides: list[str] | tuple[str, ...]
+) -> dict[str, Any]:
+    """``values`` (nested sections) with ``section.key=value`` overrides applied (a new
+    dict); values are parsed as JSON when they can be (``3``, ``true``, ``["copy"]``)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ValueError(f"config section {section!r} must be a mapping")
+        values[section][name] = value
+    return values
 
 
 def _field_comments(cls: type) -> dict[str, str]:
