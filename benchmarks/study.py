@@ -7,7 +7,7 @@ Runs of the same seed see the same training batches and evaluation samples, so e
 comparison is a paired difference, reported as its mean with a 95% t-interval, and with
 the smallest effect the study could detect (80% power, paired t-test).
 
-Variants (routed ones: 2 shared heads plus half of the routed heads, graph scale 0):
+Variants (routed ones: 2 shared heads plus routed heads, graph scale 0):
 
     MHA                dense attention
     MoH                MoH's linear router
@@ -23,10 +23,13 @@ Variants (routed ones: 2 shared heads plus half of the routed heads, graph scale
 With ``--match-params`` the feed-forward width of each variant is set so that every
 model has the parameter count of "GoH complete" (within 0.5%); the table states them.
 
-Benches: ``text`` (byte-level LM on English text that ships offline: benchmarks/corpus.py,
-frozen in WORK/corpus.txt; metric bits per byte, lower is better), ``mqar`` (8 key-value
-pairs over 32 symbols; token accuracy; solved above 0.99), ``hops`` (pointer chasing, 6
-links, 2 hops; accuracy). ``--heads 8 32`` runs both head counts at the same width.
+Benches: ``text`` (byte-level LM on the standard-library text, benchmarks/corpus.py
+``stdlib_text``, 2.1 MB, frozen in WORK/stdlib.txt; the last 10% held out; d_model 128,
+4 layers, pre-LN, seq 128, batch 16, warm-up 40, routed models 2 shared heads + half the
+heads routed (50% on); metric held-out bits per byte, lower is better), ``mqar`` (8
+key-value pairs over 32 symbols, d_model 64, 2 layers; token accuracy; solved above 0.99),
+``hops`` (pointer chasing, 6 links, 2 hops; accuracy). ``--heads 8 32`` runs both head
+counts at the same width.
 
     python benchmarks/study.py --benches hops --seeds 0 1 2 3 4 5 6 7 8 9 --steps 1500
     python benchmarks/study.py --report-only
@@ -51,7 +54,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import runlog  # noqa: E402
 
-BASE = {"d_model": 64, "num_layers": 2, "d_ff": 128, "norm_first": True}
+BASE = {"d_model": 64, "num_layers": 2, "d_ff": 128, "norm_first": True}  # mqar, hops
+TEXT_BASE = {"d_model": 128, "num_layers": 4, "d_ff": 128, "norm_first": True}
 GOH = {"attention": "goh", "graph": "complete"}
 VARIANTS: dict[str, dict] = {
     "MHA": {"attention": "mha"},
@@ -89,10 +93,13 @@ def t80(df: int) -> float:
     return T80[df - 1] if 1 <= df <= len(T80) else 0.842
 
 
-def model_section(variant: str, heads: int, d_ff: int | None = None) -> dict:
-    settings = {**BASE, "num_heads": heads, **VARIANTS[variant]}
+def model_section(variant: str, heads: int, d_ff: int | None = None, bench: str = "mqar") -> dict:
+    """Text: 2 shared heads + half the heads routed (50% on); tasks: 2 shared + half of
+    the routed heads (5 of 8 on)."""
+    settings = {**(TEXT_BASE if bench == "text" else BASE), "num_heads": heads, **VARIANTS[variant]}
     if settings["attention"] != "mha":
-        settings.update(num_shared=2, top_k=(heads - 2) // 2)
+        top_k = heads // 2 - 2 if bench == "text" else (heads - 2) // 2
+        settings.update(num_shared=2, top_k=top_k)
     if d_ff is not None:
         settings["d_ff"] = d_ff
     return settings
@@ -101,15 +108,15 @@ def model_section(variant: str, heads: int, d_ff: int | None = None) -> dict:
 def data_section(bench: str, work: pathlib.Path) -> tuple[dict, dict]:
     """(data, train) sections of one bench."""
     if bench == "text":
-        data = {"text": str(work / "corpus.txt"), "seq_len": 128}
-        train = {"batch_size": 16, "eval_batches": 8, "eval_batch_size": 32}
+        data = {"text": str(work / "stdlib.txt"), "seq_len": 128}
+        train = {"batch_size": 16, "eval_batches": 16, "eval_batch_size": 32, "warmup_steps": 40}
     elif bench == "mqar":  # as benchmarks/quality.py: bimodal at this size
         data = {"tasks": ["mqar"], "length": 8, "num_symbols": 32}
         train = {"batch_size": 32, "eval_batches": 8, "eval_batch_size": 64}
     else:
         data = {"tasks": ["hops"], "length": 6, "num_symbols": 16, "hops": 2}
         train = {"batch_size": 32, "eval_batches": 8, "eval_batch_size": 64}
-    return data, {**train, "warmup_steps": 100, "checkpoint_every": 10**6, "log_every": 50}
+    return data, {"warmup_steps": 100, **train, "checkpoint_every": 10**6, "log_every": 50}
 
 
 def parameter_count(model: dict, data: dict, work: pathlib.Path) -> int:
@@ -122,9 +129,12 @@ def parameter_count(model: dict, data: dict, work: pathlib.Path) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def matched_d_ff(variant: str, heads: int, data: dict, work: pathlib.Path, target: int) -> int:
+def matched_d_ff(variant: str, heads: int, bench: str, work: pathlib.Path, target: int) -> int:
     """The d_ff that brings ``variant`` to ``target`` parameters (they grow linearly)."""
-    low, high = (parameter_count(model_section(variant, heads, d), data, work) for d in (64, 192))
+    data, _ = data_section(bench, work)
+    low, high = (
+        parameter_count(model_section(variant, heads, d, bench), data, work) for d in (64, 192)
+    )
     return max(1, round(64 + (target - low) * (192 - 64) / (high - low)))
 
 
@@ -149,7 +159,7 @@ def run_one(spec: dict) -> dict:
         "eval_every": spec["eval_every"],
         "seed": spec["seed"],
     }
-    model = model_section(spec["variant"], spec["heads"], spec.get("d_ff"))
+    model = model_section(spec["variant"], spec["heads"], spec.get("d_ff"), spec["bench"])
     config = RunConfig.from_dict({"model": model, "data": data, "train": train})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -174,7 +184,7 @@ def settings_keys(spec: dict) -> tuple[str, str]:
     study resumed or rerun with other settings never mixes or pairs their runs."""
     data, train = data_section(spec["bench"], pathlib.Path("WORK"))
     train = {**train, "steps": spec["steps"], "eval_every": spec["eval_every"]}
-    model = model_section(spec["variant"], spec["heads"], spec.get("d_ff"))
+    model = model_section(spec["variant"], spec["heads"], spec.get("d_ff"), spec["bench"])
 
     def digest(value: object) -> str:
         return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
@@ -314,18 +324,18 @@ def main() -> None:
     if runlog.run_worker_or_prepare(args, run_one):
         return
     if "text" in args.benches:
-        runlog.frozen_corpus(args.work)
+        runlog.frozen_corpus(args.work, "stdlib.txt")
     runs_file = args.work / "runs.jsonl"
     done = {(r["seed"], r.get("settings")) for r in runlog.load_records(runs_file)}
     todo = []
     for bench in [] if args.report_only else args.benches:
         data, _ = data_section(bench, args.work)
         for heads in args.heads:
-            target = parameter_count(model_section(REFERENCE, heads), data, args.work)
+            target = parameter_count(model_section(REFERENCE, heads, bench=bench), data, args.work)
             for variant in args.variants:
                 d_ff = None
                 if args.match_params and variant != REFERENCE:
-                    d_ff = matched_d_ff(variant, heads, data, args.work, target)
+                    d_ff = matched_d_ff(variant, heads, bench, args.work, target)
                 spec = {"variant": variant, "bench": bench, "heads": heads,
                         "steps": args.steps, "eval_every": args.eval_every, "d_ff": d_ff,
                         "work": str(args.work)}  # fmt: skip
