@@ -19,6 +19,10 @@ Variants (routed ones: 2 shared heads plus routed heads, graph scale 0):
     GoH learned        a dense learnable adjacency grown from the ring
     GoH gatv2          token-conditional: GATv2 attention over the complete graph's heads
     GoH carry          head states carried through depth
+    GoH L0, GoH no bias, GoH zero-u
+                       the early-training diagnosis: the graph branch without message
+                       passing; without its learned per-head prior (score_bias frozen at
+                       0); its readout at 0 and scale at 1 instead of the scale at 0
 
 With ``--match-params`` the feed-forward width of each variant is set so that every
 model has the parameter count of "GoH complete" (within 0.5%); the table states them.
@@ -66,6 +70,10 @@ VARIANTS: dict[str, dict] = {
     "GoH learned": {**GOH, "graph": "ring", "graph_learnable": "dense"},
     "GoH gatv2": {**GOH, "graph_conv": "gatv2"},
     "GoH carry": {**GOH, "carry_head_states": True},
+    # the early-training diagnosis: what in the graph branch could make GoH trail MoH
+    "GoH L0": {**GOH, "graph_layers": 0},  # the branch without message passing
+    "GoH no bias": {**GOH, "_freeze": "score_bias"},  # no learned per-head prior
+    "GoH zero-u": {**GOH, "_zero_readout": True},  # readout u at 0, scale at 1 (LoRA-like)
 }
 REFERENCE = "GoH complete"  # --match-params matches every model to its size
 BENCHES = {
@@ -105,6 +113,26 @@ def model_section(variant: str, heads: int, d_ff: int | None = None, bench: str 
     return settings
 
 
+def without_hooks(model: dict) -> dict:
+    return {k: v for k, v in model.items() if not k.startswith("_")}
+
+
+def apply_hooks(net, model: dict) -> None:
+    """The diagnosis variants' changes to the graph-routers after the model is built
+    (before the optimiser's first step): ``_freeze`` a parameter, ``_zero_readout``."""
+    import torch
+
+    from graphheads.goh import GraphRouter
+
+    for router in (m for m in net.modules() if isinstance(m, GraphRouter)):
+        if "_freeze" in model:
+            getattr(router, model["_freeze"]).requires_grad_(False)
+        if model.get("_zero_readout"):
+            with torch.no_grad():
+                router.score.weight.zero_()
+                router.graph_scale.fill_(1.0)
+
+
 def data_section(bench: str, work: pathlib.Path) -> tuple[dict, dict]:
     """(data, train) sections of one bench."""
     if bench == "text":
@@ -123,7 +151,7 @@ def parameter_count(model: dict, data: dict, work: pathlib.Path) -> int:
     from graphheads.train import RunConfig
     from graphheads.train.evaluation import build_data, build_model
 
-    config = RunConfig.from_dict({"model": model, "data": data})
+    config = RunConfig.from_dict({"model": without_hooks(model), "data": data})
     built = build_data(config.data)
     net = build_model(config.model_config(built.vocab_size, built.max_seq_len), "lm")
     return sum(p.numel() for p in net.parameters())
@@ -160,10 +188,11 @@ def run_one(spec: dict) -> dict:
         "seed": spec["seed"],
     }
     model = model_section(spec["variant"], spec["heads"], spec.get("d_ff"), spec["bench"])
-    config = RunConfig.from_dict({"model": model, "data": data, "train": train})
+    config = RunConfig.from_dict({"model": without_hooks(model), "data": data, "train": train})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(config, folder, progress=False)
+        apply_hooks(trainer.model, model)
         trainer.fit()
         lines = (pathlib.Path(folder) / "metrics.jsonl").read_text().splitlines()
     evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
