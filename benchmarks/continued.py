@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import pathlib
 import random
 import statistics
-import subprocess
 import sys
 import time
 
@@ -225,14 +223,7 @@ def run_one(spec: dict) -> dict:
 
 
 def launch(spec: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, __file__, "--run-one", json.dumps(spec)],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"{spec}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return runlog.launch(__file__, spec)
 
 
 def report(records: list[dict], free: dict | None, tokens_per_step: int) -> str:

@@ -33,10 +33,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -142,20 +140,10 @@ def run_one(spec: dict) -> dict:
 
 
 def launch(spec: dict, old_code: pathlib.Path | None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    if VARIANTS[spec["variant"]].get("_old_code"):
+    old = VARIANTS[spec["variant"]].get("_old_code")
+    if old:
         assert old_code is not None
-        env["PYTHONPATH"] = str(old_code)
-    done = subprocess.run(
-        [sys.executable, __file__, "--run-one", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{spec['variant']} {spec['bench']} seed {spec['seed']}:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return runlog.launch(__file__, spec, str(old_code) if old else None)
 
 
 def stat(values: list[float]) -> str:

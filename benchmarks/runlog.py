@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 import pathlib
+import subprocess
+import sys
 from collections.abc import Callable
 
 
@@ -66,3 +68,18 @@ def run_worker_or_prepare(args: argparse.Namespace, run_one: Callable[[dict], di
         return True
     args.work.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def launch(script: str, spec: dict, pythonpath: str | None = None) -> dict:
+    """Run one spec in a worker process of ``script`` (``--run-one``, one thread; with
+    ``pythonpath`` first on its path) and return the record it printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run(
+        [sys.executable, script, "--run-one", json.dumps(spec)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

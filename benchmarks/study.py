@@ -46,10 +46,8 @@ import concurrent.futures
 import hashlib
 import json
 import math
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -222,14 +220,7 @@ def settings_keys(spec: dict) -> tuple[str, str]:
 
 
 def launch(spec: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, __file__, "--run-one", json.dumps(spec)],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"{spec}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return runlog.launch(__file__, spec)
 
 
 def paired(diffs: list[float]) -> tuple[float, float, float]:
