@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import pathlib
 import random
@@ -69,15 +70,21 @@ def pretrain(work: pathlib.Path, steps: int) -> pathlib.Path:
     return out
 
 
-def held_out(model, data, batches: int = 16) -> float:
+def held_out(model, data, *, seed: int = 0) -> float:
+    """Held-out bits/byte on the evaluation windows a run of ``seed`` evaluates on."""
     from graphheads.train import evaluate
 
-    return float(evaluate(model, data, batches=batches, batch_size=32, seed=0)["bits_per_byte"])
+    t = TRAIN
+    result = evaluate(
+        model, data, batches=t["eval_batches"], batch_size=t["eval_batch_size"], seed=seed
+    )
+    return float(result["bits_per_byte"])
 
 
 def head_statistics(model, data, batches: int = 8):
-    """Per layer: head importance (Michel et al.: sum over batches of |dL/d xi_h|, xi_h a
-    gate on head h's output, here the gradient of a scale on its ``out_proj`` columns) and
+    """Per layer: head importance (after Michel et al.: the sum over batches of |dL/d xi_h|,
+    xi_h a gate on head h's output, here the gradient of a scale on its ``out_proj``
+    columns; the absolute value is taken per batch of 16 windows, not per example) and
     the head-similarity matrix (cosine of the heads' contributions to the residual stream
     over all tokens). Calibration batches come from the training split."""
     import torch
@@ -197,7 +204,8 @@ def run_one(spec: dict) -> dict:
 
     work = pathlib.Path(spec["work"])
     attention, shared, top_k = VARIANTS[spec["variant"]]
-    out = work / "cont" / f"{spec['variant'].replace(' ', '_').replace('%', '')}-s{spec['seed']}"
+    name = f"{spec['variant'].replace(' ', '_').replace('%', '')}-s{spec['seed']}"
+    out = work / "cont" / spec["key"] / name
     if not out.exists():
         convert_run(
             work / "dense", out, attention=attention, num_shared=shared, top_k=top_k,
@@ -205,17 +213,20 @@ def run_one(spec: dict) -> dict:
                        f"train.lr={spec['lr']}", f"train.warmup_steps={spec['warmup']}",
                        f"train.eval_every={spec['eval_every']}", "train.checkpoint_every=1000000"],
         )  # fmt: skip
-    model, _, data, step = load_run(out)
-    start = held_out(model, data) if step == 0 else None
+    start_file = out / "start.json"  # the converted model before training, kept for resumes
+    if not start_file.exists():
+        model, _, data, _ = load_run(out)
+        start = held_out(model, data, seed=100 + spec["seed"])  # the trainer's eval windows
+        start_file.write_text(json.dumps(start))
+    start = json.loads(start_file.read_text())
     started = time.perf_counter()
     trainer = Trainer(RunConfig.load(out / RUN_FILE), out, progress=False)
     trainer.fit()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     curve = [(r["step"], r["bits_per_byte"]) for r in map(json.loads, lines) if r["kind"] == "eval"]
-    if start is not None:
-        curve.insert(0, (0, start))
+    curve.insert(0, (0, start))
     return {
-        **{k: spec[k] for k in ("variant", "seed", "steps", "lr")},
+        **{k: spec[k] for k in ("variant", "seed", "steps", "lr", "key")},
         "curve": curve,
         "metric": curve[-1][1],
         "seconds": time.perf_counter() - started,
@@ -249,12 +260,11 @@ def report(records: list[dict], free: dict | None, tokens_per_step: int) -> str:
         return "\n".join(lines)
     by = {v: {r["seed"]: r for r in records if r["variant"] == v} for v in VARIANTS}
     base = by["dense"]
-    target = free["dense"] if free is not None else None
     lines += [
         "### Continued training after conversion",
         "",
         "| variant | seeds | step 0 | final | minus dense control (95% CI) | "
-        "tokens to reach the dense model's start |",
+        "tokens to get back to the dense model |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for variant, seeds in by.items():
@@ -268,10 +278,11 @@ def report(records: list[dict], free: dict | None, tokens_per_step: int) -> str:
             mean, half, _ = paired([seeds[s]["metric"] - base[s]["metric"] for s in common])
             cell = f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
         reached = "-"
-        if target is not None:
-            steps = []
-            for r in seeds.values():
-                hit = [s for s, v in r["curve"] if v <= target]
+        if variant != "dense":
+            steps = []  # the dense model at conversion = the dense control's step 0, per seed
+            for seed, r in seeds.items():
+                target = dict(map(tuple, base[seed]["curve"]))[0] if seed in base else None
+                hit = [s for s, v in r["curve"] if target is not None and v <= target]
                 steps.append(hit[0] if hit else None)
             reached = ", ".join(
                 "never" if s is None else f"{s * tokens_per_step / 1e3:.0f}k" for s in steps
@@ -282,7 +293,7 @@ def report(records: list[dict], free: dict | None, tokens_per_step: int) -> str:
     return "\n".join([*lines, ""])
 
 
-def plot(records: list[dict], free: dict | None, out: pathlib.Path, tokens_per_step: int) -> None:
+def plot(records: list[dict], out: pathlib.Path, tokens_per_step: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
@@ -295,8 +306,10 @@ def plot(records: list[dict], free: dict | None, out: pathlib.Path, tokens_per_s
         style = {"color": "black", "lw": 2} if variant == "dense" else {}
         ax.plot([s * tokens_per_step / 1e6 for s in steps], means, marker="o", ms=3,
                 label=f"{variant} ({len(runs)} seeds)", **style)  # fmt: skip
-    if free is not None:
-        ax.axhline(free["dense"], color="grey", ls="--", lw=0.8, label="dense at conversion")
+    starts = [dict(map(tuple, r["curve"]))[0] for r in records if r["variant"] == "dense"]
+    if starts:
+        ax.axhline(statistics.mean(starts), color="grey", ls="--", lw=0.8,
+                   label="dense model at conversion")  # fmt: skip
     ax.set_xlabel("continued-training tokens (millions of bytes)")
     ax.set_ylabel("held-out bits/byte")
     ax.set_title("Continued training after conversion, dense control in black")
@@ -322,19 +335,17 @@ def main() -> None:
     if not args.report_only:
         pretrain(args.work, args.pretrain_steps)
     free_path = args.work / "training_free.json"
-    if not free_path.exists() and not args.report_only:
-        free_path.write_text(json.dumps(training_free(args.work)))
     free = json.loads(free_path.read_text()) if free_path.exists() else None
+    if not args.report_only and (free is None or free["step"] != args.pretrain_steps):
+        free = training_free(args.work)  # (again, for a dense run trained further)
+        free_path.write_text(json.dumps(free))
     runs_file = args.work / "runs.jsonl"
-    key = {"steps": args.steps, "lr": args.lr}
-    done = {
-        (r["variant"], r["seed"])
-        for r in runlog.load_records(runs_file)
-        if {k: r[k] for k in key} == key
-    }
+    settings = [args.pretrain_steps, args.steps, args.lr, args.warmup, args.eval_every]
+    key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:12]
+    done = {(r["variant"], r["seed"]) for r in runlog.load_records(runs_file) if r["key"] == key}
     todo = [
-        {"variant": v, "seed": s, **key, "warmup": args.warmup, "eval_every": args.eval_every,
-         "work": str(args.work)}
+        {"variant": v, "seed": s, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
+         "eval_every": args.eval_every, "key": key, "work": str(args.work)}
         for s in args.seeds for v in args.variants if (v, s) not in done and not args.report_only
     ]  # fmt: skip
     failed = 0
@@ -350,13 +361,13 @@ def main() -> None:
             runlog.append_record(runs_file, record)
             print(f"{record['variant']:8s} seed {record['seed']}: {record['metric']:.4f} "
                   f"({record['seconds']:.0f} s)", flush=True)  # fmt: skip
-    records = [r for r in runlog.load_records(runs_file) if {k: r[k] for k in key} == key]
+    records = [r for r in runlog.load_records(runs_file) if r["key"] == key]
     tokens = TRAIN["batch_size"] * DATA["seq_len"]
     text = report(records, free, tokens)
     print(text)
     (args.work / "report.md").write_text(text)
     if records:
-        plot(records, free, args.work / "continued.png", tokens)
+        plot(records, args.work / "continued.png", tokens)
     if failed:
         sys.exit(f"{failed} runs failed; rerun to retry them")
 

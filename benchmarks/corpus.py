@@ -49,8 +49,10 @@ def stdlib_text() -> str:
     """The topic pages of the Python reference that ``help()`` shows (pydoc_data.topics,
     0.46 MB on 3.11), then the docstrings of every standard-library module, class and
     function, read from the sources with ``ast`` (no module is imported; tests, idlelib
-    and site-packages skipped; 1.7 MB), files in sorted order: the same text on every
-    machine with the same Python. The held-out tail is therefore docstrings of the last
+    and site-packages skipped; 1.7 MB), files in sorted order: the same text from the
+    same CPython build (a distribution that splits modules out, as Debian does tkinter,
+    gives a little less; the benchmarks freeze the text in their work folder). The
+    held-out tail is therefore docstrings of the last
     modules in that order (xml, zipfile, zoneinfo, ...)."""
     import ast
     from pydoc_data import topics

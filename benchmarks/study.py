@@ -7,7 +7,8 @@ Runs of the same seed see the same training batches and evaluation samples, so e
 comparison is a paired difference, reported as its mean with a 95% t-interval, and with
 the smallest effect the study could detect (80% power, paired t-test).
 
-Variants (routed ones: 2 shared heads plus routed heads, graph scale 0):
+Variants (routed ones: 2 shared heads plus routed heads; graph scale 0 at init except
+in "GoH zero-u"):
 
     MHA                dense attention
     MoH                MoH's linear router
@@ -104,6 +105,8 @@ def model_section(variant: str, heads: int, d_ff: int | None = None, bench: str 
     the routed heads (5 of 8 on)."""
     settings = {**(TEXT_BASE if bench == "text" else BASE), "num_heads": heads, **VARIANTS[variant]}
     if settings["attention"] != "mha":
+        if heads < 6:
+            raise ValueError(f"study: routed variants need at least 6 heads, got {heads}")
         top_k = heads // 2 - 2 if bench == "text" else (heads - 2) // 2
         settings.update(num_shared=2, top_k=top_k)
     if d_ff is not None:

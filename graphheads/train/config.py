@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -261,9 +262,7 @@ class RunConfig:
         return cls.from_dict(apply_overrides(values, overrides))
 
 
-def apply_overrides(
-    values: dict[str, Any], overrides: list[str] | tuple[str, ...]
-) -> dict[str, Any]:
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``values`` (nested sections) with ``section.key=value`` overrides applied (a new
     dict); values are parsed as JSON when they can be (``3``, ``true``, ``["copy"]``)."""
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}

@@ -20,17 +20,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from graphheads.config import GRAPH_FIELDS, ROUTER_FIELDS, ModelConfig
 from graphheads.goh import GraphRouter
 from graphheads.moh import MoHRouter
-from graphheads.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from graphheads.train.checkpoint import (
+    CONVERTED_FROM,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from graphheads.train.config import RunConfig, apply_overrides
 
 __all__ = ["CONVERSIONS", "RUN_FILE", "convert_run", "load_converted_weights"]
@@ -38,38 +44,57 @@ __all__ = ["CONVERSIONS", "RUN_FILE", "convert_run", "load_converted_weights"]
 RUN_FILE = "run.json"
 # (source attention, target attention) pairs convert_run takes
 CONVERSIONS = {("mha", "mha"), ("mha", "moh"), ("mha", "goh"), ("moh", "moh"), ("moh", "goh")}
+# the model settings a conversion may change (the rest would change what the trained
+# weights compute); attention, num_shared and top_k come from convert_run's arguments
+ADJUSTABLE = {"attention", "dropout", *ROUTER_FIELDS, *GRAPH_FIELDS}
+FROM_ARGUMENTS = ("attention", "num_shared", "top_k")
+
+
+def _is_new_key(key: str) -> bool:
+    """Weights a conversion may add: routers, and task embeddings (zero at init)."""
+    return ".router." in key or key.startswith("task_embedding.")
 
 
 @torch.no_grad()
 def load_converted_weights(
-    target: nn.Module, source_state: dict[str, torch.Tensor], source_attention: str
+    target: nn.Module,
+    source_state: dict[str, torch.Tensor],
+    source_attention: str,
+    *,
+    seed: int = 0,
 ) -> None:
     """Put a trained model's weights (``source_state``, its state dict) on ``target``,
     a model of the same sizes whose attention may be routed: every source weight must
-    have a place in ``target`` and only router weights may be new. New routers start
-    uniform (dense source) or take the source's MoH router (MoH source, target GoH)."""
+    have a place in ``target`` and only router weights may be new.
+
+    A dense source's routers start near uniform: router i draws the small random logits
+    of :meth:`MoHRouter.reset_to_uniform` from a generator seeded by ``(seed, i)``, and a
+    graph-router starts as that MoH router (:meth:`GraphRouter.copy_from_moh`, graph
+    scale 0), so MoH and GoH conversions of one run start with the same routing. An MoH
+    source's routers are kept (with their selection bias), or become the graph-router's
+    linear part."""
     state = target.state_dict()
-    unexpected = sorted(k for k in source_state if k not in state and ".router." not in k)
-    new = sorted(k for k in state if k not in source_state)
-    not_router = [k for k in new if ".router." not in k]
+    unexpected = sorted(k for k in source_state if k not in state and not _is_new_key(k))
+    not_router = sorted(k for k in state if k not in source_state and not _is_new_key(k))
     if unexpected or not_router:
         raise ValueError(
             "convert: the trained model and the converted one differ in more than their "
             f"routers (only in the trained model: {unexpected[:4]}; only in the converted "
             f"one: {not_router[:4]}); change only the attention and routing settings"
         )
-    for key, value in source_state.items():
-        if key in state and ".router." not in key:
-            if state[key].shape != value.shape:
-                raise ValueError(
-                    f"convert: {key} has shape {tuple(value.shape)} in the trained model and "
-                    f"{tuple(state[key].shape)} in the converted one"
-                )
-    routed = {k: v for k, v in source_state.items() if ".router." not in k}
-    target.load_state_dict(routed, strict=False)
-    for name, module in target.named_modules():
+    kept = {k: v for k, v in source_state.items() if not _is_new_key(k) or k in state}
+    kept = {k: v for k, v in kept.items() if ".router." not in k}
+    for key, value in kept.items():
+        if state[key].shape != value.shape:
+            raise ValueError(
+                f"convert: {key} has shape {tuple(value.shape)} in the trained model and "
+                f"{tuple(state[key].shape)} in the converted one"
+            )
+    target.load_state_dict(kept, strict=False)
+    routers = [(n, m) for n, m in target.named_modules() if isinstance(m, MoHRouter | GraphRouter)]
+    for index, (name, module) in enumerate(routers):
         mine = {k[len(name) + 1 :]: v for k, v in source_state.items() if k.startswith(f"{name}.")}
-        if isinstance(module, GraphRouter) and source_attention == "moh":
+        if source_attention == "moh":
             trained = MoHRouter(
                 module.d_model,
                 module.num_heads,
@@ -77,29 +102,49 @@ def load_converted_weights(
                 module.top_k,
                 gate_convention=module.gate_convention,
                 hard_gates=module.hard_gates,
+                balance_bias="selection_bias" in mine,
             )
             _load_router(trained, mine, name)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + index)
+                trained = MoHRouter(
+                    module.d_model,
+                    module.num_heads,
+                    module.num_shared,
+                    module.top_k,
+                    gate_convention=module.gate_convention,
+                    hard_gates=module.hard_gates,
+                )
+                trained.reset_to_uniform()
+        if isinstance(module, GraphRouter):
+            module.reset_to_uniform()  # graph scale and prior at 0
             module.copy_from_moh(trained)
-        elif isinstance(module, GraphRouter):  # starts as the uniform MoH router below
-            uniform = MoHRouter(module.d_model, module.num_heads, module.num_shared, module.top_k)
-            uniform.reset_to_uniform()
-            module.copy_from_moh(uniform)
-        elif isinstance(module, MoHRouter) and source_attention == "moh":
-            _load_router(module, mine, name)
-        elif isinstance(module, MoHRouter):
-            module.reset_to_uniform()
+        else:
+            for gate in ("routed_gate", "shared_gate", "type_gate"):
+                if getattr(module, gate) is not None:
+                    getattr(module, gate).weight.copy_(getattr(trained, gate).weight)
+        if module.selection_bias is not None:
+            if trained.selection_bias is not None:
+                module.selection_bias.copy_(trained.selection_bias)
+            else:
+                module.selection_bias.zero_()
 
 
 def _load_router(router: MoHRouter, state: dict[str, torch.Tensor], name: str) -> None:
-    """A trained MoH router's weights (and selection bias, where both keep one)."""
+    """A trained MoH router's weights (and selection bias, where it kept one)."""
     wanted = router.state_dict()
     missing = sorted(set(wanted) - set(state))
     if missing:
-        raise ValueError(
-            f"convert: the trained router {name} has no {missing} (a parameter-free router, "
-            "or other shared heads): an MoH run converts only with its own num_shared"
-        )
+        raise ValueError(f"convert: the trained router {name} has no {missing}")
     router.load_state_dict({k: v for k, v in state.items() if k in wanted})
+
+
+def _check_out(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"convert: {out} exists and is not a folder; give a new folder")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"convert: {out} exists and is not empty; give a new folder")
 
 
 def convert_run(
@@ -114,13 +159,19 @@ def convert_run(
     """Write a new run folder ``out`` whose model is the trained run ``run`` (a run
     folder or checkpoint) with ``attention`` ("mha", "moh" or "goh"), ``num_shared``
     always-on heads and ``top_k`` routed heads per token; ``overrides`` are
-    ``section.key=value`` settings of the new run (``train.steps=...``, graph settings).
-    The folder holds a step-0 checkpoint and ``run.json``; continue it with
-    ``graphheads train --config OUT/run.json --out OUT``. ``out`` is written whole or
-    not at all. Returns ``out``."""
+    ``section.key=value`` settings of the new run (``train.*``; of the model only the
+    routing and graph settings and dropout, which leave the trained weights' function
+    as it was). The folder holds a step-0 checkpoint, ``run.json`` and
+    ``converted_from.json``; continue it with ``graphheads train --config OUT/run.json
+    --out OUT``. ``out`` is written whole or not at all. Returns ``out``.
+
+    With every routed head on, the converted model computes what the trained model
+    did: for a dense source at ``top_k`` = all routed heads, for an MoH source at its
+    own ``top_k``."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"convert: {out} exists and is not empty; give a new folder")
+    if isinstance(overrides, str):
+        raise ValueError(f"convert: overrides must be a list of settings, got {overrides!r}")
+    _check_out(out)
     try:
         state = load_checkpoint(run)
     except CheckpointError as err:
@@ -130,54 +181,102 @@ def convert_run(
     source = RunConfig.from_dict(state["run_config"])
     if source.train.model_type != "lm":
         raise ValueError("convert: only decoder-only LM runs (train.model_type='lm') convert")
-    source_attention = str(state["model_config"].get("attention", "mha"))
-    if (source_attention, attention) not in CONVERSIONS:
+    trained = ModelConfig.from_saved(state["model_config"])
+    if (trained.attention, attention) not in CONVERSIONS:
         raise ValueError(
-            f"convert: cannot convert attention {source_attention!r} to {attention!r}; "
+            f"convert: cannot convert attention {trained.attention!r} to {attention!r}; "
             f"conversions: {sorted(CONVERSIONS)}"
         )
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in {f"model.{k}" for k in FROM_ARGUMENTS}:
+            flag = key.removeprefix("model.").replace("_", "-")
+            raise ValueError(f"convert: give {key} as --{flag}, not as an override")
     model: dict[str, Any] = {**source.model, "attention": attention}
     if attention == "mha":
-        for key in ("num_shared", "top_k"):
-            if locals()[key] is not None:
-                raise ValueError(f"convert: --{key.replace('_', '-')} needs routed attention")
+        for key, value in (("num-shared", num_shared), ("top-k", top_k)):
+            if value is not None:
+                raise ValueError(f"convert: --{key} needs routed attention (moh or goh)")
     else:
         if num_shared is None or top_k is None:
-            raise ValueError("convert: routed attention needs num_shared and top_k")
+            raise ValueError("convert: routed attention needs --num-shared and --top-k")
         model.update(num_shared=num_shared, top_k=top_k)
-        trained_shared = state["model_config"].get("num_shared")
-        if source_attention == "moh" and num_shared != trained_shared:
+        if trained.attention == "moh" and num_shared != trained.num_shared:
             raise ValueError(
-                f"convert: the MoH run has num_shared={trained_shared}; its routers convert "
-                f"only with the same shared heads, not num_shared={num_shared}"
+                f"convert: the MoH run has num_shared={trained.num_shared}; its routers "
+                f"convert only with the same shared heads, not num_shared={num_shared}"
             )
     config = RunConfig.from_dict(apply_overrides({**source.to_dict(), "model": model}, overrides))
-    # the trainer builds the model, optimiser and schedule of the new run (nothing on disk)
+    # the trainer builds the model, optimiser and schedule of the new run (on the CPU in
+    # fp32, uncompiled: how a run computes may change on resume), nothing on disk
     from graphheads.train.trainer import Trainer
 
-    trainer = Trainer(config, None, progress=False)
-    load_converted_weights(trainer.model, state["model"], source_attention)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_checkpoint(tmp / "checkpoint.pt", trainer.state())
-        (tmp / RUN_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        (tmp / "converted_from.json").write_text(
-            json.dumps(
-                {
-                    "run": str(run),
-                    "step": int(state["step"]),
-                    "attention": source_attention,
-                    "model_config": state["model_config"],
-                },
-                indent=2,
-            )
-            + "\n"
+    build = RunConfig.from_dict(
+        apply_overrides(
+            config.to_dict(), ["train.device=cpu", "train.precision=fp32", "train.compile=false"]
         )
+    )
+    with torch.random.fork_rng(devices=[]):
+        trainer = Trainer(build, None, progress=False)
+    changed = sorted(
+        k
+        for k, v in asdict(trainer.model_config).items()
+        if k not in ADJUSTABLE and v != getattr(trained, k)
+    )
+    if changed:
+        raise ValueError(
+            f"convert: {', '.join(f'model.{k}' for k in changed)} would change what the "
+            "trained weights compute; a conversion changes only the attention, routing and "
+            "graph settings and dropout"
+        )
+    if attention != "mha" and trained.attention == "mha":
+        if trainer.model_config.gate_convention == "paper":
+            raise ValueError(
+                "convert: gate_convention='paper' gates uniform logits below 1, so the "
+                "converted model would not start as the trained one; use 'reference'"
+            )
+    if attention == "goh" and trainer.model_config.graph_scale_init != 0:
+        raise ValueError(
+            "convert: a converted graph-router starts with its graph scale at 0 (as the "
+            f"trained model), not graph_scale_init={trainer.model_config.graph_scale_init}"
+        )
+    load_converted_weights(trainer.model, state["model"], trained.attention, seed=config.train.seed)
+    checkpoint = {**trainer.state(), "run_config": config.to_dict()}
+    source_record = {
+        "run": str(Path(run).resolve()),
+        "step": int(state["step"]),
+        "attention": trained.attention,
+        "model_config": state["model_config"],
+    }
+    _write_folder(
+        out,
+        {
+            RUN_FILE: json.dumps(config.to_dict(), indent=2) + "\n",
+            CONVERTED_FROM: json.dumps(source_record, indent=2) + "\n",
+        },
+        checkpoint,
+    )
+    return out
+
+
+def _write_folder(out: Path, texts: dict[str, str], checkpoint: dict[str, Any]) -> None:
+    """``out`` with these files and ``checkpoint.pt``, whole or not at all: written in a
+    hidden sibling folder, then renamed (folders it had to create go again on failure)."""
+    created = [p for p in reversed(out.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed conversion
+    try:
+        tmp.mkdir()  # the umask's permissions, as the folders train makes
+        save_checkpoint(tmp / "checkpoint.pt", checkpoint)
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            out.rmdir()  # empty (checked before)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(created):
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
-    return out

@@ -36,6 +36,7 @@ from graphheads.gates import layer_head_counts
 from graphheads.goh import update_routing_balance
 from graphheads.train.checkpoint import (
     CHECKPOINT_NAME,
+    CONVERTED_FROM,
     CheckpointError,
     check_resumable,
     full_state,
@@ -357,6 +358,13 @@ class Trainer:
         (``TrainResult.interrupted``); the same call then resumes from it.
         """
         state = self.check_resume() if resume else None  # refuse before writing anything
+        converted = self._path(CONVERTED_FROM)
+        if not resume and converted is not None and converted.exists():
+            raise ValueError(
+                f"{self.out_dir} was made by `graphheads convert --run`: a restart would "
+                "train from scratch, without the converted weights; convert again into a "
+                "new folder (with the settings you want as --set) instead"
+            )
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if state is None:
