@@ -96,6 +96,8 @@ def test_an_moh_run_becomes_a_graph_router_that_routes_as_it_did(tmp_path, balan
     with pytest.raises(ValueError, match=r"num_shared=2.*not num_shared=1"):
         convert_run(moh, tmp_path / "other", attention="goh", num_shared=1, top_k=2)
     assert not (tmp_path / "other").exists()
+    again = convert_run(moh, tmp_path / "own", attention="goh")  # its own shared heads, top-k
+    assert load_checkpoint(again)["model_config"]["top_k"] == 2
 
 
 def test_an_moh_run_may_take_up_the_balance_bias(tmp_path):
@@ -112,6 +114,9 @@ def test_train_continues_the_converted_run_from_the_trained_weights(dense, tmp_p
           "--top-k", "2", "--out", str(out), "--set", "train.steps=2"])  # fmt: skip
     printed = capsys.readouterr().out
     assert f"graphheads train --config {out / 'run.json'} --out {out}" in printed
+    with pytest.raises(SystemExit):  # a report before training says why there is none
+        main(["report", "--run", str(out)])
+    assert "the run has not trained yet" in capsys.readouterr().err
     assert main(["train", "--config", str(out / "run.json"), "--out", str(out), "--quiet",
                  "--no-report"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["step"] == 2
@@ -122,10 +127,16 @@ def test_train_continues_the_converted_run_from_the_trained_weights(dense, tmp_p
         # two small steps from the trained weights, far from a fresh model's
         near = (continued[key] - trained[key]).abs().max()
         assert near < 0.1 < (continued[key] - fresh[key]).abs().max()
-    with pytest.raises(SystemExit) as exit_info:  # --restart would drop the conversion
-        main(["train", "--config", str(out / "run.json"), "--out", str(out), "--restart"])
-    assert exit_info.value.code == 2 and "convert again" in capsys.readouterr().err
+    for argv, message in [  # --restart would drop the conversion; no --config: its settings
+        (["--config", str(out / "run.json"), "--restart"], "convert again"),
+        ([], f"continue it with its own settings: graphheads train --config {out / 'run.json'}"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--out", str(out), *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert load_checkpoint(out)["step"] == 2
+    # the run folder's config.json is a config file too (its run settings)
+    assert RunConfig.load(out / "config.json") == RunConfig.load(out / "run.json")
 
 
 @pytest.mark.parametrize(
@@ -133,7 +144,7 @@ def test_train_continues_the_converted_run_from_the_trained_weights(dense, tmp_p
     [
         ({"attention": "goh"}, "needs --num-shared and --top-k"),
         ({"attention": "mha", "num_shared": 2}, "--num-shared needs routed attention"),
-        ({"attention": "gqa"}, "cannot convert attention 'mha' to 'gqa'"),
+        ({"attention": "gqa"}, "cannot convert attention 'mha' to 'gqa'; conversions: mha to goh"),
         ({"attention": "goh", "num_shared": 2, "top_k": 9}, r"top_k \(9\) must be None .* or 1..4"),
         ({"attention": "goh", "num_shared": 2, "top_k": 2, "overrides": ["model.num_layers=3"]},
          r"model.num_layers would change what the trained weights compute"),

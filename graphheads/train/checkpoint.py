@@ -25,12 +25,14 @@ __all__ = [
     "CHECKPOINT_NAME",
     "CONVERTED_FROM",
     "RESUMABLE_CHANGES",
+    "RUN_FILE",
     "CheckpointError",
     "check_resumable",
     "full_state",
     "load_checkpoint",
     "load_full_state",
     "metric_line_step",
+    "refuse_restart_of_conversion",
     "save_checkpoint",
     "write_text_atomically",
 ]
@@ -38,6 +40,7 @@ __all__ = [
 CHECKPOINT_FORMAT = "graphheads-checkpoint-v2"  # v2: one-block layout (0.2)
 CHECKPOINT_NAME = "checkpoint.pt"
 CONVERTED_FROM = "converted_from.json"  # in a run folder `graphheads convert --run` made
+RUN_FILE = "run.json"  # its settings, which `graphheads train --config` reads
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 # settings a run may change when it continues from its checkpoint: more steps, and how
@@ -122,6 +125,12 @@ def check_resumable(path: Path, config: RunConfig) -> dict[str, Any] | None:
             part[key] = given[section][key]
         saved = {**saved, section: part}
     if saved != given:
+        if (path.parent / CONVERTED_FROM).exists() and path.name == CHECKPOINT_NAME:
+            run_file = path.parent / RUN_FILE
+            raise CheckpointError(
+                f"{path.parent} was made by `graphheads convert --run`; continue it with its "
+                f"own settings: graphheads train --config {run_file} --out {path.parent}"
+            )
         changed = [
             f"{section}.{key}"
             for section in given
@@ -139,6 +148,17 @@ def check_resumable(path: Path, config: RunConfig) -> dict[str, Any] | None:
             f"{config.train.steps}; ask for at least {state['step']} steps"
         )
     return state
+
+
+def refuse_restart_of_conversion(out_dir: Path) -> None:
+    """A folder ``graphheads convert --run`` made holds the converted weights only in its
+    checkpoint: starting it over would train from scratch, so it is refused."""
+    if (Path(out_dir) / CONVERTED_FROM).exists():
+        raise ValueError(
+            f"{out_dir} was made by `graphheads convert --run`: a restart would train from "
+            "scratch, without the converted weights; convert again into a new folder (with "
+            "the settings you want as --set) instead"
+        )
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -255,10 +255,13 @@ class RunConfig:
     def load(
         cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
     ) -> RunConfig:
-        """From a JSON or YAML file (optional) and ``section.key=value`` overrides, whose
+        """From a JSON or YAML file (optional; a run folder's ``config.json`` too) and
+        ``section.key=value`` overrides, whose
         values are parsed as JSON when they can be (``3``, ``true``, ``["copy"]``); a list
         setting also takes a comma list (``data.tasks=copy,sort``)."""
         values: dict[str, Any] = {} if path is None else read_config_file(path)
+        if set(values) == {"run", "model"} and isinstance(values["run"], dict):
+            values = values["run"]  # a run folder's config.json: its run settings
         return cls.from_dict(apply_overrides(values, overrides))
 
 

@@ -33,6 +33,7 @@ from graphheads.goh import GraphRouter
 from graphheads.moh import MoHRouter
 from graphheads.train.checkpoint import (
     CONVERTED_FROM,
+    RUN_FILE,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
@@ -41,7 +42,6 @@ from graphheads.train.config import RunConfig, apply_overrides
 
 __all__ = ["CONVERSIONS", "RUN_FILE", "convert_run", "load_converted_weights"]
 
-RUN_FILE = "run.json"
 # (source attention, target attention) pairs convert_run takes
 CONVERSIONS = {("mha", "mha"), ("mha", "moh"), ("mha", "goh"), ("moh", "moh"), ("moh", "goh")}
 # the model settings a conversion may change (the rest would change what the trained
@@ -158,7 +158,8 @@ def convert_run(
 ) -> Path:
     """Write a new run folder ``out`` whose model is the trained run ``run`` (a run
     folder or checkpoint) with ``attention`` ("mha", "moh" or "goh"), ``num_shared``
-    always-on heads and ``top_k`` routed heads per token; ``overrides`` are
+    always-on heads and ``top_k`` routed heads per token (for an MoH run, by default its
+    own); ``overrides`` are
     ``section.key=value`` settings of the new run (``train.*``; of the model only the
     routing and graph settings and dropout, which leave the trained weights' function
     as it was). The folder holds a step-0 checkpoint, ``run.json`` and
@@ -185,7 +186,7 @@ def convert_run(
     if (trained.attention, attention) not in CONVERSIONS:
         raise ValueError(
             f"convert: cannot convert attention {trained.attention!r} to {attention!r}; "
-            f"conversions: {sorted(CONVERSIONS)}"
+            f"conversions: {', '.join(f'{a} to {b}' for a, b in sorted(CONVERSIONS))}"
         )
     for item in overrides:
         key = item.partition("=")[0].strip()
@@ -198,6 +199,9 @@ def convert_run(
             if value is not None:
                 raise ValueError(f"convert: --{key} needs routed attention (moh or goh)")
     else:
+        if trained.attention == "moh":  # by default the MoH run's own
+            num_shared = trained.num_shared if num_shared is None else num_shared
+            top_k = trained.top_k if top_k is None else top_k
         if num_shared is None or top_k is None:
             raise ValueError("convert: routed attention needs --num-shared and --top-k")
         model.update(num_shared=num_shared, top_k=top_k)

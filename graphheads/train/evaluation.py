@@ -155,7 +155,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl (a torn last line is skipped)."""
     path = Path(run_dir) / METRICS_NAME
     if not path.exists():
-        raise FileNotFoundError(f"no metrics at {path}")
+        raise FileNotFoundError(
+            f"no metrics at {path}: the run has not trained yet (a run folder from "
+            "`graphheads convert --run` gets them when `graphheads train` continues it)"
+        )
     records = []
     for line in path.read_text().splitlines():
         try:

@@ -36,12 +36,12 @@ from graphheads.gates import layer_head_counts
 from graphheads.goh import update_routing_balance
 from graphheads.train.checkpoint import (
     CHECKPOINT_NAME,
-    CONVERTED_FROM,
     CheckpointError,
     check_resumable,
     full_state,
     load_checkpoint,
     load_full_state,
+    refuse_restart_of_conversion,
     save_checkpoint,
     write_text_atomically,
 )
@@ -358,13 +358,8 @@ class Trainer:
         (``TrainResult.interrupted``); the same call then resumes from it.
         """
         state = self.check_resume() if resume else None  # refuse before writing anything
-        converted = self._path(CONVERTED_FROM)
-        if not resume and converted is not None and converted.exists():
-            raise ValueError(
-                f"{self.out_dir} was made by `graphheads convert --run`: a restart would "
-                "train from scratch, without the converted weights; convert again into a "
-                "new folder (with the settings you want as --set) instead"
-            )
+        if not resume and self.out_dir is not None:
+            refuse_restart_of_conversion(self.out_dir)
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if state is None:
