@@ -6,13 +6,14 @@ starts at step 0 (its own warm-up and schedule, a fresh optimiser) from the conv
 weights; ``graphheads train`` continues it. A dense control is the same command with
 ``--attention mha``: the same weights, schedule and tokens, no routing.
 
-Routers start so that, with every routed head on (``top_k`` = all routed heads), the
-converted model computes exactly what the trained model computed. A dense source's MoH
-routers start near uniform (:meth:`MoHRouter.reset_to_uniform`: small random logits, so
-each token keeps its own heads, gates within about 1% of 1), and its graph-routers start
-as such an MoH router (:meth:`GraphRouter.copy_from_moh`, graph scale 0): MoH and GoH
-conversions differ only in the graph branch. An MoH source's routers are kept, or become
-the graph-router's linear part.
+Routers start so that, with every routed head on, the converted model computes exactly
+what the trained model computed (a dense source at ``top_k`` = all routed heads, an MoH
+source at its own ``top_k``). A dense source's MoH routers start near uniform
+(:meth:`MoHRouter.reset_to_uniform`: small random logits, so each token keeps its own
+heads, gates within about 1% of 1), and its graph-routers start as the same MoH router
+(:meth:`GraphRouter.copy_from_moh`, graph scale 0): MoH and GoH conversions of one run
+start with the same routing and differ only in the graph branch. An MoH source's
+routers are kept, or become the graph-router's linear part.
 """
 
 from __future__ import annotations
