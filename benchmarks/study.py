@@ -320,13 +320,9 @@ def plot_curves(records: list[dict], out: pathlib.Path) -> None:
                             [m + h for m, h in zip(means, halves, strict=True)],
                             color=line.get_color(), alpha=0.12)  # fmt: skip
         ax.axhline(0, color="black", lw=0.8)
-        unit = (
-            "bits/byte (below 0: better than MoH)"
-            if bench == "text"
-            else "accuracy (above 0: better)"
-        )
+        unit = "bits/byte, below 0: better" if bench == "text" else "accuracy, above 0: better"
         ax.set_xlabel("step")
-        ax.set_ylabel(f"variant - MoH, paired, {unit}")
+        ax.set_ylabel(f"minus MoH, paired ({unit})")
         ax.set_title(f"{bench}, {heads} heads: mean paired difference to MoH, 95% CI")
         ax.legend(fontsize=7)
         fig.savefig(out / f"curves_{bench}_{heads}_{group}.png", dpi=110)
