@@ -31,7 +31,9 @@ model has the parameter count of "GoH complete" (within 0.5%); the table states 
 Benches: ``text`` (byte-level LM on the standard-library text, benchmarks/corpus.py
 ``stdlib_text``, 2.1 MB, frozen in WORK/stdlib.txt; the last 10% held out; d_model 128,
 4 layers, pre-LN, seq 128, batch 16, warm-up 40, routed models 2 shared heads + half the
-heads routed (50% on); metric held-out bits per byte, lower is better), ``mqar`` (8
+heads routed (50% on); metric held-out bits per byte, lower is better), ``llama-text``
+(the same with the Llama-style block of benchmarks/continued.py: RMSNorm, SwiGLU d_ff
+352, rotary positions), ``mqar`` (8
 key-value pairs over 32 symbols, d_model 64, 2 layers; token accuracy; solved above 0.99),
 ``hops`` (pointer chasing, 6 links, 2 hops; accuracy). ``--heads 8 32`` runs both head
 counts at the same width.
@@ -59,6 +61,8 @@ import runlog  # noqa: E402
 
 BASE = {"d_model": 64, "num_layers": 2, "d_ff": 128, "norm_first": True}  # mqar, hops
 TEXT_BASE = {"d_model": 128, "num_layers": 4, "d_ff": 128, "norm_first": True}
+LLAMA_BASE = {"block": "llama", "d_model": 128, "num_layers": 4, "d_ff": 352}  # continued.py's
+TEXT_BENCHES = ("text", "llama-text")
 GOH = {"attention": "goh", "graph": "complete"}
 VARIANTS: dict[str, dict] = {
     "MHA": {"attention": "mha"},
@@ -77,6 +81,7 @@ VARIANTS: dict[str, dict] = {
 REFERENCE = "GoH complete"  # --match-params matches every model to its size
 BENCHES = {
     "text": {"higher_is_better": False, "solved": None},
+    "llama-text": {"higher_is_better": False, "solved": None},
     "mqar": {"higher_is_better": True, "solved": 0.99},
     "hops": {"higher_is_better": True, "solved": 0.99},
 }
@@ -103,11 +108,12 @@ def t80(df: int) -> float:
 def model_section(variant: str, heads: int, d_ff: int | None = None, bench: str = "mqar") -> dict:
     """Text: 2 shared heads + half the heads routed (50% on); tasks: 2 shared + half of
     the routed heads (5 of 8 on)."""
-    settings = {**(TEXT_BASE if bench == "text" else BASE), "num_heads": heads, **VARIANTS[variant]}
+    base = {"text": TEXT_BASE, "llama-text": LLAMA_BASE}.get(bench, BASE)
+    settings = {**base, "num_heads": heads, **VARIANTS[variant]}
     if settings["attention"] != "mha":
         if heads < 6:
             raise ValueError(f"study: routed variants need at least 6 heads, got {heads}")
-        top_k = heads // 2 - 2 if bench == "text" else (heads - 2) // 2
+        top_k = heads // 2 - 2 if bench in TEXT_BENCHES else (heads - 2) // 2
         settings.update(num_shared=2, top_k=top_k)
     if d_ff is not None:
         settings["d_ff"] = d_ff
@@ -136,7 +142,7 @@ def apply_hooks(net, model: dict) -> None:
 
 def data_section(bench: str, work: pathlib.Path) -> tuple[dict, dict]:
     """(data, train) sections of one bench."""
-    if bench == "text":
+    if bench in TEXT_BENCHES:
         data = {"text": str(work / "stdlib.txt"), "seq_len": 128}
         train = {"batch_size": 16, "eval_batches": 16, "eval_batch_size": 32, "warmup_steps": 40}
     elif bench == "mqar":  # as benchmarks/quality.py: bimodal at this size
@@ -168,7 +174,7 @@ def matched_d_ff(variant: str, heads: int, bench: str, work: pathlib.Path, targe
 
 
 def metric_of(record: dict, bench: str) -> float:
-    if bench == "text":
+    if bench in TEXT_BENCHES:
         return float(record["bits_per_byte"])
     return float(next(iter(record["accuracy"].values())))
 
@@ -251,7 +257,7 @@ def report(records: list[dict]) -> str:
         ]
         by = {v: {r["seed"]: r for r in runs if r["variant"] == v} for v in VARIANTS}
         solved = BENCHES[bench]["solved"]
-        unit = "bits/byte" if bench == "text" else "accuracy"
+        unit = "bits/byte" if bench in TEXT_BENCHES else "accuracy"
         steps = sorted({r["steps"] for r in runs})
         lines += [
             f"### {bench}, {heads} heads, {'/'.join(map(str, steps))} steps (settings {group})",
@@ -320,7 +326,7 @@ def plot_curves(records: list[dict], out: pathlib.Path) -> None:
                             [m + h for m, h in zip(means, halves, strict=True)],
                             color=line.get_color(), alpha=0.12)  # fmt: skip
         ax.axhline(0, color="black", lw=0.8)
-        unit = "bits/byte, below 0: better" if bench == "text" else "accuracy, above 0: better"
+        unit = "bits/byte, below 0: better" if bench in TEXT_BENCHES else "accuracy, above 0: better"
         ax.set_xlabel("step")
         ax.set_ylabel(f"minus MoH, paired ({unit})")
         ax.set_title(f"{bench}, {heads} heads: mean paired difference to MoH, 95% CI")
@@ -342,7 +348,7 @@ def main() -> None:
     args = parser.parse_args()
     if runlog.run_worker_or_prepare(args, run_one):
         return
-    if "text" in args.benches:
+    if set(TEXT_BENCHES) & set(args.benches):
         runlog.frozen_corpus(args.work, "stdlib.txt")
     runs_file = args.work / "runs.jsonl"
     done = {(r["seed"], r.get("settings")) for r in runlog.load_records(runs_file)}
