@@ -294,26 +294,41 @@ def report(records: list[dict], free: dict | None, tokens_per_step: int) -> str:
 
 
 def plot(records: list[dict], out: pathlib.Path, tokens_per_step: int) -> None:
+    """Mean held-out curves: every step (left) and from the first evaluation on (right,
+    where the routed curves meet the dense control); MoH dashed, GoH solid, one colour
+    per share of heads."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    colours = {"dense": "black", "75%": "tab:blue", "50%": "tab:red"}
     for variant in VARIANTS:
         runs = [r for r in records if r["variant"] == variant]
         if not runs:
             continue
         steps = sorted(set.intersection(*(set(dict(map(tuple, r["curve"]))) for r in runs)))
         means = [statistics.mean(dict(map(tuple, r["curve"]))[s] for r in runs) for s in steps]
-        style = {"color": "black", "lw": 2} if variant == "dense" else {}
-        ax.plot([s * tokens_per_step / 1e6 for s in steps], means, marker="o", ms=3,
-                label=f"{variant} ({len(runs)} seeds)", **style)  # fmt: skip
+        style = {
+            "color": colours[variant.split()[-1]],
+            "lw": 2 if variant == "dense" else 1.2,
+            "ls": "--" if variant.startswith("MoH") else "-",
+            "marker": "x" if variant.startswith("MoH") else "o",
+            "ms": 4,
+            "label": f"{variant} ({len(runs)} seeds)",
+        }
+        tokens = [s * tokens_per_step / 1e6 for s in steps]
+        axes[0].plot(tokens, means, **style)
+        axes[1].plot(tokens[1:], means[1:], **style)
     starts = [dict(map(tuple, r["curve"]))[0] for r in records if r["variant"] == "dense"]
-    if starts:
-        ax.axhline(statistics.mean(starts), color="grey", ls="--", lw=0.8,
-                   label="dense model at conversion")  # fmt: skip
-    ax.set_xlabel("continued-training tokens (millions of bytes)")
-    ax.set_ylabel("held-out bits/byte")
-    ax.set_title("Continued training after conversion, dense control in black")
-    ax.legend(fontsize=7)
+    for ax in axes:
+        if starts:
+            ax.axhline(statistics.mean(starts), color="grey", ls=":", lw=1,
+                       label="dense model at conversion")  # fmt: skip
+        ax.set_xlabel("continued-training tokens (millions of bytes)")
+        ax.set_ylabel("held-out bits/byte")
+    axes[0].set_title("after conversion (step 0: untrained)")
+    axes[1].set_title("from the first evaluation on")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Continued training after conversion, with the dense control (black)")
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
