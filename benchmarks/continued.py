@@ -36,9 +36,9 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import runlog  # noqa: E402
-from study import paired  # noqa: E402
+from study import LLAMA_BASE, paired  # noqa: E402
 
-MODEL = {"block": "llama", "d_model": 128, "num_layers": 4, "num_heads": 8, "d_ff": 352}
+MODEL = {**LLAMA_BASE, "num_heads": 8}  # the study's llama-text model
 DATA = {"seq_len": 128}
 TRAIN = {"batch_size": 16, "eval_batches": 16, "eval_batch_size": 32, "log_every": 50}
 # name: (attention, num_shared, top_k); 75% = 2 shared + 4 of 6 routed, 50% = 2 + 2
@@ -279,14 +279,19 @@ def report(records: list[dict], free: dict | None, tokens_per_step: int) -> str:
             cell = f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
         reached = "-"
         if variant != "dense":
-            steps = []  # the dense model at conversion = the dense control's step 0, per seed
-            for seed, r in seeds.items():
-                target = dict(map(tuple, base[seed]["curve"]))[0] if seed in base else None
-                hit = [s for s, v in r["curve"] if target is not None and v <= target]
-                steps.append(hit[0] if hit else None)
-            reached = ", ".join(
-                "never" if s is None else f"{s * tokens_per_step / 1e3:.0f}k" for s in steps
-            )
+            cells = []  # the dense model at conversion = the dense control's step 0, per seed
+            for seed, r in sorted(seeds.items()):
+                if seed not in base:
+                    cells.append(f"seed {seed}: n/a (no control)")
+                    continue
+                target = dict(map(tuple, base[seed]["curve"]))[0]
+                hit = [s for s, v in r["curve"] if v <= target]
+                cells.append(
+                    f"seed {seed}: {hit[0] * tokens_per_step / 1e3:.0f}k"
+                    if hit
+                    else f"seed {seed}: not within {r['steps'] * tokens_per_step / 1e3:.0f}k"
+                )
+            reached = ", ".join(cells)
         lines.append(
             f"| {variant} | {len(seeds)} | {first:.3f} | {final:.3f} | {cell} | {reached} |"
         )
@@ -353,9 +358,15 @@ def main() -> None:
     free = json.loads(free_path.read_text()) if free_path.exists() else None
     if not args.report_only and (free is None or free["step"] != args.pretrain_steps):
         free = training_free(args.work)  # (again, for a dense run trained further)
+        if free["step"] != args.pretrain_steps:  # its conversions would pair with others'
+            sys.exit(
+                f"continued: {args.work / 'dense'} has trained {free['step']} steps, not "
+                f"--pretrain-steps {args.pretrain_steps}; choose another --work"
+            )
         free_path.write_text(json.dumps(free))
     runs_file = args.work / "runs.jsonl"
-    settings = [args.pretrain_steps, args.steps, args.lr, args.warmup, args.eval_every]
+    settings = [args.pretrain_steps, args.steps, args.lr, args.warmup, args.eval_every,
+                MODEL, DATA, TRAIN]  # fmt: skip
     key = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:12]
     done = {(r["variant"], r["seed"]) for r in runlog.load_records(runs_file) if r["key"] == key}
     todo = [

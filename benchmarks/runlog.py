@@ -46,7 +46,8 @@ def frozen_corpus(work: pathlib.Path, name: str = "corpus.txt") -> pathlib.Path:
     path = work / name
     if not path.exists():
         tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(corpus.stdlib_text() if name == "stdlib.txt" else corpus.offline_text())
+        text = corpus.stdlib_text() if name == "stdlib.txt" else corpus.offline_text()
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     return path
 

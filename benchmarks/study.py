@@ -30,10 +30,10 @@ model has the parameter count of "GoH complete" (within 0.5%); the table states 
 
 Benches: ``text`` (byte-level LM on the standard-library text, benchmarks/corpus.py
 ``stdlib_text``, 2.1 MB, frozen in WORK/stdlib.txt; the last 10% held out; d_model 128,
-4 layers, pre-LN, seq 128, batch 16, warm-up 40, routed models 2 shared heads + half the
-heads routed (50% on); metric held-out bits per byte, lower is better), ``llama-text``
-(the same with the Llama-style block of benchmarks/continued.py: RMSNorm, SwiGLU d_ff
-352, rotary positions), ``mqar`` (8
+4 layers, pre-LN, seq 128, batch 16, warm-up 40, routed models 2 shared heads + the
+top-(H/2 - 2) of the H - 2 routed heads: half the heads on; metric held-out bits per
+byte, lower is better), ``llama-text`` (the same with the Llama-style block of
+benchmarks/continued.py: RMSNorm, SwiGLU d_ff 352, rotary positions), ``mqar`` (8
 key-value pairs over 32 symbols, d_model 64, 2 layers; token accuracy; solved above 0.99),
 ``hops`` (pointer chasing, 6 links, 2 hops; accuracy). ``--heads 8 32`` runs both head
 counts at the same width.
@@ -244,18 +244,27 @@ def paired(diffs: list[float]) -> tuple[float, float, float]:
     return mean, t975(n - 1) * se, (t975(n - 1) + t80(n - 1)) * se
 
 
+def comparison_groups(records: list[dict]):
+    """Per (bench, heads, group): the runs of each variant by seed, for variants whose
+    runs in the group share one settings hash, and the variants that have runs of
+    several settings (a rerun with other settings: never mixed or paired)."""
+    for key in sorted({(r["bench"], r["heads"], r.get("group", "")) for r in records}):
+        runs = [r for r in records if (r["bench"], r["heads"], r.get("group", "")) == key]
+        by, mixed = {}, []
+        for variant in VARIANTS:
+            mine = [r for r in runs if r["variant"] == variant]
+            if len({r.get("settings") for r in mine}) > 1:
+                mixed.append(variant)
+            elif mine:
+                by[variant] = {r["seed"]: r for r in mine}
+        yield key, runs, by, mixed
+
+
 def report(records: list[dict]) -> str:
     """Markdown tables: per (bench, heads), each variant's mean, its paired difference
     to MoH and to the null (GoH null) with 95% intervals, solve rates, parameters."""
     lines = []
-    groups = sorted({(r["bench"], r["heads"], r.get("group", "")) for r in records})
-    for bench, heads, group in groups:
-        runs = [
-            r
-            for r in records
-            if (r["bench"], r["heads"], r.get("group", "")) == (bench, heads, group)
-        ]
-        by = {v: {r["seed"]: r for r in runs if r["variant"] == v} for v in VARIANTS}
+    for (bench, heads, group), runs, by, mixed in comparison_groups(records):
         solved = BENCHES[bench]["solved"]
         unit = "bits/byte" if bench in TEXT_BENCHES else "accuracy"
         steps = sorted({r["steps"] for r in runs})
@@ -272,7 +281,7 @@ def report(records: list[dict]) -> str:
             values = [r["metric"] for r in seeds.values()]
             cells = []
             for other in ("MoH", "GoH null"):
-                common = sorted(set(seeds) & set(by[other]))
+                common = sorted(set(seeds) & set(by.get(other, {})))
                 if variant == other or len(common) < 2:
                     cells.append("-")
                     continue
@@ -290,6 +299,8 @@ def report(records: list[dict]) -> str:
             if solved:
                 row += f" {sum(v > solved for v in values)}/{len(values)} |"
             lines.append(row)
+        if mixed:
+            lines += ["", f"Left out, with runs of several settings here: {', '.join(mixed)}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -298,20 +309,11 @@ def plot_curves(records: list[dict], out: pathlib.Path) -> None:
     """Per (bench, heads): each variant's mean paired difference to MoH along training."""
     import matplotlib.pyplot as plt
 
-    for bench, heads, group in sorted(
-        {(r["bench"], r["heads"], r.get("group", "")) for r in records}
-    ):
-        runs = [
-            r
-            for r in records
-            if (r["bench"], r["heads"], r.get("group", "")) == (bench, heads, group)
-        ]
-        moh = {r["seed"]: dict(map(tuple, r["curve"])) for r in runs if r["variant"] == "MoH"}
+    for (bench, heads, group), _, by, _ in comparison_groups(records):
+        moh = {seed: dict(map(tuple, r["curve"])) for seed, r in by.get("MoH", {}).items()}
         fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-        for variant in VARIANTS:
-            mine = {
-                r["seed"]: dict(map(tuple, r["curve"])) for r in runs if r["variant"] == variant
-            }
+        for variant, seeds_runs in by.items():
+            mine = {seed: dict(map(tuple, r["curve"])) for seed, r in seeds_runs.items()}
             seeds = sorted(set(mine) & set(moh))
             if variant == "MoH" or len(seeds) < 2:
                 continue
@@ -325,8 +327,12 @@ def plot_curves(records: list[dict], out: pathlib.Path) -> None:
             ax.fill_between(steps, [m - h for m, h in zip(means, halves, strict=True)],
                             [m + h for m, h in zip(means, halves, strict=True)],
                             color=line.get_color(), alpha=0.12)  # fmt: skip
+        if not ax.lines:  # no variant paired with MoH here
+            plt.close(fig)
+            continue
         ax.axhline(0, color="black", lw=0.8)
-        unit = "bits/byte, below 0: better" if bench in TEXT_BENCHES else "accuracy, above 0: better"
+        text = bench in TEXT_BENCHES
+        unit = "bits/byte, below 0: better" if text else "accuracy, above 0: better"
         ax.set_xlabel("step")
         ax.set_ylabel(f"minus MoH, paired ({unit})")
         ax.set_title(f"{bench}, {heads} heads: mean paired difference to MoH, 95% CI")
