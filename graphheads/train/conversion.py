@@ -18,6 +18,7 @@ routers are kept, or become the graph-router's linear part.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -95,28 +96,16 @@ def load_converted_weights(
     routers = [(n, m) for n, m in target.named_modules() if isinstance(m, MoHRouter | GraphRouter)]
     for index, (name, module) in enumerate(routers):
         mine = {k[len(name) + 1 :]: v for k, v in source_state.items() if k.startswith(f"{name}.")}
+        like = functools.partial(MoHRouter, module.d_model, module.num_heads, module.num_shared,
+                                 module.top_k, gate_convention=module.gate_convention,
+                                 hard_gates=module.hard_gates)  # fmt: skip
         if source_attention == "moh":
-            trained = MoHRouter(
-                module.d_model,
-                module.num_heads,
-                module.num_shared,
-                module.top_k,
-                gate_convention=module.gate_convention,
-                hard_gates=module.hard_gates,
-                balance_bias="selection_bias" in mine,
-            )
+            trained = like(balance_bias="selection_bias" in mine)
             _load_router(trained, mine, name)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + index)
-                trained = MoHRouter(
-                    module.d_model,
-                    module.num_heads,
-                    module.num_shared,
-                    module.top_k,
-                    gate_convention=module.gate_convention,
-                    hard_gates=module.hard_gates,
-                )
+                trained = like()
                 trained.reset_to_uniform()
         if isinstance(module, GraphRouter):
             module.reset_to_uniform()  # graph scale and prior at 0
