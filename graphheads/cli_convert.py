@@ -104,9 +104,10 @@ def convert(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             overrides=args.set or [],
         )
-        print(f"converted {args.run} to {out}; continue it with:")
-        command = ["graphheads", "train", "--config", str(out / RUN_FILE), "--out", str(out)]
-        print("  " + shlex.join(command))
+        if not args.quiet:
+            print(f"converted {args.run} to {out}; continue it with:")
+            command = ["graphheads", "train", "--config", str(out / RUN_FILE), "--out", str(out)]
+            print("  " + shlex.join(command))
         return 0
     for flag in ("text", "num_shared", "top_k"):
         if getattr(args, flag) is None:

@@ -117,6 +117,9 @@ def test_train_continues_the_converted_run_from_the_trained_weights(dense, tmp_p
     with pytest.raises(SystemExit):  # a report before training says why there is none
         main(["report", "--run", str(out)])
     assert "the run has not trained yet" in capsys.readouterr().err
+    main(["convert", "--run", str(dense), "--attention", "moh", "--num-shared", "2",
+          "--top-k", "2", "--out", str(tmp_path / "q"), "--quiet"])  # fmt: skip
+    assert capsys.readouterr().out == "" and (tmp_path / "q" / "run.json").exists()
     assert main(["train", "--config", str(out / "run.json"), "--out", str(out), "--quiet",
                  "--no-report"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["step"] == 2
@@ -129,7 +132,9 @@ def test_train_continues_the_converted_run_from_the_trained_weights(dense, tmp_p
         assert near < 0.1 < (continued[key] - fresh[key]).abs().max()
     for argv, message in [  # --restart would drop the conversion; no --config: its settings
         (["--config", str(out / "run.json"), "--restart"], "convert again"),
-        ([], f"continue it with its own settings: graphheads train --config {out / 'run.json'}"),
+        ([], f"continue it with its own: graphheads train --config {out / 'run.json'}"),
+        # its own settings and one that cannot change: named
+        (["--config", str(out / "run.json"), "--set", "train.lr=0.5"], "(changed: train.lr)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["train", "--out", str(out), *argv])

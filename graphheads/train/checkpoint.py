@@ -125,18 +125,20 @@ def check_resumable(path: Path, config: RunConfig) -> dict[str, Any] | None:
             part[key] = given[section][key]
         saved = {**saved, section: part}
     if saved != given:
-        if (path.parent / CONVERTED_FROM).exists() and path.name == CHECKPOINT_NAME:
-            run_file = path.parent / RUN_FILE
-            raise CheckpointError(
-                f"{path.parent} was made by `graphheads convert --run`; continue it with its "
-                f"own settings: graphheads train --config {run_file} --out {path.parent}"
-            )
         changed = [
             f"{section}.{key}"
             for section in given
             for key in sorted(set(given[section]) | set(saved.get(section, {})))
             if given[section].get(key) != saved.get(section, {}).get(key)
         ]
+        if (path.parent / CONVERTED_FROM).exists() and path.name == CHECKPOINT_NAME:
+            run_file = path.parent / RUN_FILE
+            raise CheckpointError(
+                f"{path.parent} was made by `graphheads convert --run` with other settings "
+                f"(changed: {', '.join(changed)}); continue it with its own: graphheads "
+                f"train --config {run_file} --out {path.parent} (only "
+                f"{', '.join(RESUMABLE_CHANGES)} may change)"
+            )
         raise CheckpointError(
             f"{path} was written by a run with another configuration (changed: "
             f"{', '.join(changed)}); use a new run folder, the same configuration, or "
