@@ -221,7 +221,7 @@ def run_one(spec: dict) -> dict:
     start = json.loads(start_file.read_text())
     started = time.perf_counter()
     trainer = Trainer(RunConfig.load(out / RUN_FILE), out, progress=False)
-    trainer.fit()
+    runlog.completed(trainer.fit())
     lines = (out / "metrics.jsonl").read_text().splitlines()
     curve = [(r["step"], r["bits_per_byte"]) for r in map(json.loads, lines) if r["kind"] == "eval"]
     curve.insert(0, (0, start))
@@ -264,7 +264,7 @@ def report(records: list[dict], free: dict | None, tokens_per_step: int) -> str:
         "### Continued training after conversion",
         "",
         "| variant | seeds | step 0 | final | minus dense control (95% CI) | "
-        "tokens to get back to the dense model |",
+        "bytes to get back to the dense model at conversion |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for variant, seeds in by.items():
@@ -339,14 +339,17 @@ def plot(records: list[dict], out: pathlib.Path, tokens_per_step: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=3000)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--pretrain-steps", type=int, default=3000, help="dense pretraining steps")
     parser.add_argument("--steps", type=int, default=1000, help="continued-training steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="continued-training peak lr")
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=50, help="continued-training warm-up")
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="data seeds")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="conversions (dense: the control)")  # fmt: skip
     runlog.add_runner_arguments(parser, "runs/continued")
     args = parser.parse_args()
     if runlog.run_worker_or_prepare(args, run_one):
@@ -374,6 +377,8 @@ def main() -> None:
          "eval_every": args.eval_every, "key": key, "work": str(args.work)}
         for s in args.seeds for v in args.variants if (v, s) not in done and not args.report_only
     ]  # fmt: skip
+    if not args.report_only:
+        print(f"{len(todo)} runs to do ({len(done)} of these settings done)", flush=True)
     failed = 0
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
         futures = {pool.submit(launch, spec): spec for spec in todo}

@@ -127,7 +127,7 @@ def run_one(spec: dict) -> dict:
             router.graph = HeadGraph.from_edges(
                 h, pairs, [together[i][j] for i, j in pairs], num_shared=router.num_shared
             )
-    final = trainer.fit().final_eval
+    final = runlog.completed(trainer.fit()).final_eval
     record = {
         **{k: spec[k] for k in ("variant", "bench", "seed", "steps")},
         "loss": final["loss"],

@@ -56,9 +56,20 @@ def add_runner_arguments(parser: argparse.ArgumentParser, work: str) -> None:
     """``--workers``, ``--work`` (default ``work``), ``--report-only`` and the hidden
     ``--run-one SPEC`` a worker process is started with."""
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 thread each)")
-    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path(work))
-    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path(work),
+                        help="the study's folder (runs.jsonl, report.md, figures)")  # fmt: skip
+    parser.add_argument(
+        "--report-only", action="store_true", help="no runs: report every run in --work"
+    )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
+
+
+def completed(result):
+    """A :class:`graphheads.train.TrainResult` that ran to its last step; ``SystemExit``
+    (the worker fails, nothing is recorded, a rerun resumes it) if a signal stopped it."""
+    if result.interrupted:
+        raise SystemExit(f"interrupted by {result.interrupted} after step {result.step}")
+    return result
 
 
 def run_worker_or_prepare(args: argparse.Namespace, run_one: Callable[[dict], dict]) -> bool:

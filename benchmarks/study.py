@@ -200,7 +200,7 @@ def run_one(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(config, folder, progress=False)
         apply_hooks(trainer.model, model)
-        trainer.fit()
+        runlog.completed(trainer.fit())
         lines = (pathlib.Path(folder) / "metrics.jsonl").read_text().splitlines()
     evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
     curve = [(r["step"], metric_of(r, spec["bench"])) for r in evals]
@@ -342,14 +342,20 @@ def plot_curves(records: list[dict], out: pathlib.Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(5)))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--benches", nargs="+", default=["hops"], choices=list(BENCHES))
-    parser.add_argument("--heads", type=int, nargs="+", default=[8])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--match-params", action="store_true")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(5)), help="seeds")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="models (see the module's docstring)")  # fmt: skip
+    parser.add_argument("--benches", nargs="+", default=["hops"], choices=list(BENCHES),
+                        help="tasks (see the module's docstring)")  # fmt: skip
+    parser.add_argument("--heads", type=int, nargs="+", default=[8],
+                        help="head counts, each at the same width")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of each run")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between evaluations")
+    parser.add_argument("--match-params", action="store_true",
+                        help='every model at the parameter count of "GoH complete"')  # fmt: skip
     runlog.add_runner_arguments(parser, "runs/study")
     args = parser.parse_args()
     if runlog.run_worker_or_prepare(args, run_one):
@@ -375,6 +381,8 @@ def main() -> None:
                     {**spec, "seed": s} for s in args.seeds if (s, spec["settings"]) not in done
                 ]
     todo.sort(key=lambda spec: spec["seed"])  # seed by seed: early pairs are complete
+    if not args.report_only:
+        print(f"{len(todo)} runs to do ({len(done)} runs in {runs_file})", flush=True)
     start = time.perf_counter()
     failed = []
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:

@@ -124,3 +124,27 @@ def test_recovery_is_read_per_seed_and_a_missing_control_is_not_never():
     assert "seed 0: 200k" in row  # 1.99 <= 2.0, the dense model at conversion
     assert "seed 1: not within 200k" in row  # 2.25 > 2.2
     assert "seed 2: n/a (no control)" in row
+
+
+def test_a_run_stopped_by_a_signal_fails_instead_of_being_recorded(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    hooks = study.apply_hooks
+    calls = []
+
+    def interrupt_on_the_second_step(net, model):
+        hooks(net, model)
+
+        def send(*_):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # the trainer stops at the step's end
+
+        net.register_forward_pre_hook(send)
+
+    monkeypatch.setattr(study, "apply_hooks", interrupt_on_the_second_step)
+    spec = {"variant": "MoH", "bench": "mqar", "heads": 8, "steps": 6, "eval_every": 3,
+            "d_ff": None, "work": str(tmp_path), "seed": 0}  # fmt: skip
+    with pytest.raises(SystemExit, match="interrupted by SIGINT after step 2"):
+        study.run_one(spec)
