@@ -66,7 +66,7 @@ def pretrain(work: pathlib.Path, steps: int) -> pathlib.Path:
         }
     )
     out = work / "dense"
-    Trainer(config, out, progress=True).fit()
+    runlog.completed(Trainer(config, out, progress=True).fit())  # stopped: rerun resumes
     return out
 
 
@@ -361,11 +361,6 @@ def main() -> None:
     free = json.loads(free_path.read_text()) if free_path.exists() else None
     if not args.report_only and (free is None or free["step"] != args.pretrain_steps):
         free = training_free(args.work)  # (again, for a dense run trained further)
-        if free["step"] != args.pretrain_steps:  # its conversions would pair with others'
-            sys.exit(
-                f"continued: {args.work / 'dense'} has trained {free['step']} steps, not "
-                f"--pretrain-steps {args.pretrain_steps}; choose another --work"
-            )
         free_path.write_text(json.dumps(free))
     runs_file = args.work / "runs.jsonl"
     settings = [args.pretrain_steps, args.steps, args.lr, args.warmup, args.eval_every,

@@ -59,14 +59,15 @@ def add_runner_arguments(parser: argparse.ArgumentParser, work: str) -> None:
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path(work),
                         help="the study's folder (runs.jsonl, report.md, figures)")  # fmt: skip
     parser.add_argument(
-        "--report-only", action="store_true", help="no runs: report every run in --work"
+        "--report-only", action="store_true", help="no runs: report what --work holds"
     )
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
 
 
 def completed(result):
     """A :class:`graphheads.train.TrainResult` that ran to its last step; ``SystemExit``
-    (the worker fails, nothing is recorded, a rerun resumes it) if a signal stopped it."""
+    if a signal stopped it (the worker fails and nothing is recorded; a rerun trains it
+    again, or resumes it where its run folder is kept, as in continued.py)."""
     if result.interrupted:
         raise SystemExit(f"interrupted by {result.interrupted} after step {result.step}")
     return result

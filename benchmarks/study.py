@@ -106,8 +106,8 @@ def t80(df: int) -> float:
 
 
 def model_section(variant: str, heads: int, d_ff: int | None = None, bench: str = "mqar") -> dict:
-    """Text: 2 shared heads + half the heads routed (50% on); tasks: 2 shared + half of
-    the routed heads (5 of 8 on)."""
+    """Text: 2 shared heads + the top-(H/2 - 2) of the H - 2 routed heads (half the heads
+    on); tasks: 2 shared + the top-((H - 2)/2) of the routed heads (5 of 8 on)."""
     base = {"text": TEXT_BASE, "llama-text": LLAMA_BASE}.get(bench, BASE)
     settings = {**base, "num_heads": heads, **VARIANTS[variant]}
     if settings["attention"] != "mha":
@@ -276,8 +276,6 @@ def report(records: list[dict]) -> str:
             "| --- | --- | --- | --- | --- | --- |" + (" --- |" if solved else ""),
         ]
         for variant, seeds in by.items():
-            if not seeds:
-                continue
             values = [r["metric"] for r in seeds.values()]
             cells = []
             for other in ("MoH", "GoH null"):
@@ -382,7 +380,8 @@ def main() -> None:
                 ]
     todo.sort(key=lambda spec: spec["seed"])  # seed by seed: early pairs are complete
     if not args.report_only:
-        print(f"{len(todo)} runs to do ({len(done)} runs in {runs_file})", flush=True)
+        asked = len(args.benches) * len(args.heads) * len(args.variants) * len(args.seeds)
+        print(f"{len(todo)} runs to do, {asked - len(todo)} done in {runs_file}", flush=True)
     start = time.perf_counter()
     failed = []
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
