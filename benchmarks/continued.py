@@ -373,7 +373,8 @@ def main() -> None:
         for s in args.seeds for v in args.variants if (v, s) not in done and not args.report_only
     ]  # fmt: skip
     if not args.report_only:
-        print(f"{len(todo)} runs to do ({len(done)} of these settings done)", flush=True)
+        asked = len(args.seeds) * len(args.variants)
+        print(f"{len(todo)} runs to do, {asked - len(todo)} done in {runs_file}", flush=True)
     failed = 0
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
         futures = {pool.submit(launch, spec): spec for spec in todo}
